@@ -1,0 +1,13 @@
+//! `generator`: placeholder until its issue lands.
+
+use clap::Parser;
+
+/// InstaShop CDC generator.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Config {}
+
+fn main() {
+    local_stack::envfile::load();
+    let _config = Config::parse();
+}

@@ -1,0 +1,48 @@
+-- Database `ecommerce`: carriers and shipments of completed purchases. Idempotent.
+--
+-- REPLICA IDENTITY: shipment is FULL (the status metric must retract the old
+-- status on update and delete, and the `label` bytea can be TOASTed: with FULL
+-- an update that leaves it alone still carries its value in the old row, so
+-- no placeholder reaches consumers). carrier only feeds a count: DEFAULT.
+
+SET client_min_messages = warning;
+
+CREATE TABLE IF NOT EXISTS carrier (
+    id                    serial PRIMARY KEY,
+    name                  text        NOT NULL UNIQUE,
+    tracking_url_template text        NOT NULL,
+    created_at            timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE carrier REPLICA IDENTITY DEFAULT;
+
+CREATE TABLE IF NOT EXISTS shipment (
+    id             bigserial PRIMARY KEY,
+    transaction_id bigint      NOT NULL,
+    carrier_id     integer     NOT NULL REFERENCES carrier (id),
+    status         text        NOT NULL DEFAULT 'created'
+        CHECK (status IN ('created', 'in_transit', 'delivered', 'returned')),
+    tracking_code  text        NOT NULL,
+    label          bytea,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    updated_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS shipment_transaction_id_idx ON shipment (transaction_id);
+CREATE INDEX IF NOT EXISTS shipment_status_idx ON shipment (status);
+ALTER TABLE shipment REPLICA IDENTITY FULL;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'instashop_cdc') THEN
+        CREATE PUBLICATION instashop_cdc FOR TABLE carrier, shipment;
+    END IF;
+END
+$$;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'cdc_reader') THEN
+        GRANT USAGE ON SCHEMA public TO cdc_reader;
+        GRANT SELECT ON carrier, shipment TO cdc_reader;
+    END IF;
+END
+$$;

@@ -1,0 +1,34 @@
+-- Database `erp`: stock per product and warehouse. Idempotent.
+--
+-- REPLICA IDENTITY FULL: the stock-units metric sums `quantity`; updates and
+-- deletes must carry the old quantity so consumers can retract it.
+
+SET client_min_messages = warning;
+
+CREATE TABLE IF NOT EXISTS stock (
+    id         bigserial PRIMARY KEY,
+    product_id bigint      NOT NULL,
+    warehouse  text        NOT NULL,
+    quantity   integer     NOT NULL CHECK (quantity >= 0),
+    reorder_level integer  NOT NULL DEFAULT 10,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (product_id, warehouse)
+);
+ALTER TABLE stock REPLICA IDENTITY FULL;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'instashop_cdc') THEN
+        CREATE PUBLICATION instashop_cdc FOR TABLE stock;
+    END IF;
+END
+$$;
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'cdc_reader') THEN
+        GRANT USAGE ON SCHEMA public TO cdc_reader;
+        GRANT SELECT ON stock TO cdc_reader;
+    END IF;
+END
+$$;
