@@ -1,0 +1,172 @@
+# Shared helpers for the local-stack scripts (sourced, never executed).
+#
+# Layout of the state directory (default: .local/ in the repository root):
+#   env          KEY=value lines read by the binaries and tests
+#   pg/          PostgreSQL data directory      pgsock/  its unix socket
+#   redis/       Redis data (AOF + RDB)         kafka/   nisshi's SQLite store
+#   venv/        Python venv with confluent-kafka (topic admin, console consumer)
+#   run/*.pid    one PID file per service       log/*.log one log per service
+
+# Fixed ports: chosen to stay clear of system services on 5432/6379/9092.
+PG_PORT=54329
+REDIS_PORT=63790
+BROKER_PORTS=(19092 19093 19094)
+NISSHI_VERSION=0.7.0-pre.2
+# PyPI wheel with a librdkafka new enough for nisshi (Debian's kcat is not).
+CONFLUENT_KAFKA_VERSION=2.16.1
+PG_BIN=/usr/lib/postgresql/15/bin
+DATABASES=(instashop crm erp ecommerce)
+METRICS_GROUP=instashop-metrics
+SERVICES=(postgres redis broker-1 broker-2 broker-3)
+# Per-table topics plus the consumer's dead-letter topic, 3 partitions each.
+TOPICS=(
+    instashop.public.customer
+    instashop.public.buyer
+    instashop.public.product
+    instashop.public.transaction
+    instashop.public.transactiondetail
+    crm.public.interaction
+    erp.public.stock
+    ecommerce.public.carrier
+    ecommerce.public.shipment
+    metrics.dlq
+)
+TOPIC_PARTITIONS=3
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export PATH="$HOME/.cargo/bin:$PATH"
+
+die() {
+    echo "error: $*" >&2
+    exit 1
+}
+
+say() {
+    echo "$*"
+}
+
+# Sets STATE and the derived paths. Precedence: --state-dir flag (passed in
+# as $1), then $INSTASHOP_STATE_DIR, then .local in the repository root.
+init_state() {
+    local requested="${1:-${INSTASHOP_STATE_DIR:-$REPO_ROOT/.local}}"
+    mkdir -p "$requested"
+    STATE="$(cd "$requested" && pwd)"
+    RUN="$STATE/run"
+    LOG="$STATE/log"
+    PGDATA="$STATE/pg"
+    PGSOCK="$STATE/pgsock"
+    VENV="$STATE/venv"
+    PY="$VENV/bin/python"
+    KAFKA_TOOL="$REPO_ROOT/scripts/lib/kafka_tool.py"
+    BOOTSTRAP="$(IFS=,; echo "${BROKER_PORTS[*]/#/127.0.0.1:}")"
+    mkdir -p "$RUN" "$LOG"
+}
+
+# Runs a command as the postgres OS user when we are root (initdb and the
+# server refuse to run as root), else as ourselves.
+as_pg() {
+    if [[ $EUID -eq 0 ]]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# poll DEADLINE_SECONDS DESCRIPTION CMD...: re-runs CMD every 0.1 s until it
+# succeeds; fails with one line after the deadline.
+poll() {
+    local deadline=$((SECONDS + $1)) what="$2"
+    shift 2
+    until "$@" >/dev/null 2>&1; do
+        if ((SECONDS >= deadline)); then
+            echo "error: timed out waiting for $what" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+# PID from a pidfile if that process is alive, else nothing (and status 1).
+live_pid() {
+    local file="$1" pid
+    [[ -s "$file" ]] || return 1
+    pid="$(head -n1 "$file" | tr -dc 0-9)"
+    [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null || return 1
+    echo "$pid"
+}
+
+# PID of the process listening on 127.0.0.1:PORT (or any address), if any.
+port_pid() {
+    ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -n1 | cut -d= -f2  || true
+}
+
+port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# The state directory an InstaShop service process belongs to, from its
+# command line or working directory; empty for foreign processes.
+stack_dir_of_pid() {
+    local pid="$1" cmd cwd
+    cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
+    cwd="$(readlink "/proc/$pid/cwd" 2>/dev/null || true)"
+    if [[ "$cmd" =~ -D\ ([^ ]+)/pg ]]; then
+        echo "${BASH_REMATCH[1]}"
+    elif [[ "$cmd" == *redis-server* && "$cwd" == */redis ]]; then
+        echo "${cwd%/redis}"
+    elif [[ "$cmd" == *nisshi* && "$cwd" == */kafka ]]; then
+        echo "${cwd%/kafka}"
+    fi
+}
+
+# Fails with one line when PORT is held by a process that is not OUR_PID.
+check_port() {
+    local port="$1" name="$2" our_pid="${3:-}" holder other
+    holder="$(port_pid "$port")"
+    [[ -z "$holder" || "$holder" == "$our_pid" ]] && return 0
+    # A postgres child process may show up as the holder; its parent is ours.
+    if [[ -n "$our_pid" && "$(ps -o ppid= -p "$holder" 2>/dev/null | tr -d ' ')" == "$our_pid" ]]; then
+        return 0
+    fi
+    other="$(stack_dir_of_pid "$holder")"
+    if [[ -n "$other" && "$other" != "$STATE" ]]; then
+        die "port $port ($name) is held by the InstaShop stack in $other (pid $holder); stop it with: scripts/down --state-dir $other"
+    fi
+    die "port $port ($name) is held by another process: pid $holder ($(ps -o comm= -p "$holder" 2>/dev/null || echo unknown)); stop it and re-run"
+}
+
+pidfile() {
+    echo "$RUN/$1.pid"
+}
+
+# Port of a service name.
+service_port() {
+    case "$1" in
+    postgres) echo "$PG_PORT" ;;
+    redis) echo "$REDIS_PORT" ;;
+    broker-[123]) echo "${BROKER_PORTS[${1#broker-} - 1]}" ;;
+    *) return 1 ;;
+    esac
+}
+
+valid_service() {
+    local s
+    for s in "${SERVICES[@]}"; do [[ "$s" == "$1" ]] && return 0; done
+    die "unknown service '$1' (expected one of: ${SERVICES[*]})"
+}
+
+psql_super() {
+    psql -X -q -v ON_ERROR_STOP=1 -h "$PGSOCK" -p "$PG_PORT" -U postgres "$@"
+}
+
+# stop_pid NAME PID SIGNAL DEADLINE: graceful signal, then SIGKILL after the
+# deadline.
+stop_pid() {
+    local name="$1" pid="$2" sig="$3" deadline="$4"
+    kill "-$sig" "$pid" 2>/dev/null || return 0
+    if ! poll "$deadline" "$name to stop" bash -c "! kill -0 $pid 2>/dev/null"; then
+        echo "$name (pid $pid) did not stop within ${deadline}s; sending SIGKILL" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+        poll 10 "$name to die" bash -c "! kill -0 $pid 2>/dev/null" || true
+    fi
+}
