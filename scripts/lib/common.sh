@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034
 # Shared helpers for the local-stack scripts (sourced, never executed).
 #
 # Layout of the state directory (default: .local/ in the repository root):
@@ -153,6 +154,21 @@ valid_service() {
     local s
     for s in "${SERVICES[@]}"; do [[ "$s" == "$1" ]] && return 0; done
     die "unknown service '$1' (expected one of: ${SERVICES[*]})"
+}
+
+# apt_install PACKAGE...: apt-get update (once per script run), then install.
+APT_UPDATED=0
+apt_install() {
+    [[ $EUID -eq 0 ]] || die "missing Debian packages: $*; install them with: sudo apt-get install $*"
+    if ((APT_UPDATED == 0)); then
+        say "apt-get update"
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >>"$LOG/apt.log" 2>&1 ||
+            die "apt-get update failed; see $LOG/apt.log"
+        APT_UPDATED=1
+    fi
+    say "installing Debian packages: $*"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >>"$LOG/apt.log" 2>&1 ||
+        die "apt-get install $* failed; see $LOG/apt.log"
 }
 
 psql_super() {
