@@ -1,13 +1,31 @@
-//! `metrics-consumer`: placeholder until its issue lands.
+//! `metrics-consumer` binary: wiring only; see the library for the behaviour.
+
+use std::process::ExitCode;
 
 use clap::Parser;
+use metrics_consumer::Config;
 
-/// InstaShop CDC metrics-consumer.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Config {}
-
-fn main() {
+fn main() -> ExitCode {
     local_stack::envfile::load();
-    let _config = Config::parse();
+    let config = Config::parse();
+    local_stack::init_tracing();
+    match try_main(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn try_main(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = local_stack::shutdown::on_signal();
+        metrics_consumer::run(config, shutdown).await
+    })?;
+    Ok(())
 }

@@ -1,0 +1,452 @@
+//! The Kafka loop: two threads around the pure decode and the atomic apply.
+//!
+//! * The poll thread fetches messages, decodes them (`fold::decode`) and cuts
+//!   batches: everything already fetched, up to `batch_size`, so batches grow
+//!   with load and stay small (low latency) when idle.
+//! * The apply thread copies bad messages to the dead-letter topic (waiting
+//!   for delivery), then applies the batch with the Lua script, retrying until
+//!   Redis takes it, and hands the applied offsets back for an advisory group
+//!   commit. While it applies one batch, the poll thread decodes the next.
+//!
+//! Where a partition resumes is decided by Redis, not by the group's commits:
+//! on every assignment the rebalance callback reads the offsets the script
+//! stored with the metrics and seeks there. A batch still in flight for a
+//! partition that moved to another process is harmless: the script skips
+//! offsets below the stored ones, so whichever process applies first wins and
+//! the other's copy counts as duplicates.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use tokio_util::sync::CancellationToken;
+
+use crate::fold::{self, BadInput};
+use crate::store::{Batch, Store};
+use crate::telemetry::Telemetry;
+use crate::{Config, Error};
+
+/// A message that could not be decoded, kept for the dead-letter topic.
+#[derive(Debug)]
+struct DeadLetter {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    error: String,
+}
+
+#[derive(Debug)]
+struct Work {
+    batch: Batch,
+    dead: Vec<DeadLetter>,
+}
+
+/// Seeks every newly assigned partition to the offset stored in Redis.
+struct Rebalancer {
+    store: Mutex<Store>,
+    shutdown: CancellationToken,
+}
+
+impl ClientContext for Rebalancer {}
+
+impl ConsumerContext for Rebalancer {
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let tps: Vec<(String, i32)> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect();
+                let stored = self.stored_offsets(&tps);
+                for ((topic, partition), offset) in tps.iter().zip(stored) {
+                    let offset = offset.map_or(Offset::Beginning, Offset::Offset);
+                    if let Err(e) = tpl.set_partition_offset(topic, *partition, offset) {
+                        tracing::warn!(topic, partition, error = %e, "cannot set start offset");
+                    }
+                }
+                tracing::info!(partitions = tps.len(), "partitions assigned, resuming at offsets stored in redis");
+                if let Err(e) = base_consumer.assign(tpl) {
+                    tracing::error!(error = %e, "assign failed");
+                }
+            }
+            _ => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                if let Err(e) = base_consumer.unassign() {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+            }
+        }
+    }
+}
+
+impl Rebalancer {
+    /// Reads the stored offsets, retrying while Redis is unreachable: resuming
+    /// anywhere else could skip or re-apply. Gives up only on shutdown.
+    fn stored_offsets(&self, tps: &[(String, i32)]) -> Vec<Option<i64>> {
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let result = match self.store.lock() {
+                Ok(mut store) => store.offsets(tps),
+                Err(_) => return vec![None; tps.len()],
+            };
+            match result {
+                Ok(offsets) => return offsets,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read stored offsets from redis, retrying");
+                    if self.shutdown.is_cancelled() {
+                        return vec![None; tps.len()];
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// librdkafka settings of the group consumer.
+pub fn consumer_config(config: &Config) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.bootstrap_servers)
+        .set("group.id", &config.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", config.session_timeout_ms.to_string())
+        .set("fetch.wait.max.ms", "50")
+        .set("queued.max.messages.kbytes", "262144")
+        .set("fetch.max.bytes", "52428800")
+        .set("max.partition.fetch.bytes", "10485760")
+        .set("topic.metadata.refresh.interval.ms", "10000");
+    c
+}
+
+/// Runs the consumer until `shutdown`; blocking (call from a blocking task).
+pub fn run_blocking(
+    config: &Config,
+    telemetry: &Arc<Telemetry>,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let rebalancer = Rebalancer {
+        store: Mutex::new(Store::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?),
+        shutdown: shutdown.clone(),
+    };
+    let consumer: BaseConsumer<Rebalancer> = consumer_config(config)
+        .create_with_context(rebalancer)
+        .map_err(Error::Kafka)?;
+    let topics: Vec<&str> = config.topic_list();
+    consumer.subscribe(&topics).map_err(Error::Kafka)?;
+    tracing::info!(topics = topics.len(), group = %config.group, "subscribed");
+
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        .set("message.timeout.ms", "300000")
+        .set("linger.ms", "5")
+        .create()
+        .map_err(Error::Kafka)?;
+
+    let (work_tx, work_rx) = sync_channel::<Work>(2);
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<HashMap<(String, i32), i64>>();
+    let mut store = Store::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?;
+    let apply_telemetry = Arc::clone(telemetry);
+    let dlq_topic = config.dlq_topic.clone();
+    let dashboard_every = Duration::from_millis(config.dashboard_interval_ms);
+    let applier = std::thread::Builder::new()
+        .name("apply".into())
+        .spawn(move || {
+            apply_loop(
+                &work_rx,
+                &done_tx,
+                &mut store,
+                &producer,
+                &dlq_topic,
+                &apply_telemetry,
+                dashboard_every,
+            );
+        })
+        .map_err(|e| Error::Internal(format!("cannot start the apply thread: {e}")))?;
+
+    telemetry.set_consuming(true);
+    let result = poll_loop(config, &consumer, &work_tx, &done_rx, telemetry, shutdown);
+    drop(work_tx);
+    if applier.join().is_err() {
+        return Err(Error::Internal("the apply thread panicked".into()));
+    }
+    // Final advisory commit of everything applied.
+    let mut applied = HashMap::new();
+    while let Ok(offsets) = done_rx.try_recv() {
+        applied.extend(offsets);
+    }
+    commit(&consumer, &applied, CommitMode::Sync);
+    telemetry.set_consuming(false);
+    tracing::info!("consumer stopped after applying the batch in hand");
+    result
+}
+
+fn poll_loop(
+    config: &Config,
+    consumer: &BaseConsumer<Rebalancer>,
+    work_tx: &SyncSender<Work>,
+    done_rx: &Receiver<HashMap<(String, i32), i64>>,
+    telemetry: &Telemetry,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let mut batch = Batch::default();
+    let mut dead = Vec::new();
+    let mut logged_kinds: HashSet<&'static str> = HashSet::new();
+    let mut positions: HashMap<(String, i32), i64> = HashMap::new();
+    let mut last_lag = Instant::now();
+    let send = |batch: &mut Batch, dead: &mut Vec<DeadLetter>| -> Result<(), Error> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let work = Work {
+            batch: std::mem::take(batch),
+            dead: std::mem::take(dead),
+        };
+        work_tx
+            .send(work)
+            .map_err(|_| Error::Internal("the apply thread stopped".into()))
+    };
+    while !shutdown.is_cancelled() {
+        let mut applied = HashMap::new();
+        while let Ok(offsets) = done_rx.try_recv() {
+            applied.extend(offsets);
+        }
+        if !applied.is_empty() {
+            commit(consumer, &applied, CommitMode::Async);
+            positions.extend(applied);
+        }
+        if last_lag.elapsed() >= Duration::from_secs(5) {
+            last_lag = Instant::now();
+            telemetry.set_consumer_lag(consumer_lag(consumer, &positions));
+        }
+        let timeout = if batch.is_empty() {
+            Duration::from_millis(100)
+        } else {
+            Duration::ZERO
+        };
+        match consumer.poll(timeout) {
+            None => send(&mut batch, &mut dead)?,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "kafka consume error");
+                send(&mut batch, &mut dead)?;
+            }
+            Some(Ok(message)) => {
+                let topic = message.topic();
+                let partition = message.partition();
+                let offset = message.offset();
+                match fold::decode(message.key(), message.payload()) {
+                    Ok(change) => batch.push(topic, partition, offset, Some(&change)),
+                    Err(bad) => {
+                        log_bad(&mut logged_kinds, &bad, topic, partition, offset);
+                        dead.push(DeadLetter {
+                            topic: topic.to_owned(),
+                            partition,
+                            offset,
+                            key: message.key().map(<[u8]>::to_vec),
+                            payload: message.payload().map(<[u8]>::to_vec),
+                            error: bad.to_string(),
+                        });
+                        batch.push(topic, partition, offset, None);
+                    }
+                }
+                if batch.len >= config.batch_size {
+                    send(&mut batch, &mut dead)?;
+                }
+            }
+        }
+    }
+    send(&mut batch, &mut dead)
+}
+
+fn log_bad(
+    logged: &mut HashSet<&'static str>,
+    bad: &BadInput,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) {
+    if logged.insert(bad.kind()) {
+        tracing::warn!(
+            kind = bad.kind(),
+            topic,
+            partition,
+            offset,
+            error = %bad,
+            "bad message: counted, sent to the dead-letter topic and skipped (logged once per kind)"
+        );
+    }
+}
+
+fn commit(
+    consumer: &BaseConsumer<Rebalancer>,
+    offsets: &HashMap<(String, i32), i64>,
+    mode: CommitMode,
+) {
+    if offsets.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), next) in offsets {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+            tracing::debug!(error = %e, "cannot add commit offset");
+        }
+    }
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        // Advisory only: Redis holds the offsets that count.
+        tracing::debug!(error = %e, "group offset commit failed");
+    }
+}
+
+fn consumer_lag(consumer: &BaseConsumer<Rebalancer>, positions: &HashMap<(String, i32), i64>) -> i64 {
+    let Ok(assignment) = consumer.assignment() else {
+        return 0;
+    };
+    let mut lag = 0;
+    for e in assignment.elements() {
+        let key = (e.topic().to_owned(), e.partition());
+        if let Ok((_, high)) =
+            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
+        {
+            lag += (high - positions.get(&key).copied().unwrap_or(0)).max(0);
+        }
+    }
+    lag
+}
+
+fn apply_loop(
+    work_rx: &Receiver<Work>,
+    done_tx: &std::sync::mpsc::Sender<HashMap<(String, i32), i64>>,
+    store: &mut Store,
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    dlq_topic: &str,
+    telemetry: &Telemetry,
+    dashboard_every: Duration,
+) {
+    let mut last_dashboard: Option<Instant> = None;
+    for work in work_rx {
+        if !work.dead.is_empty() {
+            dead_letter(producer, dlq_topic, &work.dead);
+            telemetry.dead_lettered(work.dead.len() as u64);
+        }
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(50);
+        let applied = loop {
+            match store.apply(&work.batch, now_ms()) {
+                Ok(applied) => break applied,
+                Err(e) => {
+                    telemetry.apply_failed();
+                    tracing::warn!(error = %e, messages = work.batch.len, "applying batch to redis failed, retrying");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        let now = now_ms();
+        telemetry.batch_applied(&work.batch.per_table, work.batch.len, started.elapsed());
+        telemetry.counted(applied.duplicates, applied.bad, applied.skipped);
+        if let Some(ts) = work.batch.max_ts_ms {
+            telemetry.set_e2e_lag_ms(now - ts);
+        }
+        tracing::debug!(
+            messages = work.batch.len,
+            applied = applied.applied,
+            duplicates = applied.duplicates,
+            "batch applied"
+        );
+        let _ = done_tx.send(work.batch.next_offsets);
+        if last_dashboard.is_none_or(|t| t.elapsed() >= dashboard_every) {
+            last_dashboard = Some(Instant::now());
+            if let Err(e) = store.write_dashboard(now) {
+                tracing::warn!(error = %e, "cannot write the dashboard summary");
+            }
+        }
+    }
+    if let Err(e) = store.write_dashboard(now_ms()) {
+        tracing::warn!(error = %e, "cannot write the dashboard summary");
+    }
+}
+
+/// Copies bad messages to the dead-letter topic with the error and origin in
+/// headers, and waits until the broker has them (at-least-once: a crash
+/// before the batch is applied copies them again).
+fn dead_letter(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    dlq_topic: &str,
+    dead: &[DeadLetter],
+) {
+    for d in dead {
+        let partition = d.partition.to_string();
+        let offset = d.offset.to_string();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "error",
+                value: Some(d.error.as_bytes()),
+            })
+            .insert(Header {
+                key: "source.topic",
+                value: Some(d.topic.as_bytes()),
+            })
+            .insert(Header {
+                key: "source.partition",
+                value: Some(partition.as_bytes()),
+            })
+            .insert(Header {
+                key: "source.offset",
+                value: Some(offset.as_bytes()),
+            });
+        let mut record: BaseRecord<'_, [u8], [u8]> =
+            BaseRecord::to(dlq_topic).headers(headers);
+        if let Some(key) = &d.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(payload) = &d.payload {
+            record = record.payload(payload.as_slice());
+        }
+        let mut record = record;
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, back)) => {
+                    tracing::warn!(error = %e, "dead-letter produce queue full, waiting");
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match producer.flush(Duration::from_secs(30)) {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "dead-letter delivery not confirmed yet, waiting");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}

@@ -1,0 +1,1085 @@
+//! The pure heart of the consumer: a Debezium change event becomes the new
+//! *contribution* of its source row to the metrics, and a row's contribution
+//! replaces the one it had before ("retract the old, add the new").
+//!
+//! Why per-row contributions: an event's effect then depends only on the row's
+//! prior contribution, never on how often or in which order events were seen.
+//! A replayed event, a reader's re-send after its crash, or an `r` event of a
+//! repeated snapshot finds the same contribution already in place and changes
+//! nothing; an update from `completed` to `refunded` retracts the revenue the
+//! row added. `before` is not needed (the prior contribution is kept by the
+//! store), so tables with `REPLICA IDENTITY DEFAULT` work as well as `FULL`.
+//!
+//! The category GMV is a stream–table join. A detail row contributes its
+//! amount to its *product* ([`Code::ProductGmv`]); a product row contributes
+//! its category ([`Code::ProductCategory`]). The store keeps per-product GMV and
+//! product → category and moves the product's whole GMV when its category
+//! changes, so a detail that arrives before its product counts once the
+//! product arrives. [`MemStore`] is the reference implementation of those
+//! rules; `store.lua` applies the same rules inside Redis.
+//!
+//! The encoded form ([`encode_state`]) is what Redis stores per row and what
+//! the Lua script reads: `<lsn>` then tokens `<code><field>\x1f<amount>`,
+//! separated by `\x1e`.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::money::{self, MoneyError};
+
+/// The nine source tables the metrics read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Table {
+    /// instashop.customer
+    Customer,
+    /// instashop.buyer
+    Buyer,
+    /// instashop.product
+    Product,
+    /// instashop.transaction
+    Transaction,
+    /// instashop.transactiondetail
+    TransactionDetail,
+    /// crm.interaction
+    Interaction,
+    /// erp.stock
+    Stock,
+    /// ecommerce.carrier
+    Carrier,
+    /// ecommerce.shipment
+    Shipment,
+}
+
+impl Table {
+    /// Every table, in a fixed order (used for per-table counters).
+    pub const ALL: [Table; 9] = [
+        Table::Customer,
+        Table::Buyer,
+        Table::Product,
+        Table::Transaction,
+        Table::TransactionDetail,
+        Table::Interaction,
+        Table::Stock,
+        Table::Carrier,
+        Table::Shipment,
+    ];
+
+    /// Finds a table by the event's `source.db` and `source.table`.
+    pub fn from_source(db: &str, table: &str) -> Option<Table> {
+        Table::ALL
+            .into_iter()
+            .find(|t| t.db() == db && t.name() == table)
+    }
+
+    /// The source database.
+    pub fn db(self) -> &'static str {
+        match self {
+            Table::Customer
+            | Table::Buyer
+            | Table::Product
+            | Table::Transaction
+            | Table::TransactionDetail => "instashop",
+            Table::Interaction => "crm",
+            Table::Stock => "erp",
+            Table::Carrier | Table::Shipment => "ecommerce",
+        }
+    }
+
+    /// The table name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Customer => "customer",
+            Table::Buyer => "buyer",
+            Table::Product => "product",
+            Table::Transaction => "transaction",
+            Table::TransactionDetail => "transactiondetail",
+            Table::Interaction => "interaction",
+            Table::Stock => "stock",
+            Table::Carrier => "carrier",
+            Table::Shipment => "shipment",
+        }
+    }
+
+    /// `<db>.<table>`, as in the `count:` keys and the row-state keys.
+    pub fn qualified(self) -> &'static str {
+        match self {
+            Table::Customer => "instashop.customer",
+            Table::Buyer => "instashop.buyer",
+            Table::Product => "instashop.product",
+            Table::Transaction => "instashop.transaction",
+            Table::TransactionDetail => "instashop.transactiondetail",
+            Table::Interaction => "crm.interaction",
+            Table::Stock => "erp.stock",
+            Table::Carrier => "ecommerce.carrier",
+            Table::Shipment => "ecommerce.shipment",
+        }
+    }
+
+    /// Position in [`Table::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// What a contribution adds to. The char is the code in the encoded state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Code {
+    /// `count:<field>` (field = `<db>.<table>`).
+    Count,
+    /// `transactions:status` hash, field = status.
+    TxStatus,
+    /// `revenue:total_cents` (field empty).
+    Revenue,
+    /// `revenue:daily_cents` hash, field = `YYYY-MM-DD`.
+    RevenueDaily,
+    /// `window:30s:<field>` hash field `transactions`.
+    WindowTx,
+    /// `window:30s:<field>` hash field `revenue_cents`.
+    WindowRevenue,
+    /// `stock:units` (field empty).
+    StockUnits,
+    /// `shipments:status` hash, field = status.
+    ShipmentStatus,
+    /// `interactions:type` hash, field = type.
+    InteractionType,
+    /// Per-product GMV cents (join input), field = product id.
+    ProductGmv,
+    /// Product → category (join input), field = `<product id>\x1d<category>`.
+    ProductCategory,
+}
+
+impl Code {
+    /// The code's char in the encoded state.
+    pub fn as_char(self) -> char {
+        match self {
+            Code::Count => 'N',
+            Code::TxStatus => 'S',
+            Code::Revenue => 'R',
+            Code::RevenueDaily => 'D',
+            Code::WindowTx => 'W',
+            Code::WindowRevenue => 'V',
+            Code::StockUnits => 'K',
+            Code::ShipmentStatus => 'H',
+            Code::InteractionType => 'I',
+            Code::ProductGmv => 'P',
+            Code::ProductCategory => 'C',
+        }
+    }
+
+    fn from_char(c: char) -> Option<Code> {
+        Some(match c {
+            'N' => Code::Count,
+            'S' => Code::TxStatus,
+            'R' => Code::Revenue,
+            'D' => Code::RevenueDaily,
+            'W' => Code::WindowTx,
+            'V' => Code::WindowRevenue,
+            'K' => Code::StockUnits,
+            'H' => Code::ShipmentStatus,
+            'I' => Code::InteractionType,
+            'P' => Code::ProductGmv,
+            'C' => Code::ProductCategory,
+            _ => return None,
+        })
+    }
+}
+
+/// One row's share of one metric.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Contribution {
+    /// Which metric.
+    pub code: Code,
+    /// Hash field or key suffix (see [`Code`]).
+    pub field: String,
+    /// Amount (a count or cents or units).
+    pub amount: i64,
+}
+
+impl Contribution {
+    fn new(code: Code, field: impl Into<String>, amount: i64) -> Self {
+        Contribution {
+            code,
+            field: field.into(),
+            amount,
+        }
+    }
+}
+
+/// What the store keeps per source row: the LSN of the last event applied
+/// (to skip older re-sends) and the row's contributions (empty once deleted).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RowState {
+    /// LSN of the last applied event, when the event carried one.
+    pub lsn: Option<u64>,
+    /// The row's current contributions; empty for a deleted row.
+    pub contributions: Vec<Contribution>,
+}
+
+/// A decoded message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A row's new state: `c`, `u`, `r` (contributions) or `d` (none).
+    Row {
+        /// Source table.
+        table: Table,
+        /// Primary key, canonical text (`42` for `{"id":42}`).
+        id: String,
+        /// The state after the event.
+        state: RowState,
+        /// `source.ts_ms`: commit time in ms.
+        ts_ms: Option<i64>,
+    },
+    /// `op: "t"`: every row of the table is gone.
+    Truncate {
+        /// Source table.
+        table: Table,
+        /// `source.ts_ms`.
+        ts_ms: Option<i64>,
+    },
+    /// A tombstone (null value after a delete): nothing to do.
+    Tombstone,
+    /// An event that carries no row change (`op: "m"`).
+    Ignored,
+}
+
+impl Change {
+    /// The source table, if the change has one.
+    pub fn table(&self) -> Option<Table> {
+        match self {
+            Change::Row { table, .. } | Change::Truncate { table, .. } => Some(*table),
+            Change::Tombstone | Change::Ignored => None,
+        }
+    }
+}
+
+/// Why a message cannot be applied. Bad data: count, dead-letter and skip.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadInput {
+    /// The value is not JSON or not a JSON object of the expected shape.
+    #[error("value is not a Debezium JSON envelope: {0}")]
+    NotJson(String),
+    /// A required field is missing or null.
+    #[error("required field `{0}` is missing or null")]
+    MissingField(&'static str),
+    /// A field holds a value of the wrong form.
+    #[error("field `{0}` has an unreadable value")]
+    BadValue(&'static str),
+    /// `source.db`/`source.table` is not one of the nine tables.
+    #[error("unknown table `{0}`: not one of the nine metric tables")]
+    UnknownTable(String),
+    /// `op` is not one of c, u, d, r, t, m.
+    #[error("unknown op `{0}`")]
+    UnknownOp(String),
+}
+
+impl BadInput {
+    /// A short stable name for logging once per kind and for counters.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BadInput::NotJson(_) => "not_json",
+            BadInput::MissingField(_) => "missing_field",
+            BadInput::BadValue(_) => "bad_value",
+            BadInput::UnknownTable(_) => "unknown_table",
+            BadInput::UnknownOp(_) => "unknown_op",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    before: Option<Row<'a>>,
+    #[serde(borrow, default)]
+    after: Option<Row<'a>>,
+    #[serde(borrow, default)]
+    source: Option<Source<'a>>,
+    #[serde(borrow, default)]
+    op: Option<Cow<'a, str>>,
+    /// Schemas-enabled form: the envelope sits in `payload`.
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Source<'a> {
+    #[serde(borrow, default)]
+    db: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    table: Option<Cow<'a, str>>,
+    #[serde(default)]
+    ts_ms: Option<i64>,
+    #[serde(default)]
+    lsn: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+struct Row<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    status: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    total_amount: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    created_at: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    product_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    quantity: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    unit_price: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    category: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    interaction_type: Option<&'a RawValue>,
+}
+
+/// Decodes one Kafka message (key and value bytes) into a [`Change`].
+pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Change, BadInput> {
+    let Some(value) = value else {
+        return Ok(Change::Tombstone);
+    };
+    let text = std::str::from_utf8(value).map_err(|_| BadInput::NotJson("not utf-8".into()))?;
+    if text.trim() == "null" {
+        return Ok(Change::Tombstone);
+    }
+    let mut envelope: Envelope<'_> =
+        serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
+    if envelope.op.is_none() {
+        if let Some(payload) = envelope.payload {
+            if payload.get() == "null" {
+                return Ok(Change::Tombstone);
+            }
+            envelope = serde_json::from_str(payload.get())
+                .map_err(|e| BadInput::NotJson(e.to_string()))?;
+        }
+    }
+    let op = envelope.op.as_deref().ok_or(BadInput::MissingField("op"))?;
+    if op == "m" {
+        return Ok(Change::Ignored);
+    }
+    let source = envelope
+        .source
+        .as_ref()
+        .ok_or(BadInput::MissingField("source"))?;
+    let db = source.db.as_deref().ok_or(BadInput::MissingField("source.db"))?;
+    let table_name = source
+        .table
+        .as_deref()
+        .ok_or(BadInput::MissingField("source.table"))?;
+    let table = Table::from_source(db, table_name)
+        .ok_or_else(|| BadInput::UnknownTable(format!("{db}.{table_name}")))?;
+    let ts_ms = source.ts_ms;
+    let lsn = source.lsn;
+    match op {
+        "t" => Ok(Change::Truncate { table, ts_ms }),
+        "c" | "u" | "r" => {
+            let after = envelope
+                .after
+                .as_ref()
+                .ok_or(BadInput::MissingField("after"))?;
+            let id = row_id(key, after.id)?;
+            let contributions = contributions(table, &id, after)?;
+            Ok(Change::Row {
+                table,
+                id,
+                state: RowState { lsn, contributions },
+                ts_ms,
+            })
+        }
+        "d" => {
+            let before_id = envelope.before.as_ref().and_then(|b| b.id);
+            let id = row_id(key, before_id)?;
+            Ok(Change::Row {
+                table,
+                id,
+                state: RowState {
+                    lsn,
+                    contributions: Vec::new(),
+                },
+                ts_ms,
+            })
+        }
+        other => Err(BadInput::UnknownOp(other.chars().take(16).collect())),
+    }
+}
+
+/// The row's key: the message key's `id` (schemas disabled or enabled), else
+/// the whole key in canonical JSON, else the row's own `id` column.
+fn row_id(key: Option<&[u8]>, column: Option<&RawValue>) -> Result<String, BadInput> {
+    if let Some(key) = key.and_then(|k| serde_json::from_slice::<serde_json::Value>(k).ok()) {
+        let key = match key {
+            serde_json::Value::Object(mut map)
+                if map.contains_key("payload") && map.contains_key("schema") =>
+            {
+                map.remove("payload").unwrap_or(serde_json::Value::Null)
+            }
+            other => other,
+        };
+        let id = match &key {
+            serde_json::Value::Object(map) if map.len() == 1 && map.contains_key("id") => {
+                map.get("id").cloned()
+            }
+            serde_json::Value::Null => None,
+            other => Some(other.clone()),
+        };
+        if let Some(id) = id {
+            return Ok(match id {
+                serde_json::Value::String(s) => sanitize(&s),
+                serde_json::Value::Number(n) => n.to_string(),
+                other => sanitize(&other.to_string()),
+            });
+        }
+    }
+    let column = column.ok_or(BadInput::MissingField("key"))?;
+    Ok(int_col(Some(column), "id")?.to_string())
+}
+
+/// Separator chars of the encoded state may not appear in fields.
+fn sanitize(text: &str) -> String {
+    text.replace(['\x1d', '\x1e', '\x1f'], "?")
+}
+
+fn required<'a>(raw: Option<&'a RawValue>, name: &'static str) -> Result<&'a RawValue, BadInput> {
+    match raw {
+        Some(raw) if raw.get() != "null" => Ok(raw),
+        _ => Err(BadInput::MissingField(name)),
+    }
+}
+
+fn str_col(raw: Option<&RawValue>, name: &'static str) -> Result<String, BadInput> {
+    let raw = required(raw, name)?;
+    let text: Cow<'_, str> = serde_json::from_str(raw.get()).map_err(|_| BadInput::BadValue(name))?;
+    if text == "__debezium_unavailable_value" {
+        return Err(BadInput::BadValue(name));
+    }
+    Ok(sanitize(&text))
+}
+
+fn int_col(raw: Option<&RawValue>, name: &'static str) -> Result<i64, BadInput> {
+    let raw = required(raw, name)?;
+    let text = raw.get();
+    let text = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    text.parse::<i64>().map_err(|_| BadInput::BadValue(name))
+}
+
+#[derive(Deserialize)]
+struct VariableScale<'a> {
+    scale: u32,
+    #[serde(borrow)]
+    value: Cow<'a, str>,
+}
+
+/// A `numeric(12,2)` column in any of Debezium's decimal modes, as cents.
+fn money_col(raw: Option<&RawValue>, name: &'static str) -> Result<i64, BadInput> {
+    let raw = required(raw, name)?;
+    let text = raw.get();
+    let bad = |_: MoneyError| BadInput::BadValue(name);
+    match text.as_bytes().first() {
+        Some(b'"') => {
+            let s: Cow<'_, str> =
+                serde_json::from_str(text).map_err(|_| BadInput::BadValue(name))?;
+            let looks_decimal = s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b == b'.' || b == b'-' || b == b'+');
+            if looks_decimal {
+                money::cents_from_decimal(&s).map_err(bad)
+            } else {
+                money::cents_from_base64(&s, money::KNOWN_SCALE).map_err(bad)
+            }
+        }
+        Some(b'{') => {
+            let v: VariableScale<'_> =
+                serde_json::from_str(text).map_err(|_| BadInput::BadValue(name))?;
+            money::cents_from_base64(&v.value, v.scale).map_err(bad)
+        }
+        _ => {
+            let f: f64 = serde_json::from_str(text).map_err(|_| BadInput::BadValue(name))?;
+            money::cents_from_f64(f).map_err(bad)
+        }
+    }
+}
+
+/// A timestamptz column: ISO-8601 text (Debezium's `ZonedTimestamp`) or
+/// microseconds since the epoch. Returns UTC seconds since the epoch (floor).
+fn timestamp_col(raw: Option<&RawValue>, name: &'static str) -> Result<i64, BadInput> {
+    let raw = required(raw, name)?;
+    let text = raw.get();
+    if text.starts_with('"') {
+        let s: Cow<'_, str> = serde_json::from_str(text).map_err(|_| BadInput::BadValue(name))?;
+        parse_iso_seconds(&s).ok_or(BadInput::BadValue(name))
+    } else {
+        let micros: i64 = text.parse().map_err(|_| BadInput::BadValue(name))?;
+        Ok(micros.div_euclid(1_000_000))
+    }
+}
+
+/// Parses `YYYY-MM-DD[T ]HH:MM:SS[.ffffff](Z|±HH[:MM])` to UTC epoch seconds.
+pub fn parse_iso_seconds(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let num = |from: usize, len: usize| -> Option<i64> {
+        let part = s.get(from..from + len)?;
+        if !part.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        part.parse().ok()
+    };
+    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b' ') {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "" | "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes()[0] {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let tz = rest[1..].replace(':', "");
+            if tz.len() != 2 && tz.len() != 4 || !tz.bytes().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            let h: i64 = tz[..2].parse().ok()?;
+            let m: i64 = if tz.len() == 4 { tz[2..].parse().ok()? } else { 0 };
+            sign * (h * 3600 + m * 60)
+        }
+    };
+    let days = days_from_civil(year, month, day);
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second - offset)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `YYYY-MM-DD` of a day number since 1970-01-01.
+pub fn civil_from_days(z: i64) -> String {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The contributions of a live row, from its `after` image.
+fn contributions(table: Table, id: &str, after: &Row<'_>) -> Result<Vec<Contribution>, BadInput> {
+    let mut out = vec![Contribution::new(Code::Count, table.qualified(), 1)];
+    match table {
+        Table::Customer | Table::Buyer | Table::Carrier => {}
+        Table::Product => {
+            let category = str_col(after.category, "after.category")?;
+            out.push(Contribution::new(
+                Code::ProductCategory,
+                format!("{id}\x1d{category}"),
+                1,
+            ));
+        }
+        Table::Transaction => {
+            let status = str_col(after.status, "after.status")?;
+            let cents = money_col(after.total_amount, "after.total_amount")?;
+            let created = timestamp_col(after.created_at, "after.created_at")?;
+            let window = created.div_euclid(30) * 30;
+            out.push(Contribution::new(Code::TxStatus, status.clone(), 1));
+            out.push(Contribution::new(Code::WindowTx, window.to_string(), 1));
+            if status == "completed" {
+                out.push(Contribution::new(Code::Revenue, "", cents));
+                out.push(Contribution::new(
+                    Code::RevenueDaily,
+                    civil_from_days(created.div_euclid(86_400)),
+                    cents,
+                ));
+                out.push(Contribution::new(Code::WindowRevenue, window.to_string(), cents));
+            }
+        }
+        Table::TransactionDetail => {
+            let product = int_col(after.product_id, "after.product_id")?;
+            let quantity = int_col(after.quantity, "after.quantity")?;
+            let price = money_col(after.unit_price, "after.unit_price")?;
+            let cents = quantity
+                .checked_mul(price)
+                .ok_or(BadInput::BadValue("after.unit_price"))?;
+            out.push(Contribution::new(Code::ProductGmv, product.to_string(), cents));
+        }
+        Table::Interaction => {
+            let kind = str_col(after.interaction_type, "after.interaction_type")?;
+            out.push(Contribution::new(Code::InteractionType, kind, 1));
+        }
+        Table::Stock => {
+            let quantity = int_col(after.quantity, "after.quantity")?;
+            out.push(Contribution::new(Code::StockUnits, "", quantity));
+        }
+        Table::Shipment => {
+            let status = str_col(after.status, "after.status")?;
+            out.push(Contribution::new(Code::ShipmentStatus, status, 1));
+        }
+    }
+    Ok(out)
+}
+
+/// Fixed-width decimal LSN, so Lua compares LSNs as strings without losing
+/// precision to doubles. Empty when unknown.
+pub fn encode_lsn(lsn: Option<u64>) -> String {
+    lsn.map(|l| format!("{l:020}")).unwrap_or_default()
+}
+
+/// The row state as stored in Redis and read by the Lua script.
+pub fn encode_state(state: &RowState) -> String {
+    let mut out = encode_lsn(state.lsn);
+    for c in &state.contributions {
+        out.push('\x1e');
+        out.push(c.code.as_char());
+        out.push_str(&c.field);
+        out.push('\x1f');
+        out.push_str(&c.amount.to_string());
+    }
+    out
+}
+
+/// Inverse of [`encode_state`]; `None` for text it did not write.
+pub fn decode_state(text: &str) -> Option<RowState> {
+    let mut parts = text.split('\x1e');
+    let lsn = match parts.next()? {
+        "" => None,
+        l => Some(l.parse().ok()?),
+    };
+    let mut contributions = Vec::new();
+    for token in parts {
+        let code = Code::from_char(token.chars().next()?)?;
+        let (field, amount) = token[1..].rsplit_once('\x1f')?;
+        contributions.push(Contribution::new(code, field, amount.parse().ok()?));
+    }
+    Some(RowState { lsn, contributions })
+}
+
+/// The outcome of folding one row event into its prior state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Folded {
+    /// The row's state to store (unchanged prior for a skipped duplicate).
+    pub state: RowState,
+    /// Signed metric deltas: old contributions negated, then new ones.
+    pub deltas: Vec<Contribution>,
+    /// The event was older than (or the same as) what was applied: skipped.
+    pub duplicate: bool,
+}
+
+/// Folds a row event into the row's prior state: retract the old
+/// contribution, add the new. An event with an LSN older than the stored
+/// one is a re-send and changes nothing; so does the same event again.
+pub fn fold(prior: Option<&RowState>, new: &RowState) -> Folded {
+    if let Some(prior) = prior {
+        if let (Some(old), Some(next)) = (prior.lsn, new.lsn) {
+            if next < old || (next == old && prior.contributions == new.contributions) {
+                return Folded {
+                    state: prior.clone(),
+                    deltas: Vec::new(),
+                    duplicate: true,
+                };
+            }
+        }
+    }
+    let mut deltas: Vec<Contribution> = prior
+        .map(|p| {
+            p.contributions
+                .iter()
+                .map(|c| Contribution::new(c.code, c.field.clone(), -c.amount))
+                .collect()
+        })
+        .unwrap_or_default();
+    deltas.extend(new.contributions.iter().cloned());
+    Folded {
+        state: new.clone(),
+        deltas,
+        duplicate: false,
+    }
+}
+
+/// In-memory reference store: the rules `store.lua` applies in Redis, used
+/// by unit tests and as executable documentation. Metric names are the Redis
+/// keys without prefix; hash entries are `key|field`.
+#[derive(Debug, Default, Clone)]
+pub struct MemStore {
+    /// Row states per `<db>.<table>` and id.
+    pub rows: BTreeMap<(Table, String), RowState>,
+    /// Metric values: `count:instashop.buyer`, `transactions:status|completed`, ...
+    pub metrics: BTreeMap<String, i64>,
+    /// Join state: per-product GMV cents.
+    pub product_gmv: BTreeMap<String, i64>,
+    /// Join state: product → category.
+    pub product_category: BTreeMap<String, String>,
+    /// Events skipped as duplicates.
+    pub duplicates: u64,
+}
+
+impl MemStore {
+    /// Applies one change.
+    pub fn apply(&mut self, change: &Change) {
+        match change {
+            Change::Row {
+                table, id, state, ..
+            } => {
+                let key = (*table, id.clone());
+                let folded = fold(self.rows.get(&key), state);
+                if folded.duplicate {
+                    self.duplicates += 1;
+                    return;
+                }
+                for delta in &folded.deltas {
+                    self.apply_delta(delta);
+                }
+                self.rows.insert(key, folded.state);
+            }
+            Change::Truncate { table, .. } => {
+                let keys: Vec<_> = self
+                    .rows
+                    .keys()
+                    .filter(|(t, _)| t == table)
+                    .cloned()
+                    .collect();
+                for key in keys {
+                    if let Some(state) = self.rows.remove(&key) {
+                        for c in &state.contributions {
+                            self.apply_delta(&Contribution::new(c.code, c.field.clone(), -c.amount));
+                        }
+                    }
+                }
+            }
+            Change::Tombstone | Change::Ignored => {}
+        }
+    }
+
+    fn add(&mut self, name: String, amount: i64) {
+        *self.metrics.entry(name).or_insert(0) += amount;
+    }
+
+    fn apply_delta(&mut self, d: &Contribution) {
+        let f = &d.field;
+        match d.code {
+            Code::Count => self.add(format!("count:{f}"), d.amount),
+            Code::TxStatus => self.add(format!("transactions:status|{f}"), d.amount),
+            Code::Revenue => self.add("revenue:total_cents".into(), d.amount),
+            Code::RevenueDaily => self.add(format!("revenue:daily_cents|{f}"), d.amount),
+            Code::WindowTx => self.add(format!("window:30s:{f}|transactions"), d.amount),
+            Code::WindowRevenue => self.add(format!("window:30s:{f}|revenue_cents"), d.amount),
+            Code::StockUnits => self.add("stock:units".into(), d.amount),
+            Code::ShipmentStatus => self.add(format!("shipments:status|{f}"), d.amount),
+            Code::InteractionType => self.add(format!("interactions:type|{f}"), d.amount),
+            Code::ProductGmv => {
+                *self.product_gmv.entry(f.clone()).or_insert(0) += d.amount;
+                if let Some(category) = self.product_category.get(f).cloned() {
+                    self.add(format!("gmv:category_cents|{category}"), d.amount);
+                }
+            }
+            Code::ProductCategory => {
+                let Some((product, category)) = f.split_once('\x1d') else {
+                    return;
+                };
+                let gmv = self.product_gmv.get(product).copied().unwrap_or(0);
+                if d.amount > 0 {
+                    self.product_category
+                        .insert(product.to_owned(), category.to_owned());
+                    self.add(format!("gmv:category_cents|{category}"), gmv);
+                } else if self.product_category.get(product).map(String::as_str) == Some(category) {
+                    self.product_category.remove(product);
+                    self.add(format!("gmv:category_cents|{category}"), -gmv);
+                }
+            }
+        }
+    }
+
+    /// A metric's value (0 when absent).
+    pub fn get(&self, name: &str) -> i64 {
+        self.metrics.get(name).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tx_event(op: &str, id: i64, status: &str, amount: &str, lsn: u64) -> String {
+        let after = if op == "d" {
+            "null".to_owned()
+        } else {
+            format!(
+                r#"{{"id":{id},"external_id":"x","customer_id":1,"buyer_id":1,"total_amount":{amount},"currency":"USD","payment_method":"paypal","status":"{status}","created_at":"2026-11-22T10:00:15.123456Z","updated_at":"2026-11-22T10:00:15.123456Z"}}"#
+            )
+        };
+        event("instashop", "transaction", op, &after, lsn)
+    }
+
+    fn event(db: &str, table: &str, op: &str, after: &str, lsn: u64) -> String {
+        format!(
+            r#"{{"before":null,"after":{after},"source":{{"version":"2.7.0","connector":"postgresql","name":"{db}","ts_ms":1795000000000,"snapshot":"false","db":"{db}","sequence":"[\"1\",\"{lsn}\"]","schema":"public","table":"{table}","txId":7,"lsn":{lsn},"xmin":null}},"op":"{op}","ts_ms":1795000000100}}"#
+        )
+    }
+
+    fn key(id: i64) -> String {
+        format!(r#"{{"id":{id}}}"#)
+    }
+
+    fn apply(store: &mut MemStore, id: i64, value: &str) {
+        let change = decode(Some(key(id).as_bytes()), Some(value.as_bytes())).expect("decodes");
+        store.apply(&change);
+    }
+
+    fn product(id: i64, category: &str, lsn: u64) -> String {
+        event(
+            "instashop",
+            "product",
+            "c",
+            &format!(r#"{{"id":{id},"customer_id":1,"name":"p","category":"{category}","price":"1.00","tags":[],"description":null}}"#),
+            lsn,
+        )
+    }
+
+    fn detail(id: i64, product: i64, quantity: i64, price: &str, lsn: u64) -> String {
+        event(
+            "instashop",
+            "transactiondetail",
+            "c",
+            &format!(r#"{{"id":{id},"transaction_id":1,"product_id":{product},"quantity":{quantity},"unit_price":{price}}}"#),
+            lsn,
+        )
+    }
+
+    #[test]
+    fn transaction_insert_update_refund_delete() {
+        let mut s = MemStore::default();
+        apply(&mut s, 1, &tx_event("c", 1, "pending", r#""12.50""#, 10));
+        assert_eq!(s.get("count:instashop.transaction"), 1);
+        assert_eq!(s.get("transactions:status|pending"), 1);
+        assert_eq!(s.get("revenue:total_cents"), 0);
+        let window = (days_from_civil(2026, 11, 22) * 86_400 + 36_000).to_string();
+        assert_eq!(s.get(&format!("window:30s:{window}|transactions")), 1);
+
+        apply(&mut s, 1, &tx_event("u", 1, "completed", r#""12.50""#, 20));
+        assert_eq!(s.get("transactions:status|pending"), 0);
+        assert_eq!(s.get("transactions:status|completed"), 1);
+        assert_eq!(s.get("revenue:total_cents"), 1250);
+        assert_eq!(s.get("revenue:daily_cents|2026-11-22"), 1250);
+        assert_eq!(s.get(&format!("window:30s:{window}|revenue_cents")), 1250);
+        assert_eq!(s.get("count:instashop.transaction"), 1);
+
+        // completed -> refunded takes the revenue back.
+        apply(&mut s, 1, &tx_event("u", 1, "refunded", r#""12.50""#, 30));
+        assert_eq!(s.get("revenue:total_cents"), 0);
+        assert_eq!(s.get("revenue:daily_cents|2026-11-22"), 0);
+        assert_eq!(s.get("transactions:status|refunded"), 1);
+        assert_eq!(s.get("transactions:status|completed"), 0);
+
+        apply(&mut s, 1, &tx_event("d", 1, "", "", 40));
+        assert_eq!(s.get("count:instashop.transaction"), 0);
+        assert_eq!(s.get("transactions:status|refunded"), 0);
+        assert_eq!(s.get(&format!("window:30s:{window}|transactions")), 0);
+    }
+
+    #[test]
+    fn replays_and_duplicates_change_nothing() {
+        let events = [
+            tx_event("c", 1, "pending", r#""10.00""#, 10),
+            tx_event("u", 1, "completed", r#""10.00""#, 20),
+            tx_event("c", 2, "completed", r#""5.05""#, 25),
+            tx_event("d", 2, "", "", 30),
+        ];
+        let ids = [1, 1, 2, 2];
+        let mut once = MemStore::default();
+        for (id, e) in ids.iter().zip(&events) {
+            apply(&mut once, *id, e);
+        }
+        let mut replayed = once.clone();
+        // The reader re-sends everything after its crash; each event twice more.
+        for (id, e) in ids.iter().zip(&events) {
+            apply(&mut replayed, *id, e);
+            apply(&mut replayed, *id, e);
+        }
+        assert_eq!(once.metrics, replayed.metrics);
+        assert_eq!(replayed.duplicates, 8);
+        assert_eq!(once.get("revenue:total_cents"), 1000);
+        assert_eq!(once.get("count:instashop.transaction"), 1);
+    }
+
+    #[test]
+    fn repeated_snapshot_changes_nothing() {
+        let mut s = MemStore::default();
+        apply(&mut s, 1, &tx_event("r", 1, "completed", r#""7.00""#, 100));
+        apply(&mut s, 2, &tx_event("r", 2, "pending", r#""1.00""#, 100));
+        let before = s.metrics.clone();
+        // A second snapshot at a later LSN with the same rows.
+        apply(&mut s, 1, &tx_event("r", 1, "completed", r#""7.00""#, 500));
+        apply(&mut s, 2, &tx_event("r", 2, "pending", r#""1.00""#, 500));
+        assert_eq!(before, s.metrics);
+        // An old snapshot row arriving after a newer change is skipped.
+        apply(&mut s, 2, &tx_event("u", 2, "completed", r#""1.00""#, 600));
+        apply(&mut s, 2, &tx_event("r", 2, "pending", r#""1.00""#, 500));
+        assert_eq!(s.get("revenue:total_cents"), 800);
+    }
+
+    #[test]
+    fn detail_before_product_and_category_change() {
+        let mut s = MemStore::default();
+        apply(&mut s, 1, &detail(1, 9, 3, r#""2.50""#, 10));
+        assert_eq!(s.get("gmv:category_cents|toys"), 0, "product unknown yet: not joined");
+        apply(&mut s, 9, &product(9, "toys", 20));
+        assert_eq!(s.get("gmv:category_cents|toys"), 750);
+        apply(&mut s, 2, &detail(2, 9, 1, r#""1.00""#, 30));
+        assert_eq!(s.get("gmv:category_cents|toys"), 850);
+        // Category change moves the product's past sales.
+        apply(&mut s, 9, &product(9, "games", 40));
+        assert_eq!(s.get("gmv:category_cents|toys"), 0);
+        assert_eq!(s.get("gmv:category_cents|games"), 850);
+        // Detail update (quantity) and delete.
+        apply(&mut s, 1, &detail(1, 9, 1, r#""2.50""#, 50));
+        assert_eq!(s.get("gmv:category_cents|games"), 350);
+        let del = event("instashop", "transactiondetail", "d", "null", 60);
+        apply(&mut s, 2, &del);
+        assert_eq!(s.get("gmv:category_cents|games"), 250);
+        // Product deleted: the inner join drops its sales.
+        apply(&mut s, 9, &event("instashop", "product", "d", "null", 70));
+        assert_eq!(s.get("gmv:category_cents|games"), 0);
+        assert_eq!(s.get("count:instashop.product"), 0);
+    }
+
+    #[test]
+    fn decimal_modes_agree() {
+        for amount in [r#""22.22""#, r#""CK4=""#, r#"{"scale":2,"value":"CK4="}"#, "22.22"] {
+            let mut s = MemStore::default();
+            apply(&mut s, 1, &tx_event("c", 1, "completed", amount, 1));
+            assert_eq!(s.get("revenue:total_cents"), 2222, "amount {amount}");
+        }
+    }
+
+    #[test]
+    fn schemas_enabled_envelope_and_key() {
+        let inner = tx_event("c", 5, "completed", r#""3.00""#, 1);
+        let value = format!(r#"{{"schema":{{"type":"struct","fields":[]}},"payload":{inner}}}"#);
+        let key = r#"{"schema":{"type":"struct"},"payload":{"id":5}}"#;
+        let change = decode(Some(key.as_bytes()), Some(value.as_bytes())).expect("decodes");
+        match &change {
+            Change::Row { id, table, .. } => {
+                assert_eq!(id, "5");
+                assert_eq!(*table, Table::Transaction);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let mut s = MemStore::default();
+        s.apply(&change);
+        assert_eq!(s.get("revenue:total_cents"), 300);
+    }
+
+    #[test]
+    fn tombstones_and_messages_are_no_ops() {
+        assert_eq!(decode(Some(b"{\"id\":1}"), None), Ok(Change::Tombstone));
+        assert_eq!(decode(Some(b"{\"id\":1}"), Some(b"null")), Ok(Change::Tombstone));
+        let m = event("instashop", "transaction", "m", "null", 1);
+        assert_eq!(decode(None, Some(m.as_bytes())), Ok(Change::Ignored));
+    }
+
+    #[test]
+    fn truncate_retracts_the_table() {
+        let mut s = MemStore::default();
+        apply(&mut s, 1, &tx_event("c", 1, "completed", r#""1.00""#, 1));
+        apply(&mut s, 2, &tx_event("c", 2, "completed", r#""2.00""#, 2));
+        apply(&mut s, 9, &product(9, "toys", 3));
+        let t = event("instashop", "transaction", "t", "null", 4);
+        s.apply(&decode(None, Some(t.as_bytes())).expect("decodes"));
+        assert_eq!(s.get("count:instashop.transaction"), 0);
+        assert_eq!(s.get("revenue:total_cents"), 0);
+        assert_eq!(s.get("count:instashop.product"), 1);
+    }
+
+    #[test]
+    fn every_table_counts_and_sums() {
+        let mut s = MemStore::default();
+        let rows = [
+            ("instashop", "customer", r#"{"id":1,"name":"a"}"#),
+            ("instashop", "buyer", r#"{"id":1,"birth_date":20000}"#),
+            ("crm", "interaction", r#"{"id":1,"interaction_type":"click","payload":"{\"a\": 1}"}"#),
+            ("erp", "stock", r#"{"id":1,"product_id":3,"warehouse":"w","quantity":17}"#),
+            ("ecommerce", "carrier", r#"{"id":1,"name":"c"}"#),
+            ("ecommerce", "shipment", r#"{"id":1,"status":"in_transit"}"#),
+        ];
+        for (db, table, after) in rows {
+            apply(&mut s, 1, &event(db, table, "c", after, 1));
+            assert_eq!(s.get(&format!("count:{db}.{table}")), 1);
+        }
+        assert_eq!(s.get("interactions:type|click"), 1);
+        assert_eq!(s.get("stock:units"), 17);
+        assert_eq!(s.get("shipments:status|in_transit"), 1);
+        // Stock update: quantity replaced, not added.
+        apply(&mut s, 1, &event("erp", "stock", "u", r#"{"id":1,"product_id":3,"quantity":5}"#, 2));
+        assert_eq!(s.get("stock:units"), 5);
+        // Delete of a DEFAULT-identity table: only the key is known.
+        apply(&mut s, 1, &event("instashop", "customer", "d", "null", 3));
+        assert_eq!(s.get("count:instashop.customer"), 0);
+    }
+
+    #[test]
+    fn bad_input_is_classified() {
+        let k = Some(&b"{\"id\":1}"[..]);
+        assert_eq!(decode(k, Some(b"not json")).map_err(|e| e.kind()), Err("not_json"));
+        let no_op = r#"{"before":null,"after":{"id":1},"source":{"db":"crm","table":"interaction"}}"#;
+        assert_eq!(decode(k, Some(no_op.as_bytes())), Err(BadInput::MissingField("op")));
+        let unknown = event("instashop", "nosuch", "c", r#"{"id":1}"#, 1);
+        assert_eq!(
+            decode(k, Some(unknown.as_bytes())).map_err(|e| e.kind()),
+            Err("unknown_table")
+        );
+        let missing = event("instashop", "transaction", "c", r#"{"id":1,"status":"completed"}"#, 1);
+        assert_eq!(
+            decode(k, Some(missing.as_bytes())),
+            Err(BadInput::MissingField("after.total_amount"))
+        );
+        let nan = tx_event("c", 1, "completed", r#""NAN""#, 1);
+        assert_eq!(decode(k, Some(nan.as_bytes())), Err(BadInput::BadValue("after.total_amount")));
+    }
+
+    #[test]
+    fn state_encoding_round_trips() {
+        let value = tx_event("c", 1, "completed", r#""12.34""#, 77);
+        let Ok(Change::Row { state, .. }) = decode(Some(b"{\"id\":1}"), Some(value.as_bytes())) else {
+            panic!("decodes");
+        };
+        assert_eq!(decode_state(&encode_state(&state)), Some(state.clone()));
+        let deleted = RowState { lsn: None, contributions: vec![] };
+        assert_eq!(decode_state(&encode_state(&deleted)), Some(deleted));
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(parse_iso_seconds("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_iso_seconds("2016-11-04T11:51:30.123456Z"), Some(1_478_260_290));
+        assert_eq!(parse_iso_seconds("2016-11-04T12:51:30+01:00"), Some(1_478_260_290));
+        assert_eq!(parse_iso_seconds("2016-11-04 11:51:30"), Some(1_478_260_290));
+        assert_eq!(parse_iso_seconds("yesterday"), None);
+        assert_eq!(civil_from_days(17_109), "2016-11-04");
+        assert_eq!(days_from_civil(2016, 11, 4), 17_109);
+    }
+}

@@ -1,0 +1,157 @@
+//! `metrics-consumer`: turns the Debezium change events of the nine InstaShop
+//! tables into exact revenue and count metrics in Redis, with an exactly-once
+//! effect through any crash, replay or rebalance.
+//!
+//! Modules: [`money`] and [`fold`] are pure (decode an event, compute a row's
+//! contribution, the retract-and-add rules); [`store`] runs the batch-apply
+//! Lua script; [`consumer`] is the Kafka loop; [`telemetry`] and [`http`]
+//! serve `/metrics` and `/health`.
+
+pub mod consumer;
+pub mod fold;
+pub mod http;
+pub mod money;
+pub mod store;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+/// The nine table topics consumed by default.
+pub const DEFAULT_TOPICS: &str = "instashop.public.customer,instashop.public.buyer,instashop.public.product,instashop.public.transaction,instashop.public.transactiondetail,crm.public.interaction,erp.public.stock,ecommerce.public.carrier,ecommerce.public.shipment";
+
+/// InstaShop CDC metrics-consumer: Debezium change events from Kafka to exact
+/// metrics in Redis.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(version, about)]
+pub struct Config {
+    /// Kafka bootstrap servers (comma-separated host:port).
+    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:19092")]
+    pub bootstrap_servers: String,
+
+    /// Redis URL holding the metrics, row states and consumed offsets.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:63790/0")]
+    pub redis_url: String,
+
+    /// Kafka consumer group; processes in one group split the partitions.
+    #[arg(long, env = "METRICS_GROUP", default_value = "instashop-metrics")]
+    pub group: String,
+
+    /// Prefix of every Redis key written (metrics, row states, offsets).
+    #[arg(long, env = "METRICS_PREFIX", default_value = "metrics:")]
+    pub prefix: String,
+
+    /// Topics to consume, comma-separated; an entry starting with `^` is a regex.
+    #[arg(long, env = "METRICS_TOPICS", default_value = DEFAULT_TOPICS)]
+    pub topics: String,
+
+    /// Most messages applied in one atomic Redis script call.
+    #[arg(long, env = "METRICS_BATCH_SIZE", default_value_t = 5000)]
+    pub batch_size: usize,
+
+    /// Dead-letter topic for messages that cannot be decoded.
+    #[arg(long, env = "METRICS_DLQ_TOPIC", default_value = "metrics.dlq")]
+    pub dlq_topic: String,
+
+    /// Address of the `/metrics` and `/health` HTTP server.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9473")]
+    pub metrics_addr: SocketAddr,
+
+    /// Kafka group session timeout (ms); a first join waits about half of it.
+    #[arg(long, env = "METRICS_SESSION_TIMEOUT_MS", default_value_t = 6000)]
+    pub session_timeout_ms: u64,
+
+    /// How often the `dashboard` JSON summary is rewritten (ms).
+    #[arg(long, env = "METRICS_DASHBOARD_INTERVAL_MS", default_value_t = 1000)]
+    pub dashboard_interval_ms: u64,
+}
+
+impl Config {
+    /// The topics (or `^regex` patterns) to subscribe to.
+    pub fn topic_list(&self) -> Vec<&str> {
+        self.topics
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        if self.topic_list().is_empty() {
+            return Err(Error::Config("no topics: set --topics / METRICS_TOPICS".into()));
+        }
+        if self.batch_size == 0 || self.batch_size > 50_000 {
+            return Err(Error::Config(
+                "--batch-size must be between 1 and 50000 (one Redis script call per batch)".into(),
+            ));
+        }
+        if self.prefix.is_empty() {
+            return Err(Error::Config("--prefix must not be empty".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the consumer, grouped by what the caller does next.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Fix the flags or environment variables.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Kafka client setup failed: check KAFKA_BOOTSTRAP_SERVERS and the brokers (scripts/up).
+    #[error("kafka client setup failed; check KAFKA_BOOTSTRAP_SERVERS and that the brokers run (scripts/up)")]
+    Kafka(#[source] rdkafka::error::KafkaError),
+    /// Redis unreachable at start: check REDIS_URL and that Redis runs.
+    #[error("redis unavailable; check REDIS_URL and that redis runs (scripts/up)")]
+    Redis(#[source] redis::RedisError),
+    /// The HTTP address cannot be bound: pick another --metrics-addr.
+    #[error("cannot listen on {addr}; pick another --metrics-addr / METRICS_ADDR")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bug: a worker thread died.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Runs the consumer until `shutdown` is cancelled, then finishes the batch
+/// in hand, commits and returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    config.validate()?;
+    // Fail fast with a clear message when Redis is not there at all.
+    let mut store = store::Store::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?;
+    tokio::task::block_in_place(|| store.offsets(&[("ping".to_owned(), 0)]))
+        .map_err(Error::Redis)?;
+    drop(store);
+
+    let telemetry = Arc::new(telemetry::Telemetry::default());
+    let listener = tokio::net::TcpListener::bind(config.metrics_addr)
+        .await
+        .map_err(|source| Error::Listen {
+            addr: config.metrics_addr,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| Error::Listen {
+        addr: config.metrics_addr,
+        source,
+    })?;
+    tracing::info!(addr = %local, redis = %local_stack::redact::url(&config.redis_url), prefix = %config.prefix, "metrics-consumer starting");
+    let server = tokio::spawn(http::serve(listener, Arc::clone(&telemetry), shutdown.clone()));
+
+    let consumer_shutdown = shutdown.clone();
+    let consumer_telemetry = Arc::clone(&telemetry);
+    let result = tokio::task::spawn_blocking(move || {
+        consumer::run_blocking(&config, &consumer_telemetry, &consumer_shutdown)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("consumer task failed: {e}")))?;
+    shutdown.cancel();
+    let _ = server.await;
+    result
+}

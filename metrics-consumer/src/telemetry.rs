@@ -1,0 +1,155 @@
+//! Counters for `/metrics` (Prometheus text format) and `/health`, shared by
+//! the consumer threads and the HTTP server. Plain atomics: the few series we
+//! export do not justify a metrics library.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+
+use crate::fold::Table;
+
+/// Upper bounds (ms) of the apply-latency histogram buckets.
+const LATENCY_BUCKETS_MS: [u64; 11] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000];
+
+/// Process-wide counters.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    events_applied: [AtomicU64; 9],
+    duplicates: AtomicU64,
+    bad: AtomicU64,
+    dlq: AtomicU64,
+    skipped: AtomicU64,
+    batches: AtomicU64,
+    batch_messages: AtomicU64,
+    last_batch_size: AtomicU64,
+    latency_buckets: [AtomicU64; 11],
+    latency_sum_us: AtomicU64,
+    consumer_lag: AtomicI64,
+    e2e_lag_ms: AtomicI64,
+    apply_errors: AtomicU64,
+    redis_ok: AtomicBool,
+    consuming: AtomicBool,
+}
+
+impl Telemetry {
+    /// Records one applied batch.
+    pub fn batch_applied(&self, per_table: &[u64; 9], size: usize, latency: std::time::Duration) {
+        for (counter, n) in self.events_applied.iter().zip(per_table) {
+            counter.fetch_add(*n, Ordering::Relaxed);
+        }
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.batch_messages.fetch_add(size as u64, Ordering::Relaxed);
+        self.last_batch_size.store(size as u64, Ordering::Relaxed);
+        let ms = latency.as_millis() as u64;
+        for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS_MS) {
+            if ms <= bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_sum_us
+            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+        self.redis_ok.store(true, Ordering::Relaxed);
+    }
+
+    /// Records the script's counts.
+    pub fn counted(&self, duplicates: u64, bad: u64, skipped: u64) {
+        self.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+        self.bad.fetch_add(bad, Ordering::Relaxed);
+        self.skipped.fetch_add(skipped, Ordering::Relaxed);
+    }
+
+    /// Records messages copied to the dead-letter topic.
+    pub fn dead_lettered(&self, n: u64) {
+        self.dlq.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records a failed apply (Redis unreachable or erroring).
+    pub fn apply_failed(&self) {
+        self.apply_errors.fetch_add(1, Ordering::Relaxed);
+        self.redis_ok.store(false, Ordering::Relaxed);
+    }
+
+    /// Sets the consumer lag (messages behind the high watermarks).
+    pub fn set_consumer_lag(&self, lag: i64) {
+        self.consumer_lag.store(lag, Ordering::Relaxed);
+    }
+
+    /// Sets the end-to-end lag of the newest applied event (ms).
+    pub fn set_e2e_lag_ms(&self, lag: i64) {
+        self.e2e_lag_ms.store(lag, Ordering::Relaxed);
+    }
+
+    /// Marks the consume loop as running or stopped.
+    pub fn set_consuming(&self, on: bool) {
+        self.consuming.store(on, Ordering::Relaxed);
+        if on {
+            self.redis_ok.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Healthy: the consume loop runs and the last Redis apply succeeded.
+    pub fn healthy(&self) -> bool {
+        self.consuming.load(Ordering::Relaxed) && self.redis_ok.load(Ordering::Relaxed)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        out.push_str("# HELP metrics_consumer_events_applied_total Change events applied, per source table.\n");
+        out.push_str("# TYPE metrics_consumer_events_applied_total counter\n");
+        for (t, c) in Table::ALL.iter().zip(&self.events_applied) {
+            let _ = writeln!(
+                out,
+                "metrics_consumer_events_applied_total{{table=\"{}\"}} {}",
+                t.qualified(),
+                get(c)
+            );
+        }
+        let simple: [(&str, &str, &str, u64); 7] = [
+            ("metrics_consumer_duplicates_skipped_total", "counter", "Re-delivered or re-sent events that changed nothing.", get(&self.duplicates)),
+            ("metrics_consumer_bad_messages_total", "counter", "Messages that could not be decoded.", get(&self.bad)),
+            ("metrics_consumer_dlq_messages_total", "counter", "Messages copied to the dead-letter topic.", get(&self.dlq)),
+            ("metrics_consumer_tombstones_skipped_total", "counter", "Tombstones and other no-op messages.", get(&self.skipped)),
+            ("metrics_consumer_apply_errors_total", "counter", "Failed batch applies (retried).", get(&self.apply_errors)),
+            ("metrics_consumer_last_batch_size", "gauge", "Messages in the last applied batch.", get(&self.last_batch_size)),
+            ("metrics_consumer_batches_total", "counter", "Batches applied.", get(&self.batches)),
+        ];
+        for (name, kind, help, value) in simple {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP metrics_consumer_batch_size Messages per applied batch.\n# TYPE metrics_consumer_batch_size summary\nmetrics_consumer_batch_size_sum {}\nmetrics_consumer_batch_size_count {}",
+            get(&self.batch_messages),
+            get(&self.batches)
+        );
+        out.push_str("# HELP metrics_consumer_apply_latency_seconds Time to apply one batch in Redis.\n");
+        out.push_str("# TYPE metrics_consumer_apply_latency_seconds histogram\n");
+        for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS_MS) {
+            let _ = writeln!(
+                out,
+                "metrics_consumer_apply_latency_seconds_bucket{{le=\"{}\"}} {}",
+                bound as f64 / 1000.0,
+                get(bucket)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "metrics_consumer_apply_latency_seconds_bucket{{le=\"+Inf\"}} {}\nmetrics_consumer_apply_latency_seconds_sum {}\nmetrics_consumer_apply_latency_seconds_count {}",
+            get(&self.batches),
+            get(&self.latency_sum_us) as f64 / 1e6,
+            get(&self.batches)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP metrics_consumer_lag_messages Messages behind the partitions' high watermarks.\n# TYPE metrics_consumer_lag_messages gauge\nmetrics_consumer_lag_messages {}",
+            self.consumer_lag.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP metrics_consumer_end_to_end_lag_ms Source commit to applied, newest event.\n# TYPE metrics_consumer_end_to_end_lag_ms gauge\nmetrics_consumer_end_to_end_lag_ms {}",
+            self.e2e_lag_ms.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
