@@ -1,0 +1,181 @@
+//! The once-a-second tick: read Redis, scrape the two Prometheus endpoints,
+//! judge health, and publish one JSON frame that every open page receives.
+//!
+//! The frame goes into a `watch` channel: a slow page only ever sees the
+//! newest frame, never a backlog. The sender lives in this task alone, so when
+//! shutdown stops the loop every event stream ends and the server can drain.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::chain;
+use crate::health::{self, Observed, Thresholds};
+use crate::pipeline;
+use crate::prometheus;
+use crate::scrape;
+use crate::snapshot;
+use crate::store::Store;
+
+/// Timeout of one scrape; shorter than the tick.
+const SCRAPE_TIMEOUT: Duration = Duration::from_millis(700);
+
+/// Counters for the dashboard's own `/metrics`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Ticks completed.
+    pub ticks: AtomicU64,
+    /// Ticks whose Redis read failed.
+    pub redis_errors: AtomicU64,
+    /// Failed scrapes of the reader's endpoint.
+    pub reader_errors: AtomicU64,
+    /// Failed scrapes of the consumer's endpoint.
+    pub consumer_errors: AtomicU64,
+    /// Current event-stream subscribers.
+    pub stream_clients: AtomicU64,
+    /// Pipeline state of the last tick (0 green, 1 amber, 2 red).
+    pub state: AtomicU8,
+    /// Duration of the last tick in microseconds.
+    pub last_tick_micros: AtomicU64,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A previous counter reading, for rates.
+#[derive(Debug, Clone, Copy)]
+struct Previous {
+    value: f64,
+    at: Instant,
+}
+
+/// Runs ticks until `shutdown`; publishes each frame on `frames`.
+pub async fn run(
+    config: Arc<Config>,
+    store: Arc<Store>,
+    stats: Arc<Stats>,
+    frames: watch::Sender<Arc<str>>,
+    shutdown: CancellationToken,
+) {
+    let thresholds = Thresholds::default();
+    let mut previous: Option<Previous> = None;
+    let mut interval = tokio::time::interval(Duration::from_millis(config.interval_ms));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let started = Instant::now();
+        let frame = tick(&config, &store, &stats, &thresholds, &mut previous).await;
+        stats.ticks.fetch_add(1, Ordering::Relaxed);
+        stats.last_tick_micros.store(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        frames.send_replace(Arc::from(frame.to_string()));
+    }
+}
+
+async fn tick(
+    config: &Config,
+    store: &Store,
+    stats: &Stats,
+    thresholds: &Thresholds,
+    previous: &mut Option<Previous>,
+) -> Value {
+    let now = now_ms();
+    let (redis, reader, consumer) = tokio::join!(
+        store.read(now),
+        scrape::get(&config.reader_metrics_url, SCRAPE_TIMEOUT),
+        scrape::get(&config.consumer_metrics_url, SCRAPE_TIMEOUT),
+    );
+    let mut obs = Observed::default();
+    let metrics = match redis {
+        Ok(values) => snapshot::assemble(&values, now),
+        Err(err) => {
+            stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(error = %chain(&err), "redis read failed");
+            obs.redis_error = Some(chain(&err));
+            Value::Null
+        }
+    };
+    obs.last_event_age_ms = metrics["last_event_age_ms"].as_i64();
+    match reader {
+        Ok(text) => {
+            obs.reader = Some(pipeline::reader(
+                &prometheus::parse(&text),
+                now as f64 / 1000.0,
+            ));
+        }
+        Err(err) => {
+            stats.reader_errors.fetch_add(1, Ordering::Relaxed);
+            obs.reader_error = Some(chain(&err));
+        }
+    }
+    match consumer {
+        Ok(text) => obs.consumer = Some(pipeline::consumer(&prometheus::parse(&text))),
+        Err(err) => {
+            stats.consumer_errors.fetch_add(1, Ordering::Relaxed);
+            obs.consumer_error = Some(chain(&err));
+        }
+    }
+
+    // Events per second: the consumer's applied counter, else the pipeline
+    // hash's count in Redis.
+    let applied = obs
+        .consumer
+        .as_ref()
+        .and_then(|c| c.events_applied)
+        .or_else(|| {
+            metrics["pipeline"]
+                .as_object()
+                .and_then(|p| p.iter().find(|(k, _)| k.contains("applied")))
+                .and_then(|(_, v)| v.as_f64())
+        });
+    let at = Instant::now();
+    let events_per_second = previous.and_then(|p| {
+        pipeline::rate(
+            Some(p.value),
+            applied,
+            at.duration_since(p.at).as_secs_f64(),
+        )
+    });
+    *previous = applied.map(|value| Previous { value, at });
+
+    obs.bad_keys = metrics["bad_keys"]
+        .as_array()
+        .map(|keys| {
+            keys.iter()
+                .filter_map(|k| k.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let verdict = health::evaluate(&obs, thresholds);
+    stats
+        .state
+        .store(verdict.state.as_number(), Ordering::Relaxed);
+    let health = json!({
+        "state": verdict.state.as_str(),
+        "reasons": verdict.reasons,
+        "generated_at_ms": now,
+        "sources": pipeline::sources_json(obs.reader.as_ref()),
+        "consumer": pipeline::consumer_json(obs.consumer.as_ref(), events_per_second),
+        "last_event_age_ms": obs.last_event_age_ms,
+        "endpoints": {
+            "redis": {"ok": obs.redis_error.is_none(), "error": obs.redis_error},
+            "reader": {"ok": obs.reader.is_some(), "url": config.reader_metrics_url, "error": obs.reader_error},
+            "consumer": {"ok": obs.consumer.is_some(), "url": config.consumer_metrics_url, "error": obs.consumer_error},
+        },
+    });
+    json!({"metrics": metrics, "health": health})
+}

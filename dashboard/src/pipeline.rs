@@ -1,0 +1,248 @@
+//! What the cdc-reader and the metrics-consumer report on their Prometheus
+//! endpoints, reduced to the numbers the health panel shows.
+//!
+//! Pure. Metric names are matched by their documented suffixes (`..._lag_bytes`,
+//! `..._dlq_...`) rather than by full name, and the database is taken from a
+//! `database`, `db`, `source` or `slot` label, so a renamed prefix on the other
+//! binaries degrades nothing. Everything is optional: an endpoint that is down
+//! or a metric that is missing reads as `None` ("no data" on the page).
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::prometheus::Sample;
+use crate::snapshot::DATABASES;
+
+/// Replication progress of one source database, as the reader reports it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceReading {
+    /// WAL bytes between the server's current LSN and the last confirmed one.
+    pub lag_bytes: Option<f64>,
+    /// Seconds between the newest WAL write and the last confirmed event.
+    pub lag_seconds: Option<f64>,
+    /// Seconds since the reader last emitted an event of this database.
+    pub last_event_age_seconds: Option<f64>,
+    /// Last confirmed LSN, as a number (the reader exports it as a gauge).
+    pub confirmed_lsn: Option<f64>,
+    /// Change events emitted, all tables and operations.
+    pub events_total: Option<f64>,
+}
+
+/// The reader's endpoint, reduced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReaderReading {
+    /// Per database (`instashop`, `crm`, `erp`, `ecommerce`).
+    pub sources: BTreeMap<String, SourceReading>,
+}
+
+/// The consumer's endpoint, reduced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConsumerReading {
+    /// Messages behind the partitions' high watermarks, all partitions.
+    pub lag: Option<f64>,
+    /// Messages sent to the dead-letter topic.
+    pub dlq: Option<f64>,
+    /// Change events applied to Redis, all tables.
+    pub events_applied: Option<f64>,
+}
+
+/// The database a sample belongs to, from its labels.
+fn database_of(sample: &Sample) -> Option<String> {
+    for key in ["database", "db", "source"] {
+        if let Some(v) = sample.label(key) {
+            return Some(v.to_owned());
+        }
+    }
+    sample
+        .label("slot")
+        .map(|slot| slot.rsplit('_').next().unwrap_or(slot).to_owned())
+}
+
+fn add(slot: &mut Option<f64>, value: f64) {
+    if value.is_finite() {
+        *slot = Some(slot.unwrap_or(0.0) + value);
+    }
+}
+
+fn max(slot: &mut Option<f64>, value: f64) {
+    if value.is_finite() {
+        *slot = Some(slot.map_or(value, |old| old.max(value)));
+    }
+}
+
+/// Reduces the reader's samples. `now_seconds` turns a last-event timestamp
+/// gauge into an age.
+pub fn reader(samples: &[Sample], now_seconds: f64) -> ReaderReading {
+    let mut sources: BTreeMap<String, SourceReading> = BTreeMap::new();
+    for sample in samples {
+        let name = sample.name.as_str();
+        let Some(db) = database_of(sample) else {
+            continue;
+        };
+        let entry = sources.entry(db).or_default();
+        if name.ends_with("lag_bytes") {
+            max(&mut entry.lag_bytes, sample.value);
+        } else if name.ends_with("lag_seconds") {
+            max(&mut entry.lag_seconds, sample.value);
+        } else if name.contains("last_event") && name.contains("age") {
+            max(&mut entry.last_event_age_seconds, sample.value);
+        } else if name.contains("last_event") && name.contains("timestamp") {
+            let seconds = if name.ends_with("_ms") {
+                sample.value / 1000.0
+            } else {
+                sample.value
+            };
+            if seconds > 0.0 {
+                max(
+                    &mut entry.last_event_age_seconds,
+                    (now_seconds - seconds).max(0.0),
+                );
+            }
+        } else if name.contains("lsn") {
+            max(&mut entry.confirmed_lsn, sample.value);
+        } else if name.contains("events") && name.ends_with("_total") {
+            add(&mut entry.events_total, sample.value);
+        }
+    }
+    ReaderReading { sources }
+}
+
+/// Reduces the consumer's samples.
+pub fn consumer(samples: &[Sample]) -> ConsumerReading {
+    let mut reading = ConsumerReading::default();
+    for sample in samples {
+        let name = sample.name.as_str();
+        if name.contains("dlq") || name.contains("dead_letter") {
+            if !name.ends_with("_created") {
+                add(&mut reading.dlq, sample.value);
+            }
+        } else if name.ends_with("consumer_lag") || name.ends_with("lag_messages") {
+            add(&mut reading.lag, sample.value);
+        } else if name.contains("events_applied") && !name.ends_with("_created") {
+            add(&mut reading.events_applied, sample.value);
+        }
+    }
+    reading
+}
+
+/// Events per second between two readings of a counter; `None` when either
+/// is missing, time did not advance, or the counter went back (a restart).
+pub fn rate(previous: Option<f64>, current: Option<f64>, elapsed_seconds: f64) -> Option<f64> {
+    let (p, c) = (previous?, current?);
+    (elapsed_seconds > 0.0 && c >= p).then(|| (c - p) / elapsed_seconds)
+}
+
+fn number(value: Option<f64>) -> Value {
+    match value {
+        Some(v) if v.is_finite() && v.fract() == 0.0 && v.abs() < 9.0e15 => json!(v as i64),
+        Some(v) if v.is_finite() => json!(v),
+        _ => Value::Null,
+    }
+}
+
+/// The per-database rows of the health panel, in the fixed database order
+/// (plus any other database the reader names).
+pub fn sources_json(reader: Option<&ReaderReading>) -> Value {
+    let mut names: Vec<String> = DATABASES.iter().map(|d| d.to_string()).collect();
+    if let Some(r) = reader {
+        names.extend(
+            r.sources
+                .keys()
+                .filter(|k| !DATABASES.contains(&k.as_str()))
+                .cloned(),
+        );
+    }
+    let rows: Vec<Value> = names
+        .iter()
+        .map(|db| {
+            let s = reader
+                .and_then(|r| r.sources.get(db))
+                .cloned()
+                .unwrap_or_default();
+            json!({
+                "database": db,
+                "lag_bytes": number(s.lag_bytes),
+                "lag_seconds": number(s.lag_seconds),
+                "last_event_age_seconds": number(s.last_event_age_seconds),
+                "confirmed_lsn": number(s.confirmed_lsn),
+                "events_total": number(s.events_total),
+            })
+        })
+        .collect();
+    Value::Array(rows)
+}
+
+/// The consumer part of the health JSON.
+pub fn consumer_json(reading: Option<&ConsumerReading>, events_per_second: Option<f64>) -> Value {
+    let r = reading.cloned().unwrap_or_default();
+    json!({
+        "lag": number(r.lag),
+        "dlq": number(r.dlq),
+        "events_applied": number(r.events_applied),
+        "events_per_second": events_per_second.map_or(Value::Null, |v| json!((v * 10.0).round() / 10.0)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prometheus::parse;
+
+    #[test]
+    fn reader_samples_reduce_per_database() {
+        let samples = parse(
+            "cdc_reader_replication_lag_bytes{database=\"crm\"} 4096\n\
+             cdc_reader_replication_lag_seconds{database=\"crm\"} 1.5\n\
+             cdc_reader_confirmed_flush_lsn{database=\"crm\"} 23456789\n\
+             cdc_reader_last_event_timestamp_seconds{database=\"crm\"} 990\n\
+             cdc_reader_events_total{database=\"instashop\",table=\"transaction\",op=\"c\"} 10\n\
+             cdc_reader_events_total{database=\"instashop\",table=\"product\",op=\"u\"} 5\n\
+             cdc_reader_replication_lag_bytes{slot=\"instashop_cdc_erp\"} 12\n\
+             process_start_time_seconds 1\n",
+        );
+        let r = reader(&samples, 1000.0);
+        let crm = &r.sources["crm"];
+        assert_eq!(crm.lag_bytes, Some(4096.0));
+        assert_eq!(crm.lag_seconds, Some(1.5));
+        assert_eq!(crm.confirmed_lsn, Some(23_456_789.0));
+        assert_eq!(crm.last_event_age_seconds, Some(10.0));
+        assert_eq!(r.sources["instashop"].events_total, Some(15.0));
+        assert_eq!(r.sources["erp"].lag_bytes, Some(12.0));
+        assert_eq!(r.sources.len(), 3);
+    }
+
+    #[test]
+    fn consumer_samples_reduce_to_lag_dlq_and_applied() {
+        let samples = parse(
+            "metrics_consumer_consumer_lag{topic=\"a\",partition=\"0\"} 3\n\
+             metrics_consumer_consumer_lag{topic=\"a\",partition=\"1\"} 4\n\
+             metrics_consumer_dlq_messages_total 2\n\
+             metrics_consumer_events_applied_total{table=\"crm.interaction\"} 100\n\
+             metrics_consumer_events_applied_total{table=\"erp.stock\"} 20\n\
+             metrics_consumer_apply_latency_seconds_sum 3\n",
+        );
+        let c = consumer(&samples);
+        assert_eq!(c.lag, Some(7.0));
+        assert_eq!(c.dlq, Some(2.0));
+        assert_eq!(c.events_applied, Some(120.0));
+        assert_eq!(consumer(&[]), ConsumerReading::default());
+    }
+
+    #[test]
+    fn rate_needs_two_increasing_readings() {
+        assert_eq!(rate(Some(100.0), Some(150.0), 2.0), Some(25.0));
+        assert_eq!(rate(None, Some(150.0), 2.0), None);
+        assert_eq!(rate(Some(200.0), Some(150.0), 2.0), None);
+        assert_eq!(rate(Some(100.0), Some(150.0), 0.0), None);
+    }
+
+    #[test]
+    fn sources_json_lists_every_database_even_without_data() {
+        let rows = sources_json(None);
+        let rows = rows.as_array().cloned().unwrap_or_default();
+        assert_eq!(rows.len(), 4);
+        assert_eq!(rows[0]["database"], "instashop");
+        assert_eq!(rows[0]["lag_bytes"], Value::Null);
+    }
+}

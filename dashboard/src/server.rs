@@ -1,0 +1,203 @@
+//! HTTP routes: the page, its event stream, the JSON API and `/metrics`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::Stream;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::collector::{Stats, now_ms};
+use crate::error::chain;
+use crate::prometheus::write_metric;
+use crate::snapshot;
+use crate::store::Store;
+
+/// The page, embedded at build time: no CDN, no external asset.
+const PAGE: &str = include_str!("page.html");
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Redis access for `/api/metrics`.
+    pub store: Arc<Store>,
+    /// The newest frame (`{"metrics":..,"health":..}`).
+    pub frames: watch::Receiver<Arc<str>>,
+    /// Counters for `/metrics`.
+    pub stats: Arc<Stats>,
+}
+
+/// The router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/api/metrics", get(api_metrics))
+        .route("/api/health", get(api_health))
+        .route("/api/stream", get(api_stream))
+        .route("/metrics", get(own_metrics))
+        .with_state(state)
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+/// The metrics read from Redis now (not the last tick), so `curl` can be
+/// compared with `redis-cli` directly.
+async fn api_metrics(State(state): State<AppState>) -> Response {
+    let now = now_ms();
+    match state.store.read(now).await {
+        Ok(values) => json_response(StatusCode::OK, snapshot::assemble(&values, now).to_string()),
+        Err(err) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": chain(&err)}).to_string(),
+        ),
+    }
+}
+
+/// The pipeline state of the last tick.
+async fn api_health(State(state): State<AppState>) -> Response {
+    let frame = state.frames.borrow().clone();
+    let health = serde_json::from_str::<serde_json::Value>(&frame)
+        .ok()
+        .map(|v| v["health"].clone())
+        .filter(|h| !h.is_null());
+    match health {
+        Some(h) => json_response(StatusCode::OK, h.to_string()),
+        None => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"state": "red", "reasons": ["dashboard starting: no reading yet"]}).to_string(),
+        ),
+    }
+}
+
+/// Decrements the subscriber gauge when a stream ends.
+#[derive(Debug)]
+struct ClientGuard(Arc<Stats>);
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.0.stream_clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Server-sent events: the newest frame at once, then each new one.
+async fn api_stream(
+    State(state): State<AppState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    state.stats.stream_clients.fetch_add(1, Ordering::Relaxed);
+    let guard = ClientGuard(state.stats.clone());
+    let mut frames = state.frames;
+    frames.mark_changed();
+    let stream = futures_util::stream::unfold((frames, guard), |(mut frames, guard)| async move {
+        // Ends when the collector stops (shutdown): the sender is dropped.
+        // The initial value is empty until the first tick.
+        let frame = loop {
+            frames.changed().await.ok()?;
+            let frame = frames.borrow_and_update().clone();
+            if !frame.is_empty() {
+                break frame;
+            }
+        };
+        let event = Event::default().event("snapshot").data(&*frame);
+        Some((Ok(event), (frames, guard)))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+/// Prometheus text about the dashboard itself.
+async fn own_metrics(State(state): State<AppState>) -> Response {
+    let s = &state.stats;
+    let mut out = String::new();
+    let n = |v: u64| v as f64;
+    write_metric(
+        &mut out,
+        "dashboard_up",
+        "gauge",
+        "1 while the dashboard serves.",
+        1.0,
+    );
+    write_metric(
+        &mut out,
+        "dashboard_ticks_total",
+        "counter",
+        "Snapshots collected and pushed to pages.",
+        n(s.ticks.load(Ordering::Relaxed)),
+    );
+    write_metric(
+        &mut out,
+        "dashboard_redis_errors_total",
+        "counter",
+        "Ticks whose Redis read failed.",
+        n(s.redis_errors.load(Ordering::Relaxed)),
+    );
+    write_metric(
+        &mut out,
+        "dashboard_reader_scrape_errors_total",
+        "counter",
+        "Failed scrapes of the cdc-reader's /metrics.",
+        n(s.reader_errors.load(Ordering::Relaxed)),
+    );
+    write_metric(
+        &mut out,
+        "dashboard_consumer_scrape_errors_total",
+        "counter",
+        "Failed scrapes of the metrics-consumer's /metrics.",
+        n(s.consumer_errors.load(Ordering::Relaxed)),
+    );
+    write_metric(
+        &mut out,
+        "dashboard_stream_clients",
+        "gauge",
+        "Open /api/stream connections (pages showing the dashboard).",
+        n(s.stream_clients.load(Ordering::Relaxed)),
+    );
+    write_metric(
+        &mut out,
+        "dashboard_pipeline_state",
+        "gauge",
+        "Pipeline state of the last tick: 0 green, 1 amber, 2 red.",
+        f64::from(s.state.load(Ordering::Relaxed)),
+    );
+    write_metric(
+        &mut out,
+        "dashboard_tick_duration_seconds",
+        "gauge",
+        "Duration of the last tick (Redis read and both scrapes).",
+        n(s.last_tick_micros.load(Ordering::Relaxed)) / 1e6,
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}
