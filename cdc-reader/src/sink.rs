@@ -1,0 +1,818 @@
+//! The Kafka side: encode changes, produce them, and tell the source which
+//! LSN may be confirmed to Postgres.
+//!
+//! One [`Sink`] (one idempotent librdkafka producer, `acks=all`) is shared by
+//! all sources; each source gets a [`SourceSink`] with its own [`AckTracker`].
+//! A transaction's `end_lsn` becomes confirmable only when every record of it
+//! and of every earlier transaction of that source has been acknowledged by
+//! Kafka, so a crash at any instant loses nothing: Postgres resends every
+//! unconfirmed transaction.
+//!
+//! A failed delivery poisons the source's tracker: its confirmed LSN never
+//! moves again and [`SourceSink::take_fatal`] returns the error; the source
+//! reconnects, takes a fresh [`Sink::source`] and resends from the slot. A
+//! fatal producer error (idempotence state lost) makes the sink build a new
+//! producer for later sends.
+//!
+//! API notes for the replication side: `SourceSink::confirmed()` starts at 0
+//! (nothing confirmed by this tracker yet); the metrics hooks are the
+//! [`SinkMetrics`] trait (no-op defaults), which `crate::metrics::Metrics`
+//! implements below once it exists.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
+use rdkafka::Message as _;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::{Notify, watch};
+
+use crate::change::{Change, Lsn};
+use crate::envelope::{Encoder, EnvelopeConfig, Record};
+use crate::error::Error;
+use crate::topic::{TopicSettings, Topics};
+
+/// Producer and encoding settings.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// What the envelope contains.
+    pub envelope: EnvelopeConfig,
+    /// Creating missing topics.
+    pub topics: TopicSettings,
+    /// `message.timeout.ms`: how long a record may wait for the brokers
+    /// before it fails (long, so an outage stalls instead of failing).
+    pub message_timeout: Duration,
+    /// `linger.ms`.
+    pub linger: Duration,
+    /// `queue.buffering.max.kbytes`: bounds memory held by unacknowledged records.
+    pub max_queue_kbytes: u32,
+    /// Extra librdkafka properties (applied last; tests use them).
+    pub extra: Vec<(String, String)>,
+}
+
+impl SinkConfig {
+    /// Defaults for `bootstrap_servers`.
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        SinkConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            envelope: EnvelopeConfig::default(),
+            topics: TopicSettings::default(),
+            message_timeout: Duration::from_secs(300),
+            linger: Duration::from_millis(5),
+            max_queue_kbytes: 32 * 1024,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// The librdkafka properties of the producer (pure, for review and tests).
+pub fn producer_config(cfg: &SinkConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("max.in.flight.requests.per.connection", "5")
+        // Java client's key hashing, so keys land where Kafka Streams etc. expect.
+        .set("partitioner", "murmur2_random")
+        .set("compression.type", "none")
+        .set(
+            "message.timeout.ms",
+            cfg.message_timeout.as_millis().to_string(),
+        )
+        .set("linger.ms", cfg.linger.as_millis().to_string())
+        .set(
+            "queue.buffering.max.kbytes",
+            cfg.max_queue_kbytes.to_string(),
+        )
+        .set("queue.buffering.max.messages", "100000")
+        .set("allow.auto.create.topics", "false");
+    for (k, v) in &cfg.extra {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Counters the sink reports; every method defaults to doing nothing.
+pub trait SinkMetrics: Send + Sync + 'static {
+    /// A record was acknowledged by Kafka.
+    fn record_delivered(&self, _topic: &str, _bytes: usize) {}
+    /// A record failed delivery.
+    fn record_delivery_error(&self, _topic: &str) {}
+}
+
+/// Metrics that count nothing (tests, tools).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoMetrics;
+
+impl SinkMetrics for NoMetrics {}
+
+/// Ordered acknowledgement of a source's transactions (pure).
+///
+/// A queue of (transaction end LSN, unacknowledged records). The highest
+/// confirmable LSN is the `end_lsn` of the newest closed transaction such
+/// that it and all earlier ones have no unacknowledged record.
+#[derive(Debug, Default)]
+pub struct AckTracker {
+    queue: VecDeque<PendingTx>,
+    /// Sequence number of `queue[0]`.
+    front_seq: u64,
+    confirmed: Lsn,
+    in_flight: usize,
+    poisoned: bool,
+}
+
+#[derive(Debug)]
+struct PendingTx {
+    /// `None` while the transaction is still open.
+    end_lsn: Option<Lsn>,
+    outstanding: usize,
+}
+
+impl AckTracker {
+    /// An empty tracker (confirmed LSN 0).
+    pub fn new() -> Self {
+        AckTracker::default()
+    }
+
+    /// One record of the open transaction was enqueued; returns the
+    /// transaction's sequence number to pass to [`AckTracker::acked`].
+    pub fn sent(&mut self) -> u64 {
+        self.in_flight += 1;
+        match self.queue.back_mut() {
+            Some(tx) if tx.end_lsn.is_none() => tx.outstanding += 1,
+            _ => self.queue.push_back(PendingTx {
+                end_lsn: None,
+                outstanding: 1,
+            }),
+        }
+        self.front_seq + self.queue.len() as u64 - 1
+    }
+
+    /// A record of transaction `seq` was acknowledged. Returns the new
+    /// confirmed LSN when it moved.
+    pub fn acked(&mut self, seq: u64) -> Option<Lsn> {
+        let index = seq.checked_sub(self.front_seq)? as usize;
+        let tx = self.queue.get_mut(index)?;
+        tx.outstanding = tx.outstanding.checked_sub(1)?;
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.advance()
+    }
+
+    /// A record of transaction `seq` failed (delivery error, or it could not
+    /// be enqueued after all): nothing is confirmed from now on.
+    pub fn failed(&mut self, seq: u64) {
+        self.poisoned = true;
+        if let Some(tx) = seq
+            .checked_sub(self.front_seq)
+            .and_then(|i| self.queue.get_mut(i as usize))
+            && tx.outstanding > 0
+        {
+            tx.outstanding -= 1;
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Closes the open transaction (or records an empty one) at `end_lsn`.
+    /// Returns the new confirmed LSN when it moved.
+    pub fn end_transaction(&mut self, end_lsn: Lsn) -> Option<Lsn> {
+        match self.queue.back_mut() {
+            Some(tx) if tx.end_lsn.is_none() => tx.end_lsn = Some(end_lsn),
+            _ => self.queue.push_back(PendingTx {
+                end_lsn: Some(end_lsn),
+                outstanding: 0,
+            }),
+        }
+        self.advance()
+    }
+
+    fn advance(&mut self) -> Option<Lsn> {
+        if self.poisoned {
+            return None;
+        }
+        let before = self.confirmed;
+        while let Some(front) = self.queue.front() {
+            match front.end_lsn {
+                Some(lsn) if front.outstanding == 0 => {
+                    self.confirmed = self.confirmed.max(lsn);
+                    self.queue.pop_front();
+                    self.front_seq += 1;
+                }
+                _ => break,
+            }
+        }
+        (self.confirmed > before).then_some(self.confirmed)
+    }
+
+    /// Highest confirmable LSN (0 before the first).
+    pub fn confirmed(&self) -> Lsn {
+        self.confirmed
+    }
+
+    /// Records enqueued but not yet acknowledged (or failed).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Whether a record failed: nothing more will be confirmed.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+}
+
+/// Shared state of one source's tracker: updated from librdkafka's delivery
+/// callbacks (producer thread) and read by the source task.
+#[derive(Debug)]
+struct SourceShared {
+    name: String,
+    tracker: Mutex<AckTracker>,
+    confirmed: watch::Sender<Lsn>,
+    in_flight: AtomicUsize,
+    fatal: Mutex<Option<Error>>,
+}
+
+impl SourceShared {
+    fn publish(&self, moved: Option<Lsn>) {
+        if let Some(lsn) = moved {
+            self.confirmed.send_if_modified(|current| {
+                let changed = lsn > *current;
+                if changed {
+                    *current = lsn;
+                }
+                changed
+            });
+        }
+    }
+
+    fn set_fatal(&self, error: Error) {
+        if let Ok(mut fatal) = self.fatal.lock()
+            && fatal.is_none()
+        {
+            *fatal = Some(error);
+        }
+    }
+
+    fn acked(&self, seq: u64) {
+        let moved = match self.tracker.lock() {
+            Ok(mut t) => t.acked(seq),
+            Err(_) => None,
+        };
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.publish(moved);
+    }
+
+    fn failed(&self, seq: u64, error: Error) {
+        if let Ok(mut t) = self.tracker.lock() {
+            t.failed(seq);
+        }
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.set_fatal(error);
+    }
+}
+
+/// What a delivery report needs to find its transaction.
+#[derive(Debug)]
+struct Delivery {
+    source: Arc<SourceShared>,
+    seq: u64,
+    bytes: usize,
+}
+
+/// Producer context: routes delivery reports to the source trackers.
+struct SinkContext {
+    metrics: Arc<dyn SinkMetrics>,
+    /// Set when librdkafka reports a fatal error: the producer must be replaced.
+    fatal: AtomicBool,
+    /// Wakes senders waiting for room in the producer queue.
+    room: Arc<Notify>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl ClientContext for SinkContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
+            self.fatal.store(true, Ordering::SeqCst);
+            tracing::error!(error = %error, reason, "kafka producer fatal error; it will be re-created");
+        } else {
+            tracing::warn!(error = %error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ProducerContext for SinkContext {
+    type DeliveryOpaque = Box<Delivery>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, delivery: Box<Delivery>) {
+        match result {
+            Ok(message) => {
+                self.metrics
+                    .record_delivered(message.topic(), delivery.bytes);
+                delivery.source.acked(delivery.seq);
+            }
+            Err((error, message)) => {
+                self.metrics.record_delivery_error(message.topic());
+                let fatal = matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal))
+                    || self.fatal.load(Ordering::SeqCst);
+                tracing::warn!(
+                    source = %delivery.source.name,
+                    topic = message.topic(),
+                    error = %error,
+                    "kafka delivery failed; the source will resend from its last confirmed lsn"
+                );
+                let message = format!("delivery to {} failed: {error}", message.topic());
+                let error = if fatal {
+                    Error::KafkaFatal(message)
+                } else {
+                    Error::Kafka(message)
+                };
+                delivery.source.failed(delivery.seq, error);
+            }
+        }
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.room.notify_waiters();
+        }
+    }
+}
+
+type KafkaProducer = ThreadedProducer<SinkContext>;
+
+struct SinkInner {
+    config: SinkConfig,
+    metrics: Arc<dyn SinkMetrics>,
+    producer: RwLock<Arc<KafkaProducer>>,
+    generation: AtomicU64,
+    topics: Topics,
+    room: Arc<Notify>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl SinkInner {
+    fn build_producer(
+        config: &SinkConfig,
+        metrics: Arc<dyn SinkMetrics>,
+        room: Arc<Notify>,
+        waiting: Arc<AtomicUsize>,
+    ) -> Result<KafkaProducer, Error> {
+        let context = SinkContext {
+            metrics,
+            fatal: AtomicBool::new(false),
+            room,
+            waiting,
+        };
+        producer_config(config)
+            .create_with_context(context)
+            .map_err(|e| Error::Config(format!("kafka producer: {e}")))
+    }
+
+    /// The current producer; replaces it first if it hit a fatal error.
+    fn producer(&self) -> Result<Arc<KafkaProducer>, Error> {
+        let current = self
+            .producer
+            .read()
+            .map_err(|_| Error::KafkaFatal("producer lock poisoned".into()))?
+            .clone();
+        if !current.context().fatal.load(Ordering::SeqCst) {
+            return Ok(current);
+        }
+        let mut slot = self
+            .producer
+            .write()
+            .map_err(|_| Error::KafkaFatal("producer lock poisoned".into()))?;
+        if Arc::ptr_eq(&slot, &current) {
+            let fresh = Self::build_producer(
+                &self.config,
+                self.metrics.clone(),
+                self.room.clone(),
+                self.waiting.clone(),
+            )?;
+            *slot = Arc::new(fresh);
+            let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+            tracing::warn!(
+                generation,
+                "re-created the kafka producer after a fatal error"
+            );
+        }
+        Ok(slot.clone())
+    }
+}
+
+/// The shared producer.
+#[derive(Clone)]
+pub struct Sink {
+    inner: Arc<SinkInner>,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("bootstrap_servers", &self.inner.config.bootstrap_servers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sink {
+    /// Creates the producer and the topic admin client (connects lazily).
+    pub fn new(cfg: &SinkConfig, metrics: Arc<dyn SinkMetrics>) -> Result<Self, Error> {
+        let room = Arc::new(Notify::new());
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let producer =
+            SinkInner::build_producer(cfg, metrics.clone(), room.clone(), waiting.clone())?;
+        let topics = Topics::new(&cfg.bootstrap_servers, cfg.topics.clone())?;
+        Ok(Sink {
+            inner: Arc::new(SinkInner {
+                config: cfg.clone(),
+                metrics,
+                producer: RwLock::new(Arc::new(producer)),
+                generation: AtomicU64::new(0),
+                topics,
+                room,
+                waiting,
+            }),
+        })
+    }
+
+    /// A fresh tracker for one source (database). Take a new one after
+    /// [`SourceSink::take_fatal`] returned an error.
+    pub fn source(&self, name: &str) -> SourceSink {
+        let (confirmed, _) = watch::channel(0);
+        SourceSink {
+            sink: self.inner.clone(),
+            shared: Arc::new(SourceShared {
+                name: name.to_owned(),
+                tracker: Mutex::new(AckTracker::new()),
+                confirmed,
+                in_flight: AtomicUsize::new(0),
+                fatal: Mutex::new(None),
+            }),
+            encoder: Encoder::new(self.inner.config.envelope),
+            records: Vec::with_capacity(4),
+        }
+    }
+
+    /// Waits until every enqueued record is acknowledged (or failed).
+    pub async fn flush(&self, timeout: Duration) -> Result<(), Error> {
+        let producer = self.inner.producer()?;
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| Error::Kafka(format!("flush task: {e}")))?
+            .map_err(|e| Error::Kafka(format!("flush: {e}")))
+    }
+
+    /// How many times the producer was re-created after a fatal error.
+    pub fn producer_generation(&self) -> u64 {
+        self.inner.generation.load(Ordering::SeqCst)
+    }
+}
+
+/// One source's view of the sink: encoder plus ordered acknowledgement.
+pub struct SourceSink {
+    sink: Arc<SinkInner>,
+    shared: Arc<SourceShared>,
+    encoder: Encoder,
+    records: Vec<Record>,
+}
+
+impl std::fmt::Debug for SourceSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceSink")
+            .field("source", &self.shared.name)
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+impl SourceSink {
+    /// Encodes and enqueues one change (waits while the producer queue is
+    /// full). `Error::BadData` for a value that cannot be encoded (nothing
+    /// was enqueued); `Error::Kafka`/`KafkaFatal` when Kafka failed.
+    pub async fn send(&mut self, change: &Change) -> Result<(), Error> {
+        self.check_fatal()?;
+        let mut records = std::mem::take(&mut self.records);
+        records.clear();
+        let result = match self.encoder.encode(change, now_us(), &mut records) {
+            Ok(()) => self.produce_all(&mut records).await,
+            Err(e) => Err(e.into()),
+        };
+        records.clear();
+        self.records = records;
+        result
+    }
+
+    async fn produce_all(&mut self, records: &mut Vec<Record>) -> Result<(), Error> {
+        for record in records.iter() {
+            self.produce(record).await?;
+        }
+        records.clear();
+        Ok(())
+    }
+
+    fn check_fatal(&self) -> Result<(), Error> {
+        let poisoned = self
+            .shared
+            .tracker
+            .lock()
+            .map(|t| t.is_poisoned())
+            .unwrap_or(true);
+        if poisoned {
+            return Err(Error::Kafka(format!(
+                "source {}: an earlier delivery failed; reconnect and resend from the last confirmed lsn",
+                self.shared.name
+            )));
+        }
+        Ok(())
+    }
+
+    async fn produce(&mut self, record: &Record) -> Result<(), Error> {
+        self.sink.topics.ensure(&record.topic).await?;
+        let seq = match self.shared.tracker.lock() {
+            Ok(mut t) => t.sent(),
+            Err(_) => return Err(Error::KafkaFatal("tracker lock poisoned".into())),
+        };
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let bytes =
+            record.key.as_ref().map_or(0, Vec::len) + record.value.as_ref().map_or(0, Vec::len);
+        let delivery = Box::new(Delivery {
+            source: self.shared.clone(),
+            seq,
+            bytes,
+        });
+        let mut base: BaseRecord<'_, [u8], [u8], Box<Delivery>> =
+            BaseRecord::with_opaque_to(&record.topic, delivery);
+        if let Some(key) = &record.key {
+            base = base.key(key.as_slice());
+        }
+        if let Some(value) = &record.value {
+            base = base.payload(value.as_slice());
+        }
+        loop {
+            let producer = match self.sink.producer() {
+                Ok(p) => p,
+                Err(e) => {
+                    self.shared.failed(seq, Error::KafkaFatal(e.to_string()));
+                    return Err(e);
+                }
+            };
+            match producer.send(base) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    base = returned;
+                    self.wait_for_room().await;
+                }
+                Err((error, returned)) => {
+                    drop(returned);
+                    let fatal = matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
+                    let message = format!("enqueue to {}: {error}", record.topic);
+                    let err = if fatal {
+                        Error::KafkaFatal(message.clone())
+                    } else {
+                        Error::Kafka(message.clone())
+                    };
+                    self.shared.failed(seq, err);
+                    return Err(if fatal {
+                        Error::KafkaFatal(message)
+                    } else {
+                        Error::Kafka(message)
+                    });
+                }
+            }
+        }
+    }
+
+    async fn wait_for_room(&self) {
+        self.sink.waiting.fetch_add(1, Ordering::SeqCst);
+        // Delivery reports wake us; the timeout covers a report that raced
+        // with registering as a waiter.
+        let _ = tokio::time::timeout(Duration::from_millis(20), self.sink.room.notified()).await;
+        self.sink.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Closes the current source transaction: once every record enqueued
+    /// before this call (and all earlier transactions) is acknowledged,
+    /// `end_lsn` becomes confirmable. With transaction metadata on, also
+    /// enqueues the END record first (errors surface via `take_fatal`).
+    pub fn end_transaction(&mut self, end_lsn: Lsn) {
+        if let Some(end) = self.encoder.end_transaction(now_us()) {
+            self.enqueue_now(&end);
+        }
+        let moved = match self.shared.tracker.lock() {
+            Ok(mut t) => t.end_transaction(end_lsn),
+            Err(_) => None,
+        };
+        self.shared.publish(moved);
+    }
+
+    /// Enqueues without waiting (END records); a full queue or an error
+    /// poisons the tracker so nothing past it is confirmed.
+    fn enqueue_now(&mut self, record: &Record) {
+        let seq = match self.shared.tracker.lock() {
+            Ok(mut t) => t.sent(),
+            Err(_) => return,
+        };
+        self.shared.in_flight.fetch_add(1, Ordering::Relaxed);
+        let delivery = Box::new(Delivery {
+            source: self.shared.clone(),
+            seq,
+            bytes: record.value.as_ref().map_or(0, Vec::len),
+        });
+        let mut base: BaseRecord<'_, [u8], [u8], Box<Delivery>> =
+            BaseRecord::with_opaque_to(&record.topic, delivery);
+        if let Some(key) = &record.key {
+            base = base.key(key.as_slice());
+        }
+        if let Some(value) = &record.value {
+            base = base.payload(value.as_slice());
+        }
+        let result = self
+            .sink
+            .producer()
+            .map(|p| p.send(base).map_err(|(e, _)| e));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.shared.failed(
+                seq,
+                Error::Kafka(format!("enqueue to {}: {e}", record.topic)),
+            ),
+            Err(e) => self.shared.failed(seq, e),
+        }
+    }
+
+    /// Watch of the highest confirmable LSN (monotonic; 0 until the first).
+    pub fn confirmed(&self) -> watch::Receiver<Lsn> {
+        self.shared.confirmed.subscribe()
+    }
+
+    /// Enqueued-but-unacknowledged records (0: nothing in flight, the source
+    /// may acknowledge keepalive positions).
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// First failed delivery, if any: the source must stop confirming,
+    /// reconnect and resend from the last confirmed LSN (with a new
+    /// [`Sink::source`]).
+    pub fn take_fatal(&mut self) -> Option<Error> {
+        self.shared.fatal.lock().ok()?.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_only_after_every_record_of_the_transaction() {
+        let mut t = AckTracker::new();
+        let a1 = t.sent();
+        let a2 = t.sent();
+        assert_eq!(t.end_transaction(100), None);
+        assert_eq!(t.acked(a1), None);
+        assert_eq!(t.confirmed(), 0);
+        assert_eq!(t.acked(a2), Some(100));
+        assert_eq!(t.confirmed(), 100);
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn later_transaction_waits_for_earlier_one() {
+        let mut t = AckTracker::new();
+        let a = t.sent();
+        t.end_transaction(100);
+        let b = t.sent();
+        t.end_transaction(200);
+        let c = t.sent();
+        t.end_transaction(300);
+        assert_ne!(a, b);
+        // b and c acknowledged first: nothing confirmable while a is out.
+        assert_eq!(t.acked(c), None);
+        assert_eq!(t.acked(b), None);
+        assert_eq!(t.confirmed(), 0);
+        // a acknowledged: all three confirmable at once.
+        assert_eq!(t.acked(a), Some(300));
+    }
+
+    #[test]
+    fn open_transaction_is_never_confirmed() {
+        let mut t = AckTracker::new();
+        let a = t.sent();
+        assert_eq!(t.acked(a), None);
+        assert_eq!(t.confirmed(), 0);
+        assert_eq!(t.end_transaction(50), Some(50));
+    }
+
+    #[test]
+    fn empty_transactions_confirm_in_order() {
+        let mut t = AckTracker::new();
+        assert_eq!(t.end_transaction(10), Some(10));
+        let a = t.sent();
+        t.end_transaction(20);
+        // An empty transaction after a pending one waits for it.
+        assert_eq!(t.end_transaction(30), None);
+        assert_eq!(t.acked(a), Some(30));
+    }
+
+    #[test]
+    fn confirmed_is_monotonic() {
+        let mut t = AckTracker::new();
+        assert_eq!(t.end_transaction(100), Some(100));
+        assert_eq!(t.end_transaction(90), None);
+        assert_eq!(t.confirmed(), 100);
+    }
+
+    #[test]
+    fn snapshot_chunks_with_same_lsn() {
+        let mut t = AckTracker::new();
+        let a = t.sent();
+        t.end_transaction(500);
+        let b = t.sent();
+        t.end_transaction(500);
+        assert_eq!(t.acked(b), None);
+        assert_eq!(t.acked(a), Some(500));
+    }
+
+    #[test]
+    fn failure_stops_confirmation_forever() {
+        let mut t = AckTracker::new();
+        let a = t.sent();
+        let b = t.sent();
+        t.end_transaction(100);
+        t.failed(a);
+        assert_eq!(t.acked(b), None);
+        assert_eq!(t.end_transaction(200), None);
+        assert_eq!(t.confirmed(), 0);
+        assert!(t.is_poisoned());
+        assert_eq!(t.in_flight(), 0);
+    }
+
+    #[test]
+    fn unknown_sequence_numbers_are_ignored() {
+        let mut t = AckTracker::new();
+        assert_eq!(t.acked(7), None);
+        let a = t.sent();
+        t.end_transaction(1);
+        assert_eq!(t.acked(a), Some(1));
+        // Duplicate report of an already retired transaction.
+        assert_eq!(t.acked(a), None);
+    }
+
+    /// Random interleavings: the confirmed LSN never passes a transaction with
+    /// an unacknowledged record, and ends at the last end LSN.
+    #[test]
+    fn random_ack_orders_never_confirm_past_a_pending_record() {
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..200 {
+            let mut t = AckTracker::new();
+            // (seq, end lsn of its transaction)
+            let mut pending: Vec<(u64, Lsn)> = Vec::new();
+            let transactions = 1 + next() % 20;
+            for tx in 0..transactions {
+                let lsn = (tx + 1) * 10;
+                for _ in 0..next() % 4 {
+                    pending.push((t.sent(), lsn));
+                }
+                t.end_transaction(lsn);
+            }
+            while !pending.is_empty() {
+                let i = (next() % pending.len() as u64) as usize;
+                let (seq, _) = pending.swap_remove(i);
+                t.acked(seq);
+                let lowest_pending = pending.iter().map(|&(_, lsn)| lsn).min();
+                if let Some(lowest) = lowest_pending {
+                    assert!(t.confirmed() < lowest, "confirmed past a pending record");
+                }
+            }
+            assert_eq!(t.confirmed(), transactions * 10);
+            assert_eq!(t.in_flight(), 0);
+        }
+    }
+
+    #[test]
+    fn producer_settings() {
+        let mut cfg = SinkConfig::new("127.0.0.1:9092");
+        cfg.extra.push(("linger.ms".into(), "0".into()));
+        let c = producer_config(&cfg);
+        assert_eq!(c.get("enable.idempotence"), Some("true"));
+        assert_eq!(c.get("acks"), Some("all"));
+        assert_eq!(c.get("partitioner"), Some("murmur2_random"));
+        assert_eq!(c.get("compression.type"), Some("none"));
+        assert_eq!(c.get("message.timeout.ms"), Some("300000"));
+        assert_eq!(c.get("linger.ms"), Some("0"), "extra settings win");
+    }
+}
