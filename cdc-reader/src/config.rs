@@ -1,0 +1,392 @@
+//! Command-line and environment configuration; the doc comments are `--help`.
+//!
+//! Sources: `--source NAME=URL` (repeatable) or `CDC_SOURCES` (comma-separated
+//! `NAME=URL` list); without either, the four `CDC_PG_<DB>_URL` variables of
+//! `.local/env`. The source name is the database's logical name: the default
+//! topic prefix, `source.name`, the slot suffix and the metrics label.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+use crate::error::Error;
+use crate::replication::ConnectParams;
+use crate::value::DecimalMode;
+
+/// When to copy the rows that already exist.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum SnapshotMode {
+    /// Snapshot when the slot does not exist yet (first start, or a start
+    /// after the slot was dropped); a lost (invalidated) slot is an error.
+    #[default]
+    Initial,
+    /// Never snapshot: create the slot and stream from its consistent point.
+    Never,
+    /// Like `initial`, and also drop and recreate a lost slot, then snapshot again.
+    WhenNeeded,
+}
+
+/// The four databases of the local stack and their env variables.
+pub const DEFAULT_SOURCES: [(&str, &str); 4] = [
+    ("instashop", "CDC_PG_INSTASHOP_URL"),
+    ("crm", "CDC_PG_CRM_URL"),
+    ("erp", "CDC_PG_ERP_URL"),
+    ("ecommerce", "CDC_PG_ECOMMERCE_URL"),
+];
+
+/// InstaShop CDC reader: Postgres logical replication (pgoutput) to per-table
+/// Kafka topics in Debezium's JSON format.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about)]
+pub struct Config {
+    /// A database to capture, as NAME=URL (repeatable). NAME is the logical
+    /// name (default topic prefix and slot suffix). Default: the four
+    /// CDC_PG_*_URL variables (instashop, crm, erp, ecommerce).
+    #[arg(long = "source", value_name = "NAME=URL")]
+    pub sources: Vec<String>,
+
+    /// Comma-separated NAME=URL list, used when no --source is given.
+    #[arg(long, env = "CDC_SOURCES", value_name = "LIST")]
+    pub sources_list: Option<String>,
+
+    /// Publication to stream (created when missing and the role may create it).
+    #[arg(long, env = "CDC_PUBLICATION", default_value = "instashop_cdc")]
+    pub publication: String,
+
+    /// Replication slot name; `{name}` is replaced by the source name.
+    #[arg(long, env = "CDC_SLOT", default_value = "instashop_cdc_{name}")]
+    pub slot: String,
+
+    /// When to copy existing rows.
+    #[arg(long, env = "CDC_SNAPSHOT_MODE", value_enum, default_value_t = SnapshotMode::Initial)]
+    pub snapshot_mode: SnapshotMode,
+
+    /// Tables copied in parallel by the initial snapshot (per source).
+    #[arg(long, env = "CDC_SNAPSHOT_WORKERS", default_value_t = 3)]
+    pub snapshot_workers: usize,
+
+    /// Only these tables (comma-separated `schema.table` or `table`); default all published tables.
+    #[arg(long, env = "CDC_INCLUDE_TABLES", value_delimiter = ',')]
+    pub include_tables: Vec<String>,
+
+    /// Skip these tables (comma-separated `schema.table` or `table`).
+    #[arg(long, env = "CDC_EXCLUDE_TABLES", value_delimiter = ',')]
+    pub exclude_tables: Vec<String>,
+
+    /// Topic prefix of a source as NAME=PREFIX (repeatable, or comma-separated
+    /// in the env variable); default: the source name.
+    #[arg(
+        long = "topic-prefix",
+        env = "CDC_TOPIC_PREFIXES",
+        value_delimiter = ',',
+        value_name = "NAME=PREFIX"
+    )]
+    pub topic_prefixes: Vec<String>,
+
+    /// How numeric values are written.
+    #[arg(long, env = "CDC_DECIMAL_MODE", value_enum, default_value_t = DecimalMode::String)]
+    pub decimal_mode: DecimalMode,
+
+    /// Follow each delete with a tombstone (null value, same key).
+    #[arg(long, env = "CDC_TOMBSTONES", action = ArgAction::Set, default_value_t = true)]
+    pub tombstones: bool,
+
+    /// Emit TRUNCATE as `op: "t"` events.
+    #[arg(long, env = "CDC_TRUNCATE", action = ArgAction::Set, default_value_t = true)]
+    pub truncate: bool,
+
+    /// Add the `transaction` block and BEGIN/END records on `<prefix>.transaction`.
+    #[arg(long, env = "CDC_TRANSACTION_METADATA", action = ArgAction::Set, default_value_t = false)]
+    pub transaction_metadata: bool,
+
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub kafka_bootstrap_servers: String,
+
+    /// Partitions of topics the reader creates.
+    #[arg(long, env = "CDC_TOPIC_PARTITIONS", default_value_t = 3)]
+    pub topic_partitions: i32,
+
+    /// Extra librdkafka producer property KEY=VALUE (repeatable).
+    #[arg(
+        long = "kafka-property",
+        env = "CDC_KAFKA_PROPERTIES",
+        value_delimiter = ',',
+        value_name = "KEY=VALUE"
+    )]
+    pub kafka_properties: Vec<String>,
+
+    /// Address of `/metrics` and `/health` (port 0 = any free port).
+    #[arg(long, env = "CDC_METRICS_ADDR", default_value = "127.0.0.1:9472")]
+    pub metrics_addr: SocketAddr,
+
+    /// Interval of standby status updates (confirmed LSN) in milliseconds.
+    #[arg(long, env = "CDC_STATUS_INTERVAL_MS", default_value_t = 1000)]
+    pub status_interval_ms: u64,
+
+    /// Heartbeat interval in seconds (0 = off): emits a non-transactional
+    /// `pg_logical_emit_message` so a quiet database's slot keeps advancing
+    /// even when the whole cluster is idle.
+    #[arg(long, env = "CDC_HEARTBEAT_SECS", default_value_t = 0)]
+    pub heartbeat_secs: u64,
+
+    /// Seconds to wait for Kafka acknowledgements on shutdown.
+    #[arg(long, env = "CDC_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+}
+
+/// One database to capture, resolved from [`Config`].
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Logical name.
+    pub name: String,
+    /// Connection parameters.
+    pub params: ConnectParams,
+    /// Topic prefix.
+    pub prefix: String,
+    /// Slot name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// Include list (empty = all).
+    pub include: Vec<String>,
+    /// Exclude list.
+    pub exclude: Vec<String>,
+    /// Snapshot mode.
+    pub snapshot_mode: SnapshotMode,
+    /// Parallel snapshot copiers.
+    pub snapshot_workers: usize,
+    /// Status update interval.
+    pub status_interval: Duration,
+    /// Heartbeat interval (`None` = off).
+    pub heartbeat: Option<Duration>,
+}
+
+impl SourceConfig {
+    /// Whether `schema.table` is captured.
+    pub fn includes(&self, schema: &str, table: &str) -> bool {
+        let matches = |entry: &String| table_matches(entry, schema, table);
+        (self.include.is_empty() || self.include.iter().any(matches))
+            && !self.exclude.iter().any(matches)
+    }
+}
+
+/// `entry` is `schema.table` or a bare `table` (schema `public`).
+pub fn table_matches(entry: &str, schema: &str, table: &str) -> bool {
+    match entry.split_once('.') {
+        Some((s, t)) => s == schema && t == table,
+        None => schema == "public" && entry == table,
+    }
+}
+
+fn split_pair(s: &str, what: &str) -> Result<(String, String), Error> {
+    let (a, b) = s.split_once('=').ok_or_else(|| {
+        Error::Config(format!(
+            "{what}: expected NAME=VALUE, got {:?}",
+            local_stack::redact::url(s)
+        ))
+    })?;
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() || b.is_empty() {
+        return Err(Error::Config(format!(
+            "{what}: empty name or value in {:?}",
+            local_stack::redact::url(s)
+        )));
+    }
+    Ok((a.to_owned(), b.to_owned()))
+}
+
+impl Config {
+    /// Resolves the list of sources (flags, then `CDC_SOURCES`, then the defaults).
+    pub fn source_configs(&self) -> Result<Vec<SourceConfig>, Error> {
+        let mut pairs = Vec::new();
+        if !self.sources.is_empty() {
+            for s in &self.sources {
+                pairs.push(split_pair(s, "--source")?);
+            }
+        } else if let Some(list) = self
+            .sources_list
+            .as_deref()
+            .filter(|l| !l.trim().is_empty())
+        {
+            for s in list.split(',').filter(|s| !s.trim().is_empty()) {
+                pairs.push(split_pair(s, "CDC_SOURCES")?);
+            }
+        } else {
+            for (name, var) in DEFAULT_SOURCES {
+                if let Ok(url) = std::env::var(var) {
+                    pairs.push((name.to_owned(), url));
+                }
+            }
+            if pairs.is_empty() {
+                return Err(Error::Config(
+                    "no sources: pass --source NAME=URL, set CDC_SOURCES, or run scripts/up to write CDC_PG_*_URL into .local/env"
+                        .to_owned(),
+                ));
+            }
+        }
+        let mut prefixes = Vec::new();
+        for p in &self.topic_prefixes {
+            prefixes.push(split_pair(p, "--topic-prefix")?);
+        }
+        for (name, _) in &prefixes {
+            if !pairs.iter().any(|(n, _)| n == name) {
+                return Err(Error::Config(format!(
+                    "--topic-prefix names unknown source {name:?}"
+                )));
+            }
+        }
+        if self.snapshot_workers == 0 {
+            return Err(Error::Config(
+                "--snapshot-workers must be at least 1".to_owned(),
+            ));
+        }
+        let mut out: Vec<SourceConfig> = Vec::new();
+        for (name, url) in pairs {
+            if out.iter().any(|s| s.name == name) {
+                return Err(Error::Config(format!("source {name:?} is given twice")));
+            }
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(Error::Config(format!(
+                    "source name {name:?}: use letters, digits, '_' or '-'"
+                )));
+            }
+            let params = ConnectParams::from_url(&url)?;
+            let prefix = prefixes
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or_else(|| name.clone(), |(_, p)| p.clone());
+            let slot = self.slot.replace("{name}", &name.replace('-', "_"));
+            out.push(SourceConfig {
+                name,
+                params,
+                prefix,
+                slot,
+                publication: self.publication.clone(),
+                include: self
+                    .include_tables
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .cloned()
+                    .collect(),
+                exclude: self
+                    .exclude_tables
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .cloned()
+                    .collect(),
+                snapshot_mode: self.snapshot_mode,
+                snapshot_workers: self.snapshot_workers,
+                status_interval: Duration::from_millis(self.status_interval_ms.max(10)),
+                heartbeat: (self.heartbeat_secs > 0)
+                    .then(|| Duration::from_secs(self.heartbeat_secs)),
+            });
+        }
+        let mut slots: Vec<&str> = out.iter().map(|s| s.slot.as_str()).collect();
+        slots.sort_unstable();
+        if slots.windows(2).any(|w| w[0] == w[1]) && !self.slot.contains("{name}") {
+            return Err(Error::Config(
+                "several sources share one slot name: put {name} into --slot".to_owned(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Extra producer properties as pairs.
+    pub fn kafka_extra(&self) -> Result<Vec<(String, String)>, Error> {
+        self.kafka_properties
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| split_pair(s, "--kafka-property"))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        let mut v = vec!["cdc-reader"];
+        v.extend_from_slice(args);
+        Config::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn explicit_sources_and_prefixes() {
+        let c = parse(&[
+            "--source",
+            "shop=postgres://u:p@h:1/instashop",
+            "--source",
+            "crm=postgres://u:p@h:1/crm",
+            "--topic-prefix",
+            "shop=instashop",
+            "--include-tables",
+            "public.customer,buyer",
+        ]);
+        let s = c.source_configs().unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(
+            (s[0].name.as_str(), s[0].prefix.as_str(), s[0].slot.as_str()),
+            ("shop", "instashop", "instashop_cdc_shop")
+        );
+        assert_eq!(s[1].prefix, "crm");
+        assert!(s[0].includes("public", "customer"));
+        assert!(s[0].includes("public", "buyer"));
+        assert!(!s[0].includes("public", "product"));
+        assert!(!s[0].includes("other", "buyer"));
+    }
+
+    #[test]
+    fn bad_sources_are_config_errors() {
+        assert!(parse(&["--source", "nourl"]).source_configs().is_err());
+        assert!(
+            parse(&[
+                "--source",
+                "a=postgres://u@h/db",
+                "--source",
+                "a=postgres://u@h/db2"
+            ])
+            .source_configs()
+            .is_err()
+        );
+        assert!(
+            parse(&["--source", "a=postgres://u@h/db", "--topic-prefix", "b=x"])
+                .source_configs()
+                .is_err()
+        );
+        let c = parse(&[
+            "--source",
+            "a=postgres://u@h/db",
+            "--source",
+            "b=postgres://u@h/db",
+            "--slot",
+            "same",
+        ]);
+        assert!(c.source_configs().is_err());
+    }
+
+    #[test]
+    fn exclude_wins_and_flags_parse() {
+        let c = parse(&[
+            "--source",
+            "a=postgres://u@h/db",
+            "--exclude-tables",
+            "secret",
+            "--tombstones",
+            "false",
+        ]);
+        let s = c.source_configs().unwrap();
+        assert!(s[0].includes("public", "customer"));
+        assert!(!s[0].includes("public", "secret"));
+        assert!(!c.tombstones);
+    }
+}

@@ -1,0 +1,609 @@
+//! One pipeline per database: connect, preflight, snapshot, stream, confirm,
+//! reconnect.
+//!
+//! Confirmation: the LSN reported to Postgres is the maximum of
+//! - the sink's confirmable LSN (commit `end_lsn` of transactions whose every
+//!   record, and every earlier transaction's, Kafka acknowledged), and
+//! - the `wal_end` of a keepalive received while no transaction is open and
+//!   nothing is in flight. Why that is safe: `wal_end` is what the walsender
+//!   has decoded so far; every transaction committed before it was already
+//!   delivered to us and acknowledged, and a transaction still open on the
+//!   server commits after it, so the server will still send it after a
+//!   restart. Why it is needed: a database whose tables are quiet would
+//!   otherwise pin WAL forever while other databases write.
+//!
+//! The reported value never goes below the slot's `confirmed_flush_lsn` at
+//! start (PostgreSQL ≤ 16 would move it backwards).
+//!
+//! `source.sequence`: its first element is this transaction's own commit LSN
+//! (Begin's `final_lsn`), not the previous commit seen by this process.
+//! Why: after a crash the re-sent transaction carries exactly the same
+//! `[commit_lsn, change_lsn]` pair, so consumers can drop duplicates by
+//! position, and the pair still orders events totally in commit order.
+//!
+//! Reconnects: any retryable error (connection loss, Postgres restart, Kafka
+//! failure) drops the connection and the sink tracker and starts over from
+//! the slot with exponential backoff (1 s to 30 s). Unconfirmed transactions
+//! are re-sent; nothing is skipped.
+//!
+//! Two readers on one slot: START_REPLICATION fails with "replication slot
+//! ... is active for PID n". Right after a kill -9 the old walsender may hold
+//! the slot for a moment, so the error is retried for a short grace period;
+//! if the slot stays busy it is a setup error and the process exits.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::change::{Change, Lsn, Op, SnapshotMarker, Source, TableName, lsn_to_string};
+use crate::config::{SnapshotMode, SourceConfig};
+use crate::error::Error;
+use crate::metrics::{Metrics, SourceState};
+use crate::pgoutput::{Message, PG_EPOCH_OFFSET_US, ReplicationFrame};
+use crate::relation::{RelationCache, to_row, update_rows};
+use crate::replication::{QueryError, ReplicationConnection, StatusWriter};
+use crate::sink::{Sink, SourceSink};
+use crate::slot::{self, Preflight};
+use crate::snapshot::{self, SnapshotOutcome, primary_key};
+
+/// How long a slot held by another walsender is retried before giving up.
+const SLOT_BUSY_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs one source until shutdown or a non-retryable error.
+pub async fn run(
+    cfg: Arc<SourceConfig>,
+    sink: Arc<Sink>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let mut backoff = Duration::from_secs(1);
+    metrics.set_state(&cfg.name, SourceState::Connecting);
+    loop {
+        let mut streamed_ok = false;
+        let result = run_once(&cfg, &sink, &metrics, &shutdown, &mut streamed_ok).await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if shutdown.is_cancelled() => {
+                tracing::debug!(source = %cfg.name, error = %e, "error during shutdown");
+                return Ok(());
+            }
+            Err(e) if e.is_retryable() => {
+                if streamed_ok {
+                    backoff = Duration::from_secs(1);
+                }
+                metrics.set_state(&cfg.name, SourceState::Connecting);
+                metrics.reconnected(&cfg.name);
+                tracing::warn!(source = %cfg.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "source failed, reconnecting");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => {
+                metrics.set_state(&cfg.name, SourceState::Failed);
+                return Err(e);
+            }
+        }
+    }
+}
+
+async fn run_once(
+    cfg: &Arc<SourceConfig>,
+    sink: &Sink,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    streamed_ok: &mut bool,
+) -> Result<(), Error> {
+    let client = slot::connect_sql(cfg).await?;
+    let will_snapshot = cfg.snapshot_mode != SnapshotMode::Never;
+    let mut pre: Preflight = slot::preflight(&client, cfg, will_snapshot).await?;
+
+    if let Some(info) = &pre.slot
+        && info.wal_status.as_deref() == Some("lost")
+    {
+        if cfg.snapshot_mode == SnapshotMode::WhenNeeded {
+            tracing::warn!(source = %cfg.name, slot = %cfg.slot, "slot lost its WAL; dropping it to snapshot again (when_needed)");
+            slot::drop_slot(&client, cfg).await?;
+            pre.slot = None;
+        } else {
+            return Err(Error::Setup(format!(
+                "source {}: slot \"{}\" is invalidated (its WAL was removed, changes were lost): restart with --snapshot-mode when_needed to drop it and snapshot again",
+                cfg.name, cfg.slot
+            )));
+        }
+    }
+
+    if pre.slot.is_none() {
+        let mut repl = ReplicationConnection::connect(&cfg.params, true).await?;
+        match cfg.snapshot_mode {
+            SnapshotMode::Never => {
+                let created = slot::create_permanent_slot(&mut repl, cfg).await?;
+                tracing::info!(source = %cfg.name, slot = %cfg.slot, consistent_point = %lsn_to_string(created.consistent_point), "created slot without snapshot");
+            }
+            SnapshotMode::Initial | SnapshotMode::WhenNeeded => {
+                metrics.set_state(&cfg.name, SourceState::Snapshotting);
+                let created = slot::create_snapshot_slot(&mut repl, cfg).await?;
+                let mut snap_sink = sink.source(&cfg.name);
+                let outcome = snapshot::run(
+                    cfg.clone(),
+                    &pre.tables,
+                    &created,
+                    &mut snap_sink,
+                    metrics,
+                    shutdown,
+                )
+                .await?;
+                if outcome == SnapshotOutcome::Cancelled {
+                    tracing::info!(source = %cfg.name, "shutdown during snapshot; it starts over on the next start");
+                    return Ok(());
+                }
+                wait_confirmed(&snap_sink, created.consistent_point, shutdown).await?;
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                slot::persist_snapshot_slot(&mut repl, cfg).await?;
+                tracing::info!(source = %cfg.name, slot = %cfg.slot, consistent_point = %lsn_to_string(created.consistent_point), "snapshot acknowledged by kafka; slot created");
+            }
+        }
+        drop(repl);
+        pre.slot = slot::slot_info(&client, cfg).await?;
+    }
+    let start = pre.slot.as_ref().map_or(0, |s| s.confirmed_flush);
+    stream(cfg, &client, start, sink, metrics, shutdown, streamed_ok).await
+}
+
+/// Waits until the tracker confirmed `lsn` (every snapshot row acknowledged).
+async fn wait_confirmed(
+    sink: &SourceSink,
+    lsn: Lsn,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let mut rx = sink.confirmed();
+    loop {
+        if *rx.borrow_and_update() >= lsn {
+            return Ok(());
+        }
+        tokio::select! {
+            r = rx.changed() => {
+                if r.is_err() {
+                    return Err(Error::Kafka("sink closed before the snapshot was acknowledged".to_owned()));
+                }
+            }
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+            () = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
+async fn start_with_grace(
+    cfg: &SourceConfig,
+    start: Lsn,
+) -> Result<(crate::replication::ReplicationStream, StatusWriter), Error> {
+    let deadline = Instant::now() + SLOT_BUSY_GRACE;
+    loop {
+        let repl = ReplicationConnection::connect(&cfg.params, true).await?;
+        match repl
+            .start_replication(&cfg.slot, start, &cfg.publication)
+            .await
+        {
+            Ok(pair) => return Ok(pair),
+            Err(QueryError::Server(e)) if e.code == "55006" => {
+                if Instant::now() >= deadline {
+                    let pid = e
+                        .message
+                        .rsplit(' ')
+                        .next()
+                        .unwrap_or("?")
+                        .trim_end_matches('.')
+                        .to_owned();
+                    return Err(Error::Setup(format!(
+                        "source {}: replication slot \"{}\" is in use by another reader (walsender PID {pid}): stop that reader, or give this one its own slot with --slot",
+                        cfg.name, cfg.slot
+                    )));
+                }
+                tracing::info!(source = %cfg.name, slot = %cfg.slot, "slot busy, waiting for the previous session to end");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(QueryError::Server(e)) if e.code == "42704" => {
+                return Err(Error::Replication(format!(
+                    "source {}: slot disappeared: {e}",
+                    cfg.name
+                )));
+            }
+            Err(QueryError::Server(e))
+                if e.code == "42P01" || e.message.contains("publication") =>
+            {
+                return Err(Error::Setup(format!(
+                    "source {}: START_REPLICATION: {e}",
+                    cfg.name
+                )));
+            }
+            Err(e) => return Err(e.into_error("START_REPLICATION")),
+        }
+    }
+}
+
+/// Shared between the source loop and its status task.
+#[derive(Debug, Default)]
+struct Progress {
+    /// LSN to report (max of sink-confirmed and idle keepalive positions).
+    ack: AtomicU64,
+    /// Latest server WAL end seen.
+    server_wal_end: AtomicU64,
+    /// Committed, not yet confirmed transactions: (end_lsn, commit time µs since 1970).
+    pending: Mutex<VecDeque<(Lsn, i64)>>,
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+async fn status_task(
+    name: String,
+    mut writer: StatusWriter,
+    progress: Arc<Progress>,
+    mut confirmed: tokio::sync::watch::Receiver<Lsn>,
+    interval: Duration,
+    metrics_interval: Duration,
+    metrics: Arc<Metrics>,
+    now_requested: Arc<tokio::sync::Notify>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval.min(metrics_interval));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_sent: Option<(Lsn, Instant)> = None;
+    loop {
+        let stopping = tokio::select! {
+            _ = tick.tick() => false,
+            () = now_requested.notified() => { last_sent = None; false }
+            () = stop.cancelled() => true,
+        };
+        let c = *confirmed.borrow_and_update();
+        progress.ack.fetch_max(c, Ordering::SeqCst);
+        let ack = progress.ack.load(Ordering::SeqCst);
+        let lag_s = {
+            let mut pending = progress
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            while pending.front().is_some_and(|(end, _)| *end <= ack) {
+                pending.pop_front();
+            }
+            pending
+                .front()
+                .map_or(0.0, |(_, ts)| ((now_us() - ts).max(0) as f64) / 1e6)
+        };
+        metrics.set_progress(
+            &name,
+            ack,
+            progress.server_wal_end.load(Ordering::Relaxed),
+            lag_s,
+        );
+        let due = last_sent.is_none_or(|(lsn, at)| lsn != ack || at.elapsed() >= interval);
+        if due || stopping {
+            if let Err(e) = writer.send_status(ack).await {
+                tracing::debug!(source = %name, error = %e, "status update failed");
+                return;
+            }
+            tracing::trace!(source = %name, lsn = %lsn_to_string(ack), "status update");
+            last_sent = Some((ack, Instant::now()));
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Per-table event counts flushed to metrics now and then (one format per table, not per event).
+#[derive(Default)]
+struct Counts {
+    map: HashMap<(usize, &'static str), (Arc<TableName>, Op, u64)>,
+    pending: u64,
+    last: Option<Instant>,
+}
+
+impl Counts {
+    fn add(&mut self, table: &Arc<TableName>, op: Op) {
+        let key = (Arc::as_ptr(table) as usize, op.code());
+        self.map
+            .entry(key)
+            .or_insert_with(|| (table.clone(), op, 0))
+            .2 += 1;
+        self.pending += 1;
+    }
+
+    fn flush(&mut self, metrics: &Metrics, force: bool) {
+        if self.pending == 0 {
+            return;
+        }
+        if !force
+            && self.pending < 10_000
+            && self
+                .last
+                .is_some_and(|l| l.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        for (_, (table, op, n)) in self.map.drain() {
+            metrics.events(&table.topic(), op, n);
+        }
+        self.pending = 0;
+        self.last = Some(Instant::now());
+    }
+}
+
+struct Tx {
+    xid: u32,
+    final_lsn: Lsn,
+    commit_ts_ms: i64,
+}
+
+#[allow(clippy::too_many_lines)]
+async fn stream(
+    cfg: &Arc<SourceConfig>,
+    client: &Client,
+    start: Lsn,
+    sink: &Sink,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+    streamed_ok: &mut bool,
+) -> Result<(), Error> {
+    let (mut stream, writer) = start_with_grace(cfg, start).await?;
+    tracing::info!(source = %cfg.name, slot = %cfg.slot, start = %lsn_to_string(start), "streaming");
+    metrics.set_state(&cfg.name, SourceState::Streaming);
+    *streamed_ok = true;
+
+    let mut out = sink.source(&cfg.name);
+    let progress = Arc::new(Progress::default());
+    progress.ack.store(start, Ordering::SeqCst);
+    let stop = CancellationToken::new();
+    let notify = Arc::new(tokio::sync::Notify::new());
+    let status = tokio::spawn(status_task(
+        cfg.name.clone(),
+        writer,
+        progress.clone(),
+        out.confirmed(),
+        cfg.status_interval,
+        Duration::from_secs(1),
+        metrics.clone(),
+        notify.clone(),
+        stop.clone(),
+    ));
+    let _stop_on_exit = stop.clone().drop_guard();
+
+    let heartbeat = cfg.heartbeat.map(|every| {
+        let cfg = cfg.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { heartbeat_task(cfg, every, stop).await })
+    });
+
+    let mut relations = RelationCache::new();
+    let mut keys: HashMap<u32, Vec<String>> = HashMap::new();
+    let mut tx: Option<Tx> = None;
+    let mut counts = Counts::default();
+
+    let result: Result<(), Error> = async {
+        loop {
+            let frame = tokio::select! {
+                f = stream.next() => f?,
+                () = shutdown.cancelled() => return Ok(()),
+            };
+            if let Some(e) = out.take_fatal() {
+                return Err(e);
+            }
+            match frame {
+                ReplicationFrame::PrimaryKeepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                } => {
+                    progress
+                        .server_wal_end
+                        .fetch_max(wal_end, Ordering::Relaxed);
+                    if tx.is_none() && out.in_flight() == 0 {
+                        progress.ack.fetch_max(wal_end, Ordering::SeqCst);
+                    }
+                    if reply_requested {
+                        notify.notify_one();
+                    }
+                    counts.flush(metrics, false);
+                }
+                ReplicationFrame::XLogData {
+                    wal_start,
+                    wal_end,
+                    data,
+                    ..
+                } => {
+                    progress
+                        .server_wal_end
+                        .fetch_max(wal_end, Ordering::Relaxed);
+                    match Message::parse(data)? {
+                        Message::Begin {
+                            final_lsn,
+                            commit_time,
+                            xid,
+                        } => {
+                            tx = Some(Tx {
+                                xid,
+                                final_lsn,
+                                commit_ts_ms: (commit_time + PG_EPOCH_OFFSET_US).div_euclid(1000),
+                            });
+                        }
+                        Message::Commit {
+                            end_lsn,
+                            commit_time,
+                            ..
+                        } => {
+                            tx = None;
+                            out.end_transaction(end_lsn);
+                            progress
+                                .pending
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .push_back((end_lsn, commit_time + PG_EPOCH_OFFSET_US));
+                            counts.flush(metrics, false);
+                        }
+                        Message::Relation {
+                            oid,
+                            namespace,
+                            name,
+                            replica_identity,
+                            mut columns,
+                        } => {
+                            // pgoutput flags every column as key under REPLICA IDENTITY FULL;
+                            // Debezium's key is the primary key, so take it from the catalog.
+                            let pk = primary_key(client, oid).await?;
+                            if !pk.is_empty() || replica_identity == b'f' {
+                                for c in &mut columns {
+                                    c.is_key = pk.contains(&c.name);
+                                }
+                            }
+                            keys.insert(oid, pk);
+                            let included = cfg.includes(&namespace, &name);
+                            let table = TableName {
+                                prefix: cfg.prefix.clone(),
+                                database: cfg.params.dbname.clone(),
+                                schema: namespace,
+                                table: name,
+                            };
+                            relations.replace(oid, table, replica_identity, &columns, included);
+                        }
+                        Message::Type { .. }
+                        | Message::Origin { .. }
+                        | Message::LogicalMessage { .. } => {}
+                        Message::Insert { oid, new } => {
+                            let rel = relations.get(oid)?;
+                            if rel.included {
+                                let change = Change {
+                                    table: rel.table.clone(),
+                                    columns: rel.columns.clone(),
+                                    op: Op::Create,
+                                    before: None,
+                                    after: Some(to_row(&rel.columns, new)?),
+                                    source: source_of(tx.as_ref(), wal_start)?,
+                                };
+                                counts.add(&change.table, Op::Create);
+                                out.send(&change).await?;
+                            }
+                        }
+                        Message::Update { oid, old, new } => {
+                            let rel = relations.get(oid)?;
+                            if rel.included {
+                                let (before, after) = update_rows(&rel.columns, old, new)?;
+                                let change = Change {
+                                    table: rel.table.clone(),
+                                    columns: rel.columns.clone(),
+                                    op: Op::Update,
+                                    before,
+                                    after: Some(after),
+                                    source: source_of(tx.as_ref(), wal_start)?,
+                                };
+                                counts.add(&change.table, Op::Update);
+                                out.send(&change).await?;
+                            }
+                        }
+                        Message::Delete { oid, old: (_, old) } => {
+                            let rel = relations.get(oid)?;
+                            if rel.included {
+                                let change = Change {
+                                    table: rel.table.clone(),
+                                    columns: rel.columns.clone(),
+                                    op: Op::Delete,
+                                    before: Some(to_row(&rel.columns, old)?),
+                                    after: None,
+                                    source: source_of(tx.as_ref(), wal_start)?,
+                                };
+                                counts.add(&change.table, Op::Delete);
+                                out.send(&change).await?;
+                            }
+                        }
+                        Message::Truncate { oids, .. } => {
+                            for oid in oids {
+                                let rel = relations.get(oid)?;
+                                if rel.included {
+                                    let change = Change {
+                                        table: rel.table.clone(),
+                                        columns: rel.columns.clone(),
+                                        op: Op::Truncate,
+                                        before: None,
+                                        after: None,
+                                        source: source_of(tx.as_ref(), wal_start)?,
+                                    };
+                                    counts.add(&change.table, Op::Truncate);
+                                    out.send(&change).await?;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    counts.flush(metrics, true);
+
+    if result.is_ok() {
+        // Shutdown: flush Kafka, let the tracker catch up, confirm, stop.
+        let timeout = Duration::from_secs(30);
+        if let Err(e) = sink.flush(timeout).await {
+            tracing::warn!(source = %cfg.name, error = %e, "kafka flush on shutdown failed");
+        }
+        let mut rx = out.confirmed();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while out.in_flight() > 0 && Instant::now() < deadline {
+            tokio::select! {
+                _ = rx.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        tracing::info!(source = %cfg.name, confirmed = %lsn_to_string(progress.ack.load(Ordering::SeqCst).max(*rx.borrow())), "stopped");
+    }
+    stop.cancel();
+    let _ = status.await;
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
+    result
+}
+
+fn source_of(tx: Option<&Tx>, lsn: Lsn) -> Result<Source, Error> {
+    let tx = tx.ok_or_else(|| Error::Replication("change outside a transaction".to_owned()))?;
+    Ok(Source {
+        commit_ts_ms: tx.commit_ts_ms,
+        snapshot: SnapshotMarker::No,
+        tx_id: Some(tx.xid),
+        lsn,
+        last_commit_lsn: Some(tx.final_lsn),
+    })
+}
+
+async fn heartbeat_task(cfg: Arc<SourceConfig>, every: Duration, stop: CancellationToken) {
+    let mut client: Option<Client> = None;
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = slot::connect_sql(&cfg).await.ok();
+        }
+        if let Some(c) = &client
+            && let Err(e) = c
+                .execute(
+                    "SELECT pg_logical_emit_message(false, 'instashop_cdc_heartbeat', '')",
+                    &[],
+                )
+                .await
+        {
+            tracing::warn!(source = %cfg.name, error = %e, "heartbeat failed");
+        }
+    }
+}
