@@ -1,0 +1,233 @@
+//! Against the real local stack (Redis + brokers + PostgreSQL): hand-made
+//! Debezium events go to unique topics, the consumer applies them under a
+//! unique Redis prefix and group, and every metric must equal the SQL
+//! definition run on the same final rows in a scratch database.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use rand::{RngExt, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+const PARTITIONS: i32 = 3;
+
+async fn setup(name: &str) -> (Stack, Topics, String, String, String) {
+    let s = stack();
+    let topics = Topics { base: unique(&format!("mctest.{name}.")) };
+    let dlq = format!("{}.dlq", topics.base);
+    create_topics(&s.kafka, &topics.all(), PARTITIONS).await;
+    create_topics(&s.kafka, std::slice::from_ref(&dlq), 1).await;
+    let prefix = format!("{}:", unique(&format!("mctest:{name}:")));
+    let group = unique(&format!("mctest-{name}-"));
+    (s, topics, prefix, group, dlq)
+}
+
+async fn caught_up(s: &Stack, prefix: &str, topics: &Topics, secs: u64) {
+    let (kafka, redis) = (s.kafka.clone(), s.redis.clone());
+    let prefix = prefix.to_owned();
+    let topics = topics.all();
+    tokio::task::spawn_blocking(move || {
+        let s = Stack { kafka, redis, pg_admin: String::new() };
+        wait_caught_up(&s, &prefix, &topics, PARTITIONS, Duration::from_secs(secs));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_snapshot_tombstones_and_malformed_messages_stay_exact() {
+    let (s, topics, prefix, group, dlq) = setup("replay").await;
+    let producer = producer(&s.kafka);
+    let mut model = Model::new(7, topics.clone());
+    let first = model.step(3000);
+    let bad = model.malformed();
+    let mut all = first.clone();
+    all.extend(bad.iter().cloned());
+    // The reader re-sends the second half after its crash, then re-snapshots.
+    all.extend(first[first.len() / 2..].iter().cloned());
+    all.extend(model.snapshot());
+    all.extend(model.step(1000));
+    produce(&producer, &all).await;
+
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(metrics_consumer::run(
+        config(&s, &topics, &prefix, &group, &dlq),
+        shutdown.clone(),
+    ));
+    caught_up(&s, &prefix, &topics, 120).await;
+    assert_exact(&s, &prefix, &model).await;
+
+    let pipeline = pipeline_hash(&s, &prefix);
+    assert_eq!(pipeline.get("bad_messages"), Some(&(bad.len() as i64)), "{pipeline:?}");
+    assert!(pipeline.get("duplicates_skipped").copied().unwrap_or(0) >= (first.len() / 2) as i64 / 2, "{pipeline:?}");
+    assert!(pipeline.get("last_source_ts_ms").is_some(), "{pipeline:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while topic_count(&s.kafka, &dlq, 1) < bad.len() as i64 {
+        assert!(std::time::Instant::now() < deadline, "dead-letter topic did not receive {} messages", bad.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut con = redis::Client::open(s.redis.as_str()).unwrap().get_connection().unwrap();
+    let dashboard: String = redis::cmd("GET").arg(format!("{prefix}dashboard")).query(&mut con).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    assert!(dashboard["counts"]["instashop.transaction"].as_i64().unwrap() > 0, "{dashboard}");
+
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+
+    // A new group has no committed offsets: Redis's offsets are the truth, so
+    // nothing is applied twice; a full replay of every event changes nothing.
+    produce(&producer, &all).await;
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(metrics_consumer::run(
+        config(&s, &topics, &prefix, &format!("{group}-b"), &dlq),
+        shutdown.clone(),
+    ));
+    caught_up(&s, &prefix, &topics, 120).await;
+    assert_exact(&s, &prefix, &model).await;
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn spawn_binary(s: &Stack, topics: &Topics, prefix: &str, group: &str, dlq: &str, port: u16, log: &str) -> tokio::process::Child {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_metrics-consumer"))
+        .env("KAFKA_BOOTSTRAP_SERVERS", &s.kafka)
+        .env("REDIS_URL", &s.redis)
+        .env("RUST_LOG", "info")
+        .args(["--group", group, "--prefix", prefix, "--dlq-topic", dlq, "--batch-size", "2000"])
+        .args(["--topics", &topics.all().join(",")])
+        .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn sigterm(child: &mut tokio::process::Child) {
+    let pid = child.id().unwrap();
+    let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "consumer exited with {status} after SIGTERM");
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+async fn wait_http(port: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "consumer http on port {port} never came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_under_load_stays_exact() {
+    let (s, topics, prefix, group, dlq) = setup("kill").await;
+    let log = std::env::temp_dir().join(format!("{}.log", topics.base));
+    let log = log.to_str().unwrap().to_owned();
+    let mut model = Model::new(11, topics.clone());
+    // The load: chunks of events produced while the consumer is killed.
+    let mut chunks = Vec::new();
+    for i in 0..30 {
+        let mut chunk = model.step(600);
+        if i == 10 {
+            chunk.extend(model.malformed());
+        }
+        if i == 20 {
+            chunk.extend(model.snapshot());
+        }
+        chunks.push(chunk);
+    }
+    let total: usize = chunks.iter().map(Vec::len).sum();
+    let kafka = s.kafka.clone();
+    let load = tokio::spawn(async move {
+        let producer = producer(&kafka);
+        for chunk in chunks {
+            produce(&producer, &chunk).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+    });
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(99);
+    let mut kills = 0;
+    while kills < 12 {
+        let port = free_port();
+        let mut child = spawn_binary(&s, &topics, &prefix, &group, &dlq, port, &log);
+        let wait = rng.random_range(2000..7000);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        child.start_kill().unwrap(); // SIGKILL
+        child.wait().await.unwrap();
+        kills += 1;
+    }
+    load.await.unwrap();
+    let applied_before = pipeline_hash(&s, &prefix).get("events_applied").copied().unwrap_or(0);
+    assert!(applied_before > 0, "nothing was applied between the kills; see {log}");
+
+    let port = free_port();
+    let mut child = spawn_binary(&s, &topics, &prefix, &group, &dlq, port, &log);
+    caught_up(&s, &prefix, &topics, 240).await;
+    wait_http(port).await;
+    let metrics = http_get(port, "/metrics").await;
+    assert!(metrics.contains("metrics_consumer_events_applied_total{table=\"instashop.transaction\"}"), "{metrics}");
+    assert!(http_get(port, "/health").await.contains("200 OK"));
+    sigterm(&mut child).await;
+    println!("{kills} kills, {total} events, log {log}");
+    assert_exact(&s, &prefix, &model).await;
+    let pipeline = pipeline_hash(&s, &prefix);
+    assert_eq!(pipeline.get("bad_messages"), Some(&6), "{pipeline:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumer_processes_in_one_group_split_partitions_and_stay_exact() {
+    let (s, topics, prefix, group, dlq) = setup("two").await;
+    let log = std::env::temp_dir().join(format!("{}.log", topics.base));
+    let log = log.to_str().unwrap().to_owned();
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = spawn_binary(&s, &topics, &prefix, &group, &dlq, port_a, &log);
+    let mut b = spawn_binary(&s, &topics, &prefix, &group, &dlq, port_b, &log);
+    let mut model = Model::new(23, topics.clone());
+    let producer = producer(&s.kafka);
+    for _ in 0..10 {
+        let chunk = model.step(500);
+        produce(&producer, &chunk).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    caught_up(&s, &prefix, &topics, 180).await;
+    wait_http(port_a).await;
+    wait_http(port_b).await;
+    let batches = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("metrics_consumer_batches_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (ma, mb) = (http_get(port_a, "/metrics").await, http_get(port_b, "/metrics").await);
+    assert!(batches(&ma) > 0 && batches(&mb) > 0, "both processes must apply batches:\nA:\n{ma}\nB:\n{mb}");
+    sigterm(&mut a).await;
+    // B takes over A's partitions from the offsets in Redis.
+    let chunk = model.step(500);
+    produce(&producer, &chunk).await;
+    caught_up(&s, &prefix, &topics, 180).await;
+    sigterm(&mut b).await;
+    assert_exact(&s, &prefix, &model).await;
+}
