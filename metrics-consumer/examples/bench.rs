@@ -1,0 +1,177 @@
+//! Benchmark helper for `scripts/bench-consumer`.
+//!
+//! `bench fill <topic> <events>`: creates the topic (3 partitions) and fills
+//! it with a realistic mix of synthetic Debezium events (new purchases with
+//! their details, status changes, stock and interaction changes).
+//!
+//! `bench apply <events>`: decodes and applies the same kind of events
+//! straight to Redis in batches (no Kafka), under a throw-away prefix: the
+//! consumer's own ceiling, apart from the brokers.
+//!
+//! Reads KAFKA_BOOTSTRAP_SERVERS / REDIS_URL (from `.local/env`).
+#![allow(clippy::print_stdout)]
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+/// Deterministic synthetic event stream.
+struct Synth {
+    n: u64,
+    lsn: u64,
+    now_s: i64,
+}
+
+impl Synth {
+    fn new() -> Synth {
+        let now_s = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        Synth { n: 0, lsn: 1_000_000, now_s }
+    }
+
+    fn event(&mut self, db: &str, table: &str, op: &str, after: &str) -> String {
+        self.lsn += 8;
+        let ts = self.now_s * 1000;
+        format!(
+            r#"{{"before":null,"after":{after},"source":{{"version":"2.7.0.Final","connector":"postgresql","name":"{db}","ts_ms":{ts},"snapshot":"false","db":"{db}","sequence":"[\"{l0}\",\"{l1}\"]","schema":"public","table":"{table}","txId":{tx},"lsn":{l1},"xmin":null}},"op":"{op}","ts_ms":{ts}}}"#,
+            l0 = self.lsn - 8,
+            l1 = self.lsn,
+            tx = self.lsn / 64
+        )
+    }
+
+    /// The next (key, value) pair.
+    fn next(&mut self) -> (String, String) {
+        self.n += 1;
+        let i = self.n;
+        let id = i / 10 + 1;
+        let created = format!(
+            "2026-11-22T10:{:02}:{:02}.000000Z",
+            (i / 60) % 60,
+            i % 60
+        );
+        let cents = (i * 7919) % 100_000;
+        let amount = format!("{}.{:02}", cents / 100, cents % 100);
+        let (key, value) = match i % 10 {
+            0 | 1 => {
+                let status = if i % 10 == 0 { "pending" } else { "completed" };
+                let op = if i % 10 == 0 { "c" } else { "u" };
+                (id, self.event("instashop", "transaction", op, &format!(
+                    r#"{{"id":{id},"external_id":"00000000-0000-0000-0000-{id:012}","customer_id":1,"buyer_id":1,"total_amount":"{amount}","currency":"USD","payment_method":"paypal","status":"{status}","created_at":"{created}","updated_at":"{created}"}}"#
+                )))
+            }
+            2..=4 => {
+                let did = i;
+                let pid = i % 5000 + 1;
+                (did, self.event("instashop", "transactiondetail", "c", &format!(
+                    r#"{{"id":{did},"transaction_id":{id},"product_id":{pid},"quantity":{q},"unit_price":"{amount}"}}"#,
+                    q = i % 4 + 1
+                )))
+            }
+            5 => {
+                let pid = i % 5000 + 1;
+                (pid, self.event("instashop", "product", "u", &format!(
+                    r#"{{"id":{pid},"customer_id":1,"name":"p","category":"cat{c}","price":"{amount}","tags":[],"description":null}}"#,
+                    c = i % 7
+                )))
+            }
+            6 | 7 => (i, self.event("crm", "interaction", "c", &format!(
+                r#"{{"id":{i},"customer_id":1,"buyer_id":1,"interaction_type":"view","session_id":null,"payload":"{{}}","created_at":"{created}"}}"#
+            ))),
+            8 => {
+                let sid = i % 20_000 + 1;
+                (sid, self.event("erp", "stock", "u", &format!(
+                    r#"{{"id":{sid},"product_id":{sid},"warehouse":"w","quantity":{q},"reorder_level":10,"updated_at":"{created}"}}"#,
+                    q = i % 1000
+                )))
+            }
+            _ => (id, self.event("ecommerce", "shipment", "c", &format!(
+                r#"{{"id":{id},"transaction_id":{id},"carrier_id":1,"status":"created","tracking_code":"t","label":null,"created_at":"{created}","updated_at":"{created}"}}"#
+            ))),
+        };
+        (format!(r#"{{"id":{key}}}"#), value)
+    }
+}
+
+fn env(name: &str) -> anyhow::Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set: run scripts/up"))
+}
+
+async fn fill(topic: &str, events: u64) -> anyhow::Result<()> {
+    let kafka = env("KAFKA_BOOTSTRAP_SERVERS")?;
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &kafka).create()?;
+    let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
+    for r in admin.create_topics([&new], &AdminOptions::new()).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
+    }
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &kafka)
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("batch.size", "4000000")
+        .set("queue.buffering.max.messages", "2000000")
+        .set("queue.buffering.max.kbytes", "2000000")
+        .set("message.timeout.ms", "600000")
+        .create()?;
+    let mut synth = Synth::new();
+    let started = Instant::now();
+    for _ in 0..events {
+        let (key, value) = synth.next();
+        let mut record = BaseRecord::to(topic).key(key.as_str()).payload(value.as_str());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(600))?;
+    let secs = started.elapsed().as_secs_f64();
+    println!("filled {events} events into {topic} in {secs:.1} s ({:.0} events/s)", events as f64 / secs);
+    Ok(())
+}
+
+fn apply(events: u64) -> anyhow::Result<()> {
+    let redis = env("REDIS_URL")?;
+    let prefix = format!("bench:apply:{}:", std::process::id());
+    let mut store = metrics_consumer::store::Store::new(&redis, &prefix)?;
+    let mut synth = Synth::new();
+    let pairs: Vec<(String, String)> = (0..events).map(|_| synth.next()).collect();
+    let started = Instant::now();
+    let mut batch = metrics_consumer::store::Batch::default();
+    for (offset, (key, value)) in pairs.iter().enumerate() {
+        let change = metrics_consumer::fold::decode(Some(key.as_bytes()), Some(value.as_bytes())).ok();
+        batch.push("bench", 0, offset as i64, change.as_ref());
+        if batch.len >= 5000 {
+            store.apply(&batch, 0)?;
+            batch = Default::default();
+        }
+    }
+    store.apply(&batch, 0)?;
+    let secs = started.elapsed().as_secs_f64();
+    println!("applied {events} events (decode + Lua, no Kafka) in {secs:.2} s: {:.0} events/s", events as f64 / secs);
+    println!("prefix {prefix} (delete with: redis-cli --scan --pattern '{prefix}*' | xargs redis-cli del)");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    local_stack::envfile::load();
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("fill") if args.len() == 4 => {
+            let events = args[3].parse()?;
+            tokio::runtime::Runtime::new()?.block_on(fill(&args[2], events))
+        }
+        Some("apply") if args.len() == 3 => apply(args[2].parse()?),
+        _ => bail!("usage: bench fill <topic> <events> | bench apply <events>"),
+    }
+}
