@@ -68,6 +68,7 @@ pub async fn run(
 ) {
     let thresholds = Thresholds::default();
     let mut previous: Option<Previous> = None;
+    let mut activity = pipeline::Activity::default();
     let mut interval = tokio::time::interval(Duration::from_millis(config.interval_ms));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -76,7 +77,15 @@ pub async fn run(
             _ = interval.tick() => {}
         }
         let started = Instant::now();
-        let frame = tick(&config, &store, &stats, &thresholds, &mut previous).await;
+        let frame = tick(
+            &config,
+            &store,
+            &stats,
+            &thresholds,
+            &mut previous,
+            &mut activity,
+        )
+        .await;
         stats.ticks.fetch_add(1, Ordering::Relaxed);
         stats.last_tick_micros.store(
             u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
@@ -92,6 +101,7 @@ async fn tick(
     stats: &Stats,
     thresholds: &Thresholds,
     previous: &mut Option<Previous>,
+    activity: &mut pipeline::Activity,
 ) -> Value {
     let now = now_ms();
     let (redis, reader, consumer) = tokio::join!(
@@ -112,10 +122,9 @@ async fn tick(
     obs.last_event_age_ms = metrics["last_event_age_ms"].as_i64();
     match reader {
         Ok(text) => {
-            obs.reader = Some(pipeline::reader(
-                &prometheus::parse(&text),
-                now as f64 / 1000.0,
-            ));
+            let mut reading = pipeline::reader(&prometheus::parse(&text), now as f64 / 1000.0);
+            activity.observe(&mut reading, now);
+            obs.reader = Some(reading);
         }
         Err(err) => {
             stats.reader_errors.fetch_add(1, Ordering::Relaxed);

@@ -19,8 +19,9 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:63790/0")]
     pub redis_url: String,
 
-    /// Prefix of the metric keys in Redis (the metrics-consumer's prefix).
-    #[arg(long, env = "DASHBOARD_KEY_PREFIX", default_value = "metrics:")]
+    /// Prefix of the metric keys in Redis (the same variable as the
+    /// metrics-consumer's `--prefix`).
+    #[arg(long, env = "METRICS_PREFIX", default_value = "metrics:")]
     pub key_prefix: String,
 
     /// Prometheus endpoint of the cdc-reader (replication lag per database).

@@ -149,6 +149,16 @@ pub fn evaluate(obs: &Observed, t: &Thresholds) -> Health {
                     );
                     continue;
                 };
+                match s.state.as_deref() {
+                    Some("failed") => push(
+                        State::Red,
+                        format!("{db}: cdc-reader stopped this source (see its log)"),
+                    ),
+                    Some("connecting") => {
+                        push(State::Amber, format!("{db}: cdc-reader is (re)connecting"))
+                    }
+                    _ => {}
+                }
                 if let Some(lag) = s.lag_seconds {
                     if lag >= t.lag_seconds_red {
                         push(State::Red, format!("{db}: replication lag {lag:.0} s"));
@@ -359,6 +369,20 @@ mod tests {
         let h = evaluate(&obs, &Thresholds::default());
         assert_eq!(h.state, State::Amber);
         assert!(h.reasons[0].ends_with("metrics:pipeline"));
+    }
+
+    #[test]
+    fn source_states_from_the_reader() {
+        let t = Thresholds::default();
+        let mut obs = healthy();
+        set_crm(&mut obs, |s| s.state = Some("snapshotting".into()));
+        assert_eq!(evaluate(&obs, &t).state, State::Green);
+        set_crm(&mut obs, |s| s.state = Some("connecting".into()));
+        assert_eq!(evaluate(&obs, &t).state, State::Amber);
+        set_crm(&mut obs, |s| s.state = Some("failed".into()));
+        let h = evaluate(&obs, &t);
+        assert_eq!(h.state, State::Red);
+        assert!(h.reasons[0].starts_with("crm: cdc-reader stopped"));
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub struct SourceReading {
     pub confirmed_lsn: Option<f64>,
     /// Change events emitted, all tables and operations.
     pub events_total: Option<f64>,
+    /// The reader's state of this source (`streaming`, `snapshotting`,
+    /// `connecting`, `failed`), from the `state` label of `cdc_source_up`.
+    pub state: Option<String>,
 }
 
 /// The reader's endpoint, reduced.
@@ -54,9 +57,15 @@ fn database_of(sample: &Sample) -> Option<String> {
             return Some(v.to_owned());
         }
     }
+    if let Some(slot) = sample.label("slot") {
+        return Some(slot.rsplit('_').next().unwrap_or(slot).to_owned());
+    }
+    // Per-topic series: `<db>.public.<table>`.
     sample
-        .label("slot")
-        .map(|slot| slot.rsplit('_').next().unwrap_or(slot).to_owned())
+        .label("topic")
+        .and_then(|topic| topic.split('.').next())
+        .filter(|db| !db.is_empty())
+        .map(str::to_owned)
 }
 
 fn add(slot: &mut Option<f64>, value: f64) {
@@ -81,7 +90,11 @@ pub fn reader(samples: &[Sample], now_seconds: f64) -> ReaderReading {
             continue;
         };
         let entry = sources.entry(db).or_default();
-        if name.ends_with("lag_bytes") {
+        if name.ends_with("source_up") {
+            if let Some(state) = sample.label("state") {
+                entry.state = Some(state.to_owned());
+            }
+        } else if name.ends_with("lag_bytes") {
             max(&mut entry.lag_bytes, sample.value);
         } else if name.ends_with("lag_seconds") {
             max(&mut entry.lag_seconds, sample.value);
@@ -101,11 +114,42 @@ pub fn reader(samples: &[Sample], now_seconds: f64) -> ReaderReading {
             }
         } else if name.contains("lsn") {
             max(&mut entry.confirmed_lsn, sample.value);
-        } else if name.contains("events") && name.ends_with("_total") {
+        } else if name.contains("events") && name.ends_with("_total") && !name.contains("error") {
             add(&mut entry.events_total, sample.value);
         }
     }
     ReaderReading { sources }
+}
+
+/// Remembers when each source's event counter last moved, to give an age of
+/// the last event to readers that export no timestamp of their own. Ages are
+/// only known once a change was seen by this dashboard process.
+#[derive(Debug, Default)]
+pub struct Activity {
+    seen: BTreeMap<String, (f64, Option<i64>)>,
+}
+
+impl Activity {
+    /// Records this tick's counters and fills `last_event_age_seconds` where
+    /// the reader did not provide it.
+    pub fn observe(&mut self, reading: &mut ReaderReading, now_ms: i64) {
+        for (db, source) in &mut reading.sources {
+            let Some(total) = source.events_total else {
+                continue;
+            };
+            let changed_at = match self.seen.get(db) {
+                // A counter that went back is a restarted reader: a change too.
+                Some((old, at)) if *old == total => *at,
+                Some(_) => Some(now_ms),
+                None => None,
+            };
+            self.seen.insert(db.clone(), (total, changed_at));
+            if source.last_event_age_seconds.is_none() {
+                source.last_event_age_seconds =
+                    changed_at.map(|at| (now_ms - at).max(0) as f64 / 1000.0);
+            }
+        }
+    }
 }
 
 /// Reduces the consumer's samples.
@@ -167,6 +211,7 @@ pub fn sources_json(reader: Option<&ReaderReading>) -> Value {
                 "last_event_age_seconds": number(s.last_event_age_seconds),
                 "confirmed_lsn": number(s.confirmed_lsn),
                 "events_total": number(s.events_total),
+                "state": s.state,
             })
         })
         .collect();
@@ -210,6 +255,59 @@ mod tests {
         assert_eq!(r.sources["instashop"].events_total, Some(15.0));
         assert_eq!(r.sources["erp"].lag_bytes, Some(12.0));
         assert_eq!(r.sources.len(), 3);
+    }
+
+    #[test]
+    fn reader_as_exported_by_cdc_reader() {
+        // The series cdc-reader/src/metrics.rs renders.
+        let samples = parse(
+            "cdc_events_total{topic=\"instashop.public.transaction\",op=\"c\"} 40\n\
+             cdc_events_total{topic=\"instashop.public.product\",op=\"u\"} 2\n\
+             cdc_kafka_delivery_errors_total{topic=\"crm.public.interaction\"} 1\n\
+             cdc_replication_lag_bytes{source=\"crm\"} 500\n\
+             cdc_replication_lag_seconds{source=\"crm\"} 0.250\n\
+             cdc_confirmed_lsn{source=\"crm\"} 1000\n\
+             cdc_source_up{source=\"crm\",state=\"streaming\"} 1\n\
+             cdc_source_reconnects_total{source=\"crm\"} 3\n\
+             cdc_snapshot_rows_copied{source=\"crm\",table=\"public.interaction\"} 10\n",
+        );
+        let r = reader(&samples, 0.0);
+        assert_eq!(r.sources["instashop"].events_total, Some(42.0));
+        let crm = &r.sources["crm"];
+        assert_eq!(crm.lag_bytes, Some(500.0));
+        assert_eq!(crm.lag_seconds, Some(0.25));
+        assert_eq!(crm.confirmed_lsn, Some(1000.0));
+        assert_eq!(crm.state.as_deref(), Some("streaming"));
+        assert_eq!(crm.events_total, None);
+    }
+
+    #[test]
+    fn activity_ages_start_at_the_first_change_seen() {
+        let mut activity = Activity::default();
+        let reading = |total: f64| ReaderReading {
+            sources: [(
+                "crm".to_owned(),
+                SourceReading {
+                    events_total: Some(total),
+                    ..SourceReading::default()
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let mut r = reading(10.0);
+        activity.observe(&mut r, 1_000);
+        assert_eq!(r.sources["crm"].last_event_age_seconds, None);
+        let mut r = reading(12.0);
+        activity.observe(&mut r, 2_000);
+        assert_eq!(r.sources["crm"].last_event_age_seconds, Some(0.0));
+        let mut r = reading(12.0);
+        activity.observe(&mut r, 7_500);
+        assert_eq!(r.sources["crm"].last_event_age_seconds, Some(5.5));
+        // Restarted reader: counter back to a small value counts as a change.
+        let mut r = reading(1.0);
+        activity.observe(&mut r, 9_000);
+        assert_eq!(r.sources["crm"].last_event_age_seconds, Some(0.0));
     }
 
     #[test]
