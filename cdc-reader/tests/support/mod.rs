@@ -364,6 +364,13 @@ pub struct Event {
 /// Reads every message of `topics` from the beginning up to the high
 /// watermarks seen at start (missing topics are empty).
 pub fn consume_all(topics: &[String]) -> Vec<Event> {
+    let mut events = Vec::new();
+    consume_fold(topics, |e| events.push(e));
+    events
+}
+
+/// Like [`consume_all`] but hands each event to `f` instead of keeping them.
+pub fn consume_fold(topics: &[String], mut f: impl FnMut(Event)) {
     let bootstrap = kafka_bootstrap();
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
@@ -396,9 +403,8 @@ pub fn consume_all(topics: &[String]) -> Vec<Event> {
             }
         }
     }
-    let mut events = Vec::new();
     if ends.is_empty() {
-        return events;
+        return;
     }
     consumer.assign(&tpl).unwrap();
     let mut positions: HashMap<(String, i32), i64> = HashMap::new();
@@ -423,14 +429,13 @@ pub fn consume_all(topics: &[String]) -> Vec<Event> {
             .payload()
             .map(|v| serde_json::from_slice::<Value>(v).unwrap());
         positions.insert((msg.topic().to_owned(), msg.partition()), msg.offset());
-        events.push(Event {
+        f(Event {
             topic: msg.topic().to_owned(),
             partition: msg.partition(),
             key,
             value,
         });
     }
-    events
 }
 
 /// Rows by canonical key JSON, per topic.
@@ -440,7 +445,15 @@ pub type Tables = BTreeMap<String, BTreeMap<String, Value>>;
 pub fn apply(events: &[Event]) -> Tables {
     let mut tables: Tables = BTreeMap::new();
     for e in events {
-        let Some(v) = &e.value else { continue };
+        apply_one(&mut tables, e);
+    }
+    tables
+}
+
+/// Applies one event.
+pub fn apply_one(tables: &mut Tables, e: &Event) {
+    {
+        let Some(v) = &e.value else { return };
         let table = tables.entry(e.topic.clone()).or_default();
         match v["op"].as_str().unwrap() {
             "c" | "r" | "u" => {
@@ -463,7 +476,6 @@ pub fn apply(events: &[Event]) -> Tables {
             other => panic!("unknown op {other}"),
         }
     }
-    tables
 }
 
 /// Every row of `schema.table` rendered as the reader renders it, keyed like the topic.
@@ -521,12 +533,26 @@ pub fn topic(db: &TestDb, table: &str) -> String {
 
 /// Replays the topics of `tables` and asserts they equal the database.
 pub async fn assert_replay_equals_db(db: &TestDb, tables: &[&str]) -> Vec<Event> {
+    replay_equals_db(db, tables, true).await
+}
+
+/// Replays and compares; keeps the events only when `keep` (big backlogs don't).
+pub async fn replay_equals_db(db: &TestDb, tables: &[&str], keep: bool) -> Vec<Event> {
     let topics: Vec<String> = tables.iter().map(|t| topic(db, t)).collect();
     let t2 = topics.clone();
-    let events = tokio::task::spawn_blocking(move || consume_all(&t2))
-        .await
-        .unwrap();
-    let replayed = apply(&events);
+    let (events, replayed) = tokio::task::spawn_blocking(move || {
+        let mut events = Vec::new();
+        let mut replayed = Tables::new();
+        consume_fold(&t2, |e| {
+            apply_one(&mut replayed, &e);
+            if keep {
+                events.push(e);
+            }
+        });
+        (events, replayed)
+    })
+    .await
+    .unwrap();
     let client = db.owner().await;
     for (t, topic) in tables.iter().zip(&topics) {
         let expected = db_rows(&client, t).await;
