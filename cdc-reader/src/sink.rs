@@ -19,7 +19,7 @@
 //! [`SinkMetrics`] trait (no-op defaults), which `crate::metrics::Metrics`
 //! implements below once it exists.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -78,6 +78,11 @@ pub fn producer_config(cfg: &SinkConfig) -> ClientConfig {
     c.set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
+        // A permanently failed batch must not leave a gap that later batches
+        // of the partition step over (that would reorder a key's events):
+        // it becomes a fatal error, the producer is re-created and the
+        // source resends from its last confirmed LSN.
+        .set("enable.gapless.guarantee", "true")
         .set("max.in.flight.requests.per.connection", "5")
         // Java client's key hashing, so keys land where Kafka Streams etc. expect.
         .set("partitioner", "murmur2_random")
@@ -105,6 +110,9 @@ pub trait SinkMetrics: Send + Sync + 'static {
     fn record_delivered(&self, _topic: &str, _bytes: usize) {}
     /// A record failed delivery.
     fn record_delivery_error(&self, _topic: &str) {}
+    /// Kafka acknowledged this record; called before the record counts as
+    /// acknowledged in the source's tracker (tests observe the ordering).
+    fn record_acknowledged(&self, _topic: &str, _key: Option<&[u8]>, _payload: Option<&[u8]>) {}
 }
 
 /// Metrics that count nothing (tests, tools).
@@ -313,6 +321,8 @@ impl ProducerContext for SinkContext {
             Ok(message) => {
                 self.metrics
                     .record_delivered(message.topic(), delivery.bytes);
+                self.metrics
+                    .record_acknowledged(message.topic(), message.key(), message.payload());
                 delivery.source.acked(delivery.seq);
             }
             Err((error, message)) => {
@@ -325,7 +335,11 @@ impl ProducerContext for SinkContext {
                     error = %error,
                     "kafka delivery failed; the source will resend from its last confirmed lsn"
                 );
-                let message = format!("delivery to {} failed: {error}", message.topic());
+                let message = format!(
+                    "source {}: delivery to {} failed: {error}",
+                    delivery.source.name,
+                    message.topic()
+                );
                 let error = if fatal {
                     Error::KafkaFatal(message)
                 } else {
@@ -350,6 +364,8 @@ struct SinkInner {
     topics: Topics,
     room: Arc<Notify>,
     waiting: Arc<AtomicUsize>,
+    /// Latest tracker per source name.
+    sources: Mutex<HashMap<String, Arc<SourceShared>>>,
 }
 
 impl SinkInner {
@@ -377,7 +393,9 @@ impl SinkInner {
             .read()
             .map_err(|_| Error::KafkaFatal("producer lock poisoned".into()))?
             .clone();
-        if !current.context().fatal.load(Ordering::SeqCst) {
+        if !current.context().fatal.load(Ordering::SeqCst)
+            && current.client().fatal_error().is_none()
+        {
             return Ok(current);
         }
         let mut slot = self
@@ -433,23 +451,38 @@ impl Sink {
                 topics,
                 room,
                 waiting,
+                sources: Mutex::new(HashMap::new()),
             }),
         })
     }
 
     /// A fresh tracker for one source (database). Take a new one after
     /// [`SourceSink::take_fatal`] returned an error.
+    ///
+    /// The first `send` of the new tracker waits until every record of the
+    /// previous tracker of the same name has been reported (delivered or
+    /// failed): after a permanent failure librdkafka fails the rest of that
+    /// partition's in-flight records too, and resent records must not be
+    /// queued behind them.
     pub fn source(&self, name: &str) -> SourceSink {
         let (confirmed, _) = watch::channel(0);
+        let shared = Arc::new(SourceShared {
+            name: name.to_owned(),
+            tracker: Mutex::new(AckTracker::new()),
+            confirmed,
+            in_flight: AtomicUsize::new(0),
+            fatal: Mutex::new(None),
+        });
+        let predecessor = self
+            .inner
+            .sources
+            .lock()
+            .ok()
+            .and_then(|mut m| m.insert(name.to_owned(), shared.clone()));
         SourceSink {
             sink: self.inner.clone(),
-            shared: Arc::new(SourceShared {
-                name: name.to_owned(),
-                tracker: Mutex::new(AckTracker::new()),
-                confirmed,
-                in_flight: AtomicUsize::new(0),
-                fatal: Mutex::new(None),
-            }),
+            shared,
+            predecessor,
             encoder: Encoder::new(self.inner.config.envelope),
             records: Vec::with_capacity(4),
         }
@@ -474,6 +507,8 @@ impl Sink {
 pub struct SourceSink {
     sink: Arc<SinkInner>,
     shared: Arc<SourceShared>,
+    /// The previous tracker of this source, until its records are all reported.
+    predecessor: Option<Arc<SourceShared>>,
     encoder: Encoder,
     records: Vec<Record>,
 }
@@ -499,6 +534,9 @@ impl SourceSink {
     /// was enqueued); `Error::Kafka`/`KafkaFatal` when Kafka failed.
     pub async fn send(&mut self, change: &Change) -> Result<(), Error> {
         self.check_fatal()?;
+        if let Some(previous) = self.predecessor.take() {
+            self.wait_for_predecessor(&previous).await;
+        }
         let mut records = std::mem::take(&mut self.records);
         records.clear();
         let result = match self.encoder.encode(change, now_us(), &mut records) {
@@ -516,6 +554,27 @@ impl SourceSink {
         }
         records.clear();
         Ok(())
+    }
+
+    async fn wait_for_predecessor(&self, previous: &SourceShared) {
+        let deadline = tokio::time::Instant::now()
+            + self.sink.config.message_timeout
+            + Duration::from_secs(10);
+        let pending = previous.in_flight.load(Ordering::SeqCst);
+        if pending > 0 {
+            tracing::info!(
+                source = %self.shared.name,
+                pending,
+                "waiting for the previous attempt's records to be reported before resending"
+            );
+        }
+        while previous.in_flight.load(Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() > deadline {
+                tracing::warn!(source = %self.shared.name, "previous attempt's records still unreported; resending anyway");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn check_fatal(&self) -> Result<(), Error> {

@@ -513,8 +513,15 @@ async fn retriable_produce_errors_are_retried_exactly_once_in_order() {
     .await;
 
     assert_eq!(restarts, 0, "retriable errors must not fail a delivery");
-    let violations = observer.violations.lock().map(|v| v.clone()).unwrap_or_default();
-    assert!(violations.is_empty(), "confirmed past unacknowledged records: {violations:?}");
+    let violations = observer
+        .violations
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or_default();
+    assert!(
+        violations.is_empty(),
+        "confirmed past unacknowledged records: {violations:?}"
+    );
     let records = consume(&bootstrap, &topic, total).await;
     check_stream(&records, &txs, true);
     drop(mock);
@@ -545,10 +552,23 @@ async fn permanent_produce_errors_resend_from_confirmed_lsn_losing_nothing() {
     })
     .await;
 
-    let violations = observer.violations.lock().map(|v| v.clone()).unwrap_or_default();
-    assert!(violations.is_empty(), "confirmed past unacknowledged records: {violations:?}");
-    assert!(restarts >= 2, "each permanent error should fail a delivery (restarts: {restarts})");
-    assert!(sink.producer_generation() >= 1, "the fatal producer should have been re-created");
+    let violations = observer
+        .violations
+        .lock()
+        .map(|v| v.clone())
+        .unwrap_or_default();
+    assert!(
+        violations.is_empty(),
+        "confirmed past unacknowledged records: {violations:?}"
+    );
+    assert!(
+        restarts >= 2,
+        "each permanent error should fail a delivery (restarts: {restarts})"
+    );
+    assert!(
+        sink.producer_generation() >= 1,
+        "the fatal producer should have been re-created"
+    );
     let records = consume(&bootstrap, &topic, total).await;
     check_stream(&records, &txs, false);
     drop(mock);
