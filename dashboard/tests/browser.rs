@@ -166,7 +166,9 @@ impl Browser {
     }
 
     async fn screenshot(&mut self, name: &str) -> PathBuf {
-        let dir = repo_root().join(".local");
+        let dir = std::env::var_os("INSTASHOP_STATE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join(".local"));
         std::fs::create_dir_all(&dir).expect("create .local");
         let path = dir.join(name);
         self.call(json!({"cmd": "screenshot", "path": path, "full": true}))
@@ -186,7 +188,7 @@ fn group(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -199,23 +201,26 @@ fn money(cents: i64) -> String {
     format!("${}.{:02}", group(cents / 100), (cents % 100).abs())
 }
 
+/// The replies of the KPI read pipeline, in order.
+type KpiReads = (
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    i64,
+);
+
 /// The KPI values as they are in Redis now (`None` when the key is missing).
 async fn redis_kpis(
     con: &mut redis::aio::MultiplexedConnection,
     prefix: &str,
 ) -> BTreeMap<String, Option<i64>> {
     let today = dashboard::snapshot::utc_date(now_ms());
-    let (purchases, revenue, today_rev, daily_len, shops, buyers, products, transit, ship_len): (
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-        i64,
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-        Option<i64>,
-        i64,
-    ) = redis::pipe()
+    let (purchases, revenue, today_rev, daily_len, shops, buyers, products, transit, ship_len): KpiReads = redis::pipe()
         .get(format!("{prefix}count:instashop.transaction"))
         .get(format!("{prefix}revenue:total_cents"))
         .hget(format!("{prefix}revenue:daily_cents"), &today)
