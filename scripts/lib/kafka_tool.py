@@ -121,15 +121,19 @@ def cmd_offsets(args):
     try:
         topics = user_topics(c, args.timeout)
         names = args.topics or sorted(topics)
-        print(f"{'topic':<40} {'end offset (sum)':>16}  per partition")
+        w = max([len("topic"), *map(len, names)])
+        print(f"{'topic':<{w}} {'end offset (sum)':>16}  per partition")
         for name in names:
             if name not in topics:
-                print(f"{name:<40} {'missing':>16}")
+                print(f"{name:<{w}} {'missing':>16}")
                 continue
             marks = watermarks(c, name, topics[name], args.timeout)
             total = sum(high for _, high in marks.values())
             parts = " ".join(f"{p}:{high}" for p, (_, high) in sorted(marks.items()))
-            print(f"{name:<40} {total:>16}  {parts}")
+            print(f"{name:<{w}} {total:>16}  {parts}")
+        others = len(set(topics) - set(names))
+        if others:
+            print(f"(and {others} other topics, e.g. from tests)")
     except KafkaException as e:
         fail(f"cannot read offsets from {args.bootstrap}: {e}")
     finally:
@@ -154,14 +158,18 @@ def cmd_lag(args):
             else:
                 row[1] += max(high - done, 0)
                 row[2] = True
+        w = max([len("topic"), *map(len, names)])
         print(f"consumer group {args.group}")
-        print(f"{'topic':<40} {'end offset':>12} {'lag':>12}")
+        print(f"{'topic':<{w}} {'end offset':>12} {'lag':>12}")
+        total = 0
         for name in names:
             if name not in rows:
                 continue
             high, lag, any_committed = rows[name]
+            total += lag
             note = "" if any_committed else "  (nothing committed)"
-            print(f"{name:<40} {high:>12} {lag:>12}{note}")
+            print(f"{name:<{w}} {high:>12} {lag:>12}{note}")
+        print(f"{'total':<{w}} {'':>12} {total:>12}")
     except KafkaException as e:
         fail(f"cannot read group offsets from {args.bootstrap}: {e}")
     finally:
