@@ -265,6 +265,7 @@ mod tests {
                 lag: Some(3.0),
                 dlq: Some(0.0),
                 events_applied: Some(1000.0),
+                end_to_end_lag_ms: Some(50.0),
             }),
             last_event_age_ms: Some(400),
             ..Observed::default()

@@ -48,6 +48,8 @@ pub struct ConsumerReading {
     pub dlq: Option<f64>,
     /// Change events applied to Redis, all tables.
     pub events_applied: Option<f64>,
+    /// Source commit to applied in Redis, newest event, in milliseconds.
+    pub end_to_end_lag_ms: Option<f64>,
 }
 
 /// The database a sample belongs to, from its labels.
@@ -165,6 +167,8 @@ pub fn consumer(samples: &[Sample]) -> ConsumerReading {
             add(&mut reading.lag, sample.value);
         } else if name.contains("events_applied") && !name.ends_with("_created") {
             add(&mut reading.events_applied, sample.value);
+        } else if name.ends_with("end_to_end_lag_ms") {
+            max(&mut reading.end_to_end_lag_ms, sample.value);
         }
     }
     reading
@@ -225,6 +229,7 @@ pub fn consumer_json(reading: Option<&ConsumerReading>, events_per_second: Optio
         "lag": number(r.lag),
         "dlq": number(r.dlq),
         "events_applied": number(r.events_applied),
+        "end_to_end_lag_ms": number(r.end_to_end_lag_ms),
         "events_per_second": events_per_second.map_or(Value::Null, |v| json!((v * 10.0).round() / 10.0)),
     })
 }
@@ -318,12 +323,14 @@ mod tests {
              metrics_consumer_dlq_messages_total 2\n\
              metrics_consumer_events_applied_total{table=\"crm.interaction\"} 100\n\
              metrics_consumer_events_applied_total{table=\"erp.stock\"} 20\n\
-             metrics_consumer_apply_latency_seconds_sum 3\n",
+             metrics_consumer_apply_latency_seconds_sum 3\n\
+             metrics_consumer_end_to_end_lag_ms 42\n",
         );
         let c = consumer(&samples);
         assert_eq!(c.lag, Some(7.0));
         assert_eq!(c.dlq, Some(2.0));
         assert_eq!(c.events_applied, Some(120.0));
+        assert_eq!(c.end_to_end_lag_ms, Some(42.0));
         assert_eq!(consumer(&[]), ConsumerReading::default());
     }
 

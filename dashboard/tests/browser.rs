@@ -475,7 +475,8 @@ async fn page_shows_redis_values_and_follows_them_live() {
         ));
     }
     let consumer_text = "metrics_consumer_lag_messages 12\nmetrics_consumer_dlq_messages_total 0\n\
-        metrics_consumer_events_applied_total{table=\"crm.interaction\"} 250000\n"
+        metrics_consumer_events_applied_total{table=\"crm.interaction\"} 250000\n\
+        metrics_consumer_end_to_end_lag_ms 85\n"
         .to_owned();
     let reader_url = fake_metrics(reader_text, shutdown.clone()).await;
     let consumer_url = fake_metrics(consumer_text, shutdown.clone()).await;
