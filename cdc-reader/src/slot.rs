@@ -272,37 +272,42 @@ async fn ensure_publication(client: &Client, cfg: &SourceConfig, role: &str) -> 
     if exists {
         return Ok(());
     }
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+             AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    let tables: Vec<String> = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|(s, t)| cfg.includes(s, t))
+        .map(|(s, t)| format!("{}.{}", quote_ident(&s), quote_ident(&t)))
+        .collect();
+    if tables.is_empty() {
+        return Err(setup(
+            cfg,
+            format!(
+                "publication \"{}\" does not exist and there is no table to publish (check --include-tables/--exclude-tables)",
+                cfg.publication
+            ),
+        ));
+    }
+    // What the table owner can run (FOR ALL TABLES needs a superuser).
+    let for_tables = format!(
+        "CREATE PUBLICATION {} FOR TABLE {}",
+        quote_ident(&cfg.publication),
+        tables.join(", ")
+    );
     let sql = if cfg.include.is_empty() && cfg.exclude.is_empty() {
         format!(
             "CREATE PUBLICATION {} FOR ALL TABLES",
             quote_ident(&cfg.publication)
         )
     } else {
-        let rows = client
-            .query(
-                "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-                 AND n.nspname NOT LIKE 'pg_toast%' ORDER BY 1, 2",
-                &[],
-            )
-            .await?;
-        let tables: Vec<String> = rows
-            .iter()
-            .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
-            .filter(|(s, t)| cfg.includes(s, t))
-            .map(|(s, t)| format!("{}.{}", quote_ident(&s), quote_ident(&t)))
-            .collect();
-        if tables.is_empty() {
-            return Err(setup(
-                cfg,
-                "no table matches --include-tables/--exclude-tables".to_owned(),
-            ));
-        }
-        format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
-            quote_ident(&cfg.publication),
-            tables.join(", ")
-        )
+        for_tables.clone()
     };
     match client.batch_execute(&sql).await {
         Ok(()) => {
@@ -312,7 +317,7 @@ async fn ensure_publication(client: &Client, cfg: &SourceConfig, role: &str) -> 
         Err(e) => Err(setup(
             cfg,
             format!(
-                "publication \"{}\" does not exist and role \"{role}\" cannot create it ({}): as the table owner (or a superuser for FOR ALL TABLES) run {sql};",
+                "publication \"{}\" does not exist and role \"{role}\" cannot create it ({}): as the owner of the tables run {for_tables};",
                 cfg.publication,
                 e.as_db_error()
                     .map_or_else(|| e.to_string(), |d| d.message().to_owned()),

@@ -22,6 +22,7 @@ async fn snapshot_then_streaming_replays_exactly() {
         owner.batch_execute(&shop_batch_sql(200)).await.unwrap();
     }
     let mut reader = Reader::start(&db, &[]);
+    db.wait_streaming(&reader).await;
     // Streaming: more traffic, single-row changes, a key change, a delete.
     owner.batch_execute(&shop_batch_sql(50)).await.unwrap();
     owner
@@ -111,6 +112,7 @@ async fn alter_table_add_column_mid_stream() {
         .await
         .unwrap();
     let reader = Reader::start(&db, &[]);
+    db.wait_streaming(&reader).await;
     owner
         .batch_execute("INSERT INTO interaction (customer_id, buyer_id, interaction_type) VALUES (1, 1, 'click')")
         .await
@@ -118,7 +120,7 @@ async fn alter_table_add_column_mid_stream() {
     db.wait_caught_up(CATCH_UP, Some(&reader.log)).await;
     owner
         .batch_execute(
-            "ALTER TABLE interaction ADD COLUMN channel text DEFAULT 'web';
+            "ALTER TABLE interaction ADD COLUMN channel text;
              INSERT INTO interaction (customer_id, buyer_id, interaction_type, channel) VALUES (2, 2, 'search', 'app');
              UPDATE interaction SET channel = 'email' WHERE id = 1;",
         )
@@ -126,15 +128,19 @@ async fn alter_table_add_column_mid_stream() {
         .unwrap();
     db.wait_caught_up(CATCH_UP, Some(&reader.log)).await;
     let events = assert_replay_equals_db(&db, &["interaction"]).await;
-    let last = events.iter().rev().find_map(|e| e.value.as_ref()).unwrap();
-    assert_eq!(
-        last["after"]["channel"], "email",
-        "the new column must appear in later events: {last}"
-    );
-    let before_alter = events
+    // Partitions interleave in the replay: find events by content, not position.
+    let values: Vec<&serde_json::Value> = events.iter().filter_map(|e| e.value.as_ref()).collect();
+    let update = values
         .iter()
-        .filter_map(|e| e.value.as_ref())
-        .find(|v| v["op"] == "c")
+        .find(|v| v["op"] == "u" && v["after"]["id"] == 1)
+        .unwrap();
+    assert_eq!(
+        update["after"]["channel"], "email",
+        "the new column must appear in later events: {update}"
+    );
+    let before_alter = values
+        .iter()
+        .find(|v| v["op"] == "c" && v["after"]["interaction_type"] == "click")
         .unwrap();
     assert!(before_alter["after"].get("channel").is_none());
     drop(reader);
@@ -156,6 +162,7 @@ async fn unchanged_toast_values_full_and_default_identity() {
     let db = TestDb::create("toast", TOAST_SQL).await;
     let owner = db.owner().await;
     let reader = Reader::start(&db, &[]);
+    db.wait_streaming(&reader).await;
     owner
         .batch_execute(
             "INSERT INTO doc_full SELECT g, 't' || g, repeat(md5(g::text), 400) FROM generate_series(1, 5) g;

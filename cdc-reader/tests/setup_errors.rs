@@ -145,7 +145,7 @@ async fn missing_publication_names_the_sql_to_run() {
         &log,
         &[
             "publication \"instashop_cdc\" does not exist",
-            "CREATE PUBLICATION \"instashop_cdc\"",
+            "CREATE PUBLICATION \"instashop_cdc\" FOR TABLE \"public\".\"item\"",
         ],
     );
     db.cleanup().await;
