@@ -5,11 +5,13 @@ installed; on its own otherwise). Checks: the YAML parses; the services
 exist; Kafka runs in KRaft mode with three brokers, replication factor 3 and
 min.insync.replicas=2; kafka-init creates exactly scripts/up's topics with
 the same partition count; every binary gets the env variables that
-.local/env defines; the host ports equal the local stack's.
+.local/env defines, and every variable given to a binary is one the Rust
+code reads; the host ports equal the local stack's.
 Prints one line per problem and exits 1 when there is any.
 """
 
 import argparse
+import pathlib
 import sys
 
 import yaml
@@ -53,6 +55,7 @@ def main():
     parser.add_argument("--topics", nargs="+", required=True)
     parser.add_argument("--partitions", required=True)
     parser.add_argument("--env-file-vars", default="", help="comma-separated names from .local/env")
+    parser.add_argument("--rust-root", help="workspace root: every app env variable must appear in its Rust code")
     args = parser.parse_args()
 
     problems = []
@@ -98,6 +101,20 @@ def main():
         env = env_of(services.get(name, {}))
         for var in sorted(wanted - set(env)):
             problems.append(f"{name}: environment lacks {var} (scripts/up writes it to .local/env)")
+
+    if args.rust_root:
+        root = pathlib.Path(args.rust_root)
+        code = "\n".join(
+            p.read_text(encoding="utf-8", errors="replace")
+            for p in root.glob("*/src/**/*.rs")
+            if "target" not in p.parts
+        )
+        for name in APPS + ["dashboard"]:
+            if name not in services:
+                continue
+            for var in sorted(env_of(services[name])):
+                if var != "RUST_LOG" and f'"{var}"' not in code:
+                    problems.append(f"{name}: {var} is not read by any binary (no \"{var}\" in */src)")
 
     for name, port in HOST_PORTS.items():
         ports = [str(p) for p in services.get(name, {}).get("ports", [])]
