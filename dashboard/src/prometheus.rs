@@ -184,6 +184,52 @@ mod tests {
         assert_eq!(sum(&samples, "z"), None);
     }
 
+    /// xorshift64*: a dependency-free generator for the randomized tests.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn pick(&mut self, chars: &[char]) -> char {
+            chars[(self.next() % chars.len() as u64) as usize]
+        }
+    }
+
+    #[test]
+    fn random_input_never_panics() {
+        let alphabet: Vec<char> = "ab_:{}\",=\\ \t#+-.eE0123456789NaInf\u{e9}\n"
+            .chars()
+            .collect();
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let len = rng.next() % 40;
+            let line: String = (0..len).map(|_| rng.pick(&alphabet)).collect();
+            let _ = parse(&line);
+        }
+    }
+
+    #[test]
+    fn random_labels_round_trip_through_escaping() {
+        let alphabet: Vec<char> = "ab\"\\\n{},= \u{e9}".chars().collect();
+        let mut rng = Rng(42);
+        for i in 0..2_000 {
+            let value: String = (0..rng.next() % 12).map(|_| rng.pick(&alphabet)).collect();
+            let number = (rng.next() % 1_000_000) as f64;
+            let line = format!(
+                "m_{i}{{k=\"{}\",db=\"crm\"}} {number}",
+                escape_label(&value)
+            );
+            let sample = parse_line(&line).unwrap_or_else(|| panic!("did not parse: {line}"));
+            assert_eq!(sample.name, format!("m_{i}"));
+            assert_eq!(sample.label("k"), Some(value.as_str()), "{line}");
+            assert_eq!(sample.label("db"), Some("crm"));
+            assert_eq!(sample.value, number);
+        }
+    }
+
     #[test]
     fn written_metrics_parse_back() {
         let mut out = String::new();

@@ -615,6 +615,73 @@ async fn page_shows_redis_values_and_follows_them_live() {
     }
 }
 
+/// Nothing behind the dashboard (Redis and both endpoints are closed ports):
+/// the page must load, say red with the reasons and "no data", and log no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_with_everything_down_says_so_without_errors() {
+    let closed = || async {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let (redis, reader, consumer) = (closed().await, closed().await, closed().await);
+    let shutdown = CancellationToken::new();
+    let base = start_dashboard(
+        config(
+            &format!("redis://127.0.0.1:{redis}/0"),
+            "metrics:",
+            &format!("http://127.0.0.1:{reader}/metrics"),
+            &format!("http://127.0.0.1:{consumer}/metrics"),
+        ),
+        shutdown.clone(),
+    )
+    .await;
+    let mut browser = Browser::start().await;
+    browser
+        .call(json!({"cmd": "open", "url": format!("{base}/"), "width": 1280, "height": 800}))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pill = browser
+            .eval("document.getElementById('state-pill').className")
+            .await;
+        if pill == json!("pill red") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "state pill stayed {pill}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reasons = browser
+        .eval("document.getElementById('reasons').innerText")
+        .await;
+    let reasons = reasons.as_str().unwrap_or_default();
+    for part in [
+        "redis unreachable",
+        "is cdc-reader running?",
+        "is metrics-consumer running?",
+    ] {
+        assert!(reasons.contains(part), "no reason about {part}: {reasons}");
+    }
+    let page = browser.kpis().await;
+    for kpi in KPIS {
+        assert_eq!(page[kpi], (String::new(), "no data".to_owned()), "{kpi}");
+    }
+    let charts = browser
+        .eval("document.getElementById('chart-gmv').innerText")
+        .await;
+    assert!(
+        charts
+            .as_str()
+            .unwrap_or_default()
+            .contains("redis unreachable"),
+        "{charts}"
+    );
+    browser.screenshot("dashboard-test-down.png").await;
+    let errors = browser.errors().await;
+    assert!(errors.is_empty(), "browser console errors: {errors:#?}");
+    browser.quit().await;
+    shutdown.cancel();
+}
+
 /// Against the real pipeline: needs the generator, cdc-reader and
 /// metrics-consumer running (scripts/browser-test starts them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
