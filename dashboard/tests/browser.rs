@@ -514,7 +514,7 @@ async fn page_shows_redis_values_and_follows_them_live() {
     browser
         .call(json!({"cmd": "open", "url": format!("{base}/"), "width": 1440, "height": 900, "scheme": "dark"}))
         .await;
-    wait_until_equal(&mut browser, &mut con, &prefix, Duration::from_secs(15)).await;
+    wait_until_equal(&mut browser, &mut con, &prefix, Duration::from_secs(30)).await;
 
     // Health: every stand-in endpoint answers and the last event is fresh.
     let deadline = Instant::now() + Duration::from_secs(10);
