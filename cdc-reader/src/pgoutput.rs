@@ -374,7 +374,8 @@ impl Message {
     }
 }
 
-fn bad(message: String) -> Error {
+fn bad(message: impl Into<String>) -> Error {
+    let message: String = message.into();
     Error::BadData(format!("pgoutput: {message}"))
 }
 
@@ -449,6 +450,7 @@ fn get_tuple(buf: &mut Bytes) -> Result<Tuple, Error> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -145,6 +145,7 @@ pub fn update_rows(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use bytes::Bytes;
 

@@ -614,6 +614,7 @@ pub fn now_pg_us() -> i64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -71,7 +71,8 @@ pub struct Preflight {
     pub role: String,
 }
 
-fn setup(cfg: &SourceConfig, message: String) -> Error {
+fn setup(cfg: &SourceConfig, message: impl Into<String>) -> Error {
+    let message: String = message.into();
     Error::Setup(format!(
         "source {} ({}): {message}",
         cfg.name,

@@ -245,6 +245,7 @@ fn now_us() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn status_task(
     name: String,
     mut writer: StatusWriter,
