@@ -31,7 +31,8 @@ pub struct Config {
     pub mix: Mix,
 
     /// Events grouped into one database transaction per database. Default:
-    /// 1 up to 50 events/s, then rate/50, and 500 with `--rate max`.
+    /// 1 up to 50 events/s, then rate/50 (at most 500), and 2000 with
+    /// `--rate max`.
     #[arg(long, env = "GENERATOR_BATCH", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub batch: Option<u32>,
 
@@ -101,7 +102,7 @@ impl Config {
     /// Events per database transaction.
     pub fn batch_size(&self) -> u32 {
         self.batch.unwrap_or(match self.rate {
-            Rate::Max => 500,
+            Rate::Max => 2000,
             Rate::PerSecond(r) => ((r / 50.0) as u32).clamp(1, 500),
         })
     }
@@ -248,7 +249,7 @@ mod tests {
         c.rate = Rate::PerSecond(1000.0);
         assert_eq!(c.batch_size(), 20);
         c.rate = Rate::Max;
-        assert_eq!(c.batch_size(), 500);
+        assert_eq!(c.batch_size(), 2000);
         c.batch = Some(7);
         assert_eq!(c.batch_size(), 7);
     }

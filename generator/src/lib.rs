@@ -34,7 +34,7 @@ pub use config::Config;
 use config::Rate;
 use db::Conn;
 pub use error::Error;
-use model::{BASE_IDS, MAX_NEW_PER_EVENT, Model, Output};
+use model::{BASE_IDS, Model, Output, max_new_rows};
 use op::{Database, Op, Stmt};
 use progress::Counters;
 
@@ -124,7 +124,7 @@ async fn generate(
     let fresh = snapshot.customers.is_empty();
 
     let batch = u64::from(config.batch_size());
-    let bound = MAX_NEW_PER_EVENT.map(|n| n * batch);
+    let bound = max_new_rows(batch);
     let mut pool = ids::Pool::default();
     let mut first = bound;
     if fresh {
@@ -204,7 +204,7 @@ async fn produce(
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
     let batch = u64::from(config.batch_size());
-    let bound = MAX_NEW_PER_EVENT.map(|n| n * batch);
+    let bound = max_new_rows(batch);
     if fresh {
         let mut out = Output::default();
         model.seed_base_data(pool, &mut out)?;
