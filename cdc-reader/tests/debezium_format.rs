@@ -99,6 +99,8 @@ fn expected_source(ts_ms: i64, tx_id: u32, sequence: &str, lsn: u64) -> Value {
     })
 }
 
+// `json!` serialises its arguments by reference.
+#[allow(clippy::needless_pass_by_value)]
 fn envelope(before: Value, after: Value, source: Value, op: &str) -> Value {
     json!({
         "before": before,
