@@ -9,10 +9,10 @@ pub fn url(raw: &str) -> String {
             Some(i) => rest.split_at(i),
             None => (rest, ""),
         };
-        if let Some((userinfo, host)) = authority.rsplit_once('@') {
-            if let Some((user, _password)) = userinfo.split_once(':') {
-                return format!("{scheme}://{user}:***@{host}{tail}");
-            }
+        if let Some((userinfo, host)) = authority.rsplit_once('@')
+            && let Some((user, _password)) = userinfo.split_once(':')
+        {
+            return format!("{scheme}://{user}:***@{host}{tail}");
         }
         return raw.to_owned();
     }
@@ -39,7 +39,10 @@ mod tests {
 
     #[test]
     fn keeps_urls_without_password() {
-        assert_eq!(url("redis://127.0.0.1:63790/0"), "redis://127.0.0.1:63790/0");
+        assert_eq!(
+            url("redis://127.0.0.1:63790/0"),
+            "redis://127.0.0.1:63790/0"
+        );
         assert_eq!(url("postgres://app@h/db"), "postgres://app@h/db");
     }
 
