@@ -20,7 +20,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 
 use crate::change::{Change, Column, Datum, Lsn, Op, Row, SnapshotMarker, TableName};
-use crate::value::{DecimalMode, ValueError, write_datum, write_str};
+use crate::value::{DecimalMode, ValueError, write_datum, write_int, write_str};
 
 /// `source.version`: this reader's version (not a Debezium release).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -86,6 +86,8 @@ impl From<EncodeError> for crate::error::Error {
 pub struct Encoder {
     config: EnvelopeConfig,
     topics: HashMap<Arc<TableName>, Arc<str>>,
+    /// The last table's topic: consecutive changes mostly hit one table.
+    last_topic: Option<(Arc<TableName>, Arc<str>)>,
     transaction: Option<OpenTransaction>,
 }
 
@@ -101,13 +103,12 @@ struct OpenTransaction {
 
 /// Microseconds since the epoch split the way the envelope prints it.
 fn write_times(out: &mut Vec<u8>, micros: i64) {
-    let _ = write!(
-        out,
-        "\"ts_ms\":{},\"ts_us\":{},\"ts_ns\":{}",
-        micros.div_euclid(1000),
-        micros,
-        i128::from(micros) * 1000
-    );
+    out.extend_from_slice(b"\"ts_ms\":");
+    write_int(out, micros.div_euclid(1000).into());
+    out.extend_from_slice(b",\"ts_us\":");
+    write_int(out, micros.into());
+    out.extend_from_slice(b",\"ts_ns\":");
+    write_int(out, i128::from(micros) * 1000);
 }
 
 impl Encoder {
@@ -116,6 +117,7 @@ impl Encoder {
         Encoder {
             config,
             topics: HashMap::new(),
+            last_topic: None,
             transaction: None,
         }
     }
@@ -126,11 +128,20 @@ impl Encoder {
     }
 
     fn topic(&mut self, table: &Arc<TableName>) -> Arc<str> {
-        if let Some(topic) = self.topics.get(table) {
+        if let Some((last, topic)) = &self.last_topic
+            && Arc::ptr_eq(last, table)
+        {
             return topic.clone();
         }
-        let topic: Arc<str> = table.topic().into();
-        self.topics.insert(table.clone(), topic.clone());
+        let topic = match self.topics.get(table) {
+            Some(topic) => topic.clone(),
+            None => {
+                let topic: Arc<str> = table.topic().into();
+                self.topics.insert(table.clone(), topic.clone());
+                topic
+            }
+        };
+        self.last_topic = Some((table.clone(), topic.clone()));
         topic
     }
 
@@ -298,23 +309,34 @@ impl Encoder {
         out.extend_from_slice(b",\"db\":");
         write_str(&mut out, &table.database);
         out.extend_from_slice(b",\"sequence\":");
-        write_str(&mut out, &sequence(src.last_commit_lsn, src.lsn));
+        // `sequence`: a string holding ["<last commit lsn>","<lsn>"].
+        match src.last_commit_lsn {
+            Some(last) => {
+                out.extend_from_slice(b"\"[\\\"");
+                write_int(&mut out, last.into());
+                out.extend_from_slice(b"\\\",");
+            }
+            None => out.extend_from_slice(b"\"[null,"),
+        }
+        out.extend_from_slice(b"\\\"");
+        write_int(&mut out, src.lsn.into());
+        out.extend_from_slice(b"\\\"]\"");
         out.extend_from_slice(b",\"schema\":");
         write_str(&mut out, &table.schema);
         out.extend_from_slice(b",\"table\":");
         write_str(&mut out, &table.table);
         match src.tx_id {
             Some(tx) => {
-                let _ = write!(out, ",\"txId\":{tx}");
+                out.extend_from_slice(b",\"txId\":");
+                write_int(&mut out, tx.into());
             }
             None => out.extend_from_slice(b",\"txId\":null"),
         }
-        let _ = write!(
-            out,
-            ",\"lsn\":{},\"xmin\":null}},\"op\":\"{}\",",
-            src.lsn,
-            op.code()
-        );
+        out.extend_from_slice(b",\"lsn\":");
+        write_int(&mut out, src.lsn.into());
+        out.extend_from_slice(b",\"xmin\":null},\"op\":\"");
+        out.extend_from_slice(op.code().as_bytes());
+        out.extend_from_slice(b"\",");
         write_times(&mut out, now_us);
         out.extend_from_slice(b",\"transaction\":");
         match self.transaction.as_mut() {

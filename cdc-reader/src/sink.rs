@@ -485,6 +485,7 @@ impl Sink {
             predecessor,
             encoder: Encoder::new(self.inner.config.envelope),
             records: Vec::with_capacity(4),
+            ensured: None,
         }
     }
 
@@ -511,6 +512,8 @@ pub struct SourceSink {
     predecessor: Option<Arc<SourceShared>>,
     encoder: Encoder,
     records: Vec<Record>,
+    /// Last topic known to exist (skips the topic-set lookup per record).
+    ensured: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for SourceSink {
@@ -594,7 +597,14 @@ impl SourceSink {
     }
 
     async fn produce(&mut self, record: &Record) -> Result<(), Error> {
-        self.sink.topics.ensure(&record.topic).await?;
+        if !self
+            .ensured
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, &record.topic))
+        {
+            self.sink.topics.ensure(&record.topic).await?;
+            self.ensured = Some(record.topic.clone());
+        }
         let seq = match self.shared.tracker.lock() {
             Ok(mut t) => t.sent(),
             Err(_) => return Err(Error::KafkaFatal("tracker lock poisoned".into())),

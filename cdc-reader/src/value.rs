@@ -279,12 +279,12 @@ pub fn write_text(
             }
         },
         oid::TIMESTAMP => match text {
-            "infinity" => write!(out, "{}", i64::MAX).map_err(|_| err("write failed"))?,
-            "-infinity" => write!(out, "{}", i64::MIN).map_err(|_| err("write failed"))?,
+            "infinity" => write_int(out, i64::MAX.into()),
+            "-infinity" => write_int(out, i64::MIN.into()),
             _ => {
                 let (micros, _) =
                     parse_timestamp(text, false).ok_or_else(|| err("bad timestamp"))?;
-                write!(out, "{micros}").map_err(|_| err("write failed"))?;
+                write_int(out, micros.into());
             }
         },
         oid::DATE => {
@@ -293,14 +293,14 @@ pub fn write_text(
                 "-infinity" => i64::from(i32::MIN),
                 _ => parse_date(text).ok_or_else(|| err("bad date"))?,
             };
-            write!(out, "{days}").map_err(|_| err("write failed"))?;
+            write_int(out, days.into());
         }
         oid::TIME => {
             let (micros, rest) = parse_time(text).ok_or_else(|| err("bad time"))?;
             if !rest.is_empty() {
                 return Err(err("bad time"));
             }
-            write!(out, "{micros}").map_err(|_| err("write failed"))?;
+            write_int(out, micros.into());
         }
         oid::TIMETZ => {
             let (micros, rest) = parse_time(text).ok_or_else(|| err("bad time"))?;
@@ -325,35 +325,85 @@ pub fn write_text(
     Ok(())
 }
 
+/// Bytes that need escaping inside a JSON string.
+static NEEDS_ESCAPE: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        table[i] = true;
+        i += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 /// A JSON string with escaping.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.reserve(s.len() + 2);
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0C => b"\\f",
-            0..=0x1F => {
-                out.extend_from_slice(&bytes[start..i]);
-                let _ = write!(out, "\\u{b:04x}");
-                start = i + 1;
-                continue;
-            }
-            _ => continue,
-        };
+    while let Some(offset) = bytes[start..]
+        .iter()
+        .position(|&b| NEEDS_ESCAPE[b as usize])
+    {
+        let i = start + offset;
         out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(escape);
+        let b = bytes[i];
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0C => out.extend_from_slice(b"\\f"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xF)]);
+            }
+        }
         start = i + 1;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// Writes an integer in decimal without going through `fmt`.
+pub fn write_int(out: &mut Vec<u8>, value: i128) {
+    let mut buf = [0u8; 40];
+    let mut pos = buf.len();
+    let mut n = value.unsigned_abs();
+    loop {
+        pos -= 1;
+        buf[pos] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if value < 0 {
+        pos -= 1;
+        buf[pos] = b'-';
+    }
+    out.extend_from_slice(&buf[pos..]);
+}
+
+/// Writes `value` zero-padded to `width` digits (`value` must be non-negative).
+fn write_padded(out: &mut Vec<u8>, value: i64, width: usize) {
+    let mut buf = [b'0'; 20];
+    let mut n = value.unsigned_abs();
+    let mut pos = buf.len();
+    while n > 0 {
+        pos -= 1;
+        buf[pos] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    let start = (buf.len() - width).min(pos);
+    out.extend_from_slice(&buf[start..]);
 }
 
 fn write_f64(out: &mut Vec<u8>, v: f64) {
@@ -627,21 +677,20 @@ fn parse_timestamp(text: &str, with_offset: bool) -> Option<(i64, i32)> {
 
 fn write_clock(out: &mut Vec<u8>, micros_of_day: i64) {
     let secs = micros_of_day / 1_000_000;
-    let frac = micros_of_day % 1_000_000;
-    let _ = write!(
-        out,
-        "{:02}:{:02}:{:02}",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    );
+    let mut frac = micros_of_day % 1_000_000;
+    write_padded(out, secs / 3600, 2);
+    out.push(b':');
+    write_padded(out, secs / 60 % 60, 2);
+    out.push(b':');
+    write_padded(out, secs % 60, 2);
     if frac != 0 {
-        let mut digits = format!("{frac:06}");
-        while digits.ends_with('0') {
-            digits.pop();
+        let mut width = 6;
+        while frac % 10 == 0 {
+            frac /= 10;
+            width -= 1;
         }
         out.push(b'.');
-        out.extend_from_slice(digits.as_bytes());
+        write_padded(out, frac, width);
     }
 }
 
@@ -651,7 +700,12 @@ fn write_iso_timestamp(out: &mut Vec<u8>, utc_micros: i64) {
     let (year, month, day) = civil_from_days(days);
     out.push(b'"');
     if (0..=9999).contains(&year) {
-        let _ = write!(out, "{year:04}-{month:02}-{day:02}T");
+        write_padded(out, year, 4);
+        out.push(b'-');
+        write_padded(out, i64::from(month), 2);
+        out.push(b'-');
+        write_padded(out, i64::from(day), 2);
+        out.push(b'T');
     } else {
         // ISO-8601 expanded years, as java.time prints them.
         let sign = if year < 0 { '-' } else { '+' };
@@ -1177,6 +1231,25 @@ mod tests {
         fails("{1,x}", 1007);
         fails("1,2}", 1007);
         fails(r#"{"a}"#, 1009);
+    }
+
+    #[test]
+    fn integers_and_escapes_are_written_directly() {
+        let int = |v: i128| {
+            let mut out = Vec::new();
+            write_int(&mut out, v);
+            String::from_utf8(out).unwrap_or_default()
+        };
+        assert_eq!(int(0), "0");
+        assert_eq!(int(-5), "-5");
+        assert_eq!(int(i64::MAX.into()), "9223372036854775807");
+        assert_eq!(int(i128::MIN), i128::MIN.to_string());
+        let mut out = Vec::new();
+        write_str(&mut out, "a\"b\\c\u{7}\u{1f}é\t");
+        assert_eq!(
+            String::from_utf8(out).unwrap_or_default(),
+            r#""a\"b\\c\u0007\u001fé\t""#
+        );
     }
 
     #[test]
