@@ -279,12 +279,12 @@ pub fn write_text(
             }
         },
         oid::TIMESTAMP => match text {
-            "infinity" => write_int(out, i64::MAX.into()),
-            "-infinity" => write_int(out, i64::MIN.into()),
+            "infinity" => write_i64(out, i64::MAX),
+            "-infinity" => write_i64(out, i64::MIN),
             _ => {
                 let (micros, _) =
                     parse_timestamp(text, false).ok_or_else(|| err("bad timestamp"))?;
-                write_int(out, micros.into());
+                write_i64(out, micros);
             }
         },
         oid::DATE => {
@@ -293,14 +293,14 @@ pub fn write_text(
                 "-infinity" => i64::from(i32::MIN),
                 _ => parse_date(text).ok_or_else(|| err("bad date"))?,
             };
-            write_int(out, days.into());
+            write_i64(out, days);
         }
         oid::TIME => {
             let (micros, rest) = parse_time(text).ok_or_else(|| err("bad time"))?;
             if !rest.is_empty() {
                 return Err(err("bad time"));
             }
-            write_int(out, micros.into());
+            write_i64(out, micros);
         }
         oid::TIMETZ => {
             let (micros, rest) = parse_time(text).ok_or_else(|| err("bad time"))?;
@@ -372,11 +372,11 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
-/// Writes an integer in decimal without going through `fmt`.
-pub fn write_int(out: &mut Vec<u8>, value: i128) {
-    let mut buf = [0u8; 40];
+/// Writes an unsigned integer in decimal without going through `fmt`.
+pub fn write_u64(out: &mut Vec<u8>, value: u64) {
+    let mut buf = [0u8; 20];
     let mut pos = buf.len();
-    let mut n = value.unsigned_abs();
+    let mut n = value;
     loop {
         pos -= 1;
         buf[pos] = b'0' + (n % 10) as u8;
@@ -385,11 +385,15 @@ pub fn write_int(out: &mut Vec<u8>, value: i128) {
             break;
         }
     }
-    if value < 0 {
-        pos -= 1;
-        buf[pos] = b'-';
-    }
     out.extend_from_slice(&buf[pos..]);
+}
+
+/// Writes a signed integer in decimal without going through `fmt`.
+pub fn write_i64(out: &mut Vec<u8>, value: i64) {
+    if value < 0 {
+        out.push(b'-');
+    }
+    write_u64(out, value.unsigned_abs());
 }
 
 /// Writes `value` zero-padded to `width` digits (`value` must be non-negative).
@@ -1235,15 +1239,21 @@ mod tests {
 
     #[test]
     fn integers_and_escapes_are_written_directly() {
-        let int = |v: i128| {
+        let int = |v: i64| {
             let mut out = Vec::new();
-            write_int(&mut out, v);
+            write_i64(&mut out, v);
             String::from_utf8(out).unwrap_or_default()
         };
         assert_eq!(int(0), "0");
         assert_eq!(int(-5), "-5");
-        assert_eq!(int(i64::MAX.into()), "9223372036854775807");
-        assert_eq!(int(i128::MIN), i128::MIN.to_string());
+        assert_eq!(int(i64::MAX), "9223372036854775807");
+        assert_eq!(int(i64::MIN), i64::MIN.to_string());
+        let mut out = Vec::new();
+        write_u64(&mut out, u64::MAX);
+        assert_eq!(
+            String::from_utf8(out).unwrap_or_default(),
+            u64::MAX.to_string()
+        );
         let mut out = Vec::new();
         write_str(&mut out, "a\"b\\c\u{7}\u{1f}é\t");
         assert_eq!(
