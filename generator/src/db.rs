@@ -31,6 +31,7 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
         || code == "40001" // serialization failure
         || code == "40P01" // deadlock (two generators on one database)
         || code == "53300" // too many connections
+        || code == "26000" // prepared statement gone: stale cache after a reconnect
 }
 
 /// Environment variable naming a database's URL.
@@ -193,6 +194,7 @@ impl Conn {
             outage.outages += 1;
         }
         self.client = None;
+        self.prepared.clear();
         tokio::select! {
             _ = tokio::time::sleep(outage.backoff) => {}
             _ = shutdown.cancelled() => {
@@ -221,6 +223,9 @@ impl Conn {
                 return Ok(groups.iter().map(|g| g.ops.len() as u64).collect());
             }
         }
+        // Connect first: statements prepared on a connection that then
+        // turns out dead would not exist on its replacement.
+        self.client().await?;
         let mut stmts = Vec::with_capacity(groups.len());
         for g in groups {
             stmts.push(self.statement(sql(g.stmt)).await?);

@@ -920,15 +920,15 @@ impl Model {
             let trial = self.rng.random_bool(0.4);
             self.signup(ids, out, trial)?;
         }
-        if e % 40 == 3 {
-            if let Some(cid) = self.shops.pick(&mut self.rng) {
-                self.new_buyer(cid, ids, out)?;
-            }
+        if e % 40 == 3
+            && let Some(cid) = self.shops.pick(&mut self.rng)
+        {
+            self.new_buyer(cid, ids, out)?;
         }
-        if e % 60 == 11 {
-            if let Some(cid) = self.shops.pick(&mut self.rng) {
-                self.new_product(cid, ids, out)?;
-            }
+        if e % 60 == 11
+            && let Some(cid) = self.shops.pick(&mut self.rng)
+        {
+            self.new_product(cid, ids, out)?;
         }
         if e % 25 == 5 {
             self.change_price(out);
@@ -939,23 +939,24 @@ impl Model {
         if e % 80 == 17 {
             self.change_plan(out);
         }
-        if e % 300 == 150 && self.shops.len() > 10 {
-            if let Some(cid) = self.shops.pick(&mut self.rng) {
-                out.push(Op::SetCustomerActive {
-                    id: cid,
-                    active: false,
-                });
-                if let Some(c) = self.customers.get_mut(&cid) {
-                    c.active = false;
-                }
-                self.refresh_shop(cid);
+        if e % 300 == 150
+            && self.shops.len() > 10
+            && let Some(cid) = self.shops.pick(&mut self.rng)
+        {
+            out.push(Op::SetCustomerActive {
+                id: cid,
+                active: false,
+            });
+            if let Some(c) = self.customers.get_mut(&cid) {
+                c.active = false;
             }
+            self.refresh_shop(cid);
         }
-        if e % 90 == 29 {
-            if let Some(id) = self.all_buyers.pick(&mut self.rng) {
-                let email: String = SafeEmail().fake_with_rng(&mut self.rng);
-                out.push(Op::UpdateBuyerEmail { id, email });
-            }
+        if e % 90 == 29
+            && let Some(id) = self.all_buyers.pick(&mut self.rng)
+        {
+            let email: String = SafeEmail().fake_with_rng(&mut self.rng);
+            out.push(Op::UpdateBuyerEmail { id, email });
         }
         if e % 100 == 31 {
             self.delete_idle_buyer(out);
@@ -1283,7 +1284,7 @@ impl Model {
             }
             _ => {
                 if let Some(id) = self.onboarding_carrier.take() {
-                    if (cycle / 3) % 2 == 0 {
+                    if (cycle / 3).is_multiple_of(2) {
                         out.push(Op::Delete {
                             table: Table::Carrier,
                             id,

@@ -34,13 +34,12 @@ pub fn plan(ops: Vec<Op>) -> Vec<Group> {
         let write = op.write_key();
         let reads = op.read_keys();
 
-        if let (Op::AdjustStock { delta, .. }, Some(key)) = (&op, write) {
-            if let Some(&i) = last_op.get(&key) {
-                if let (_, Op::AdjustStock { delta: earlier, .. }) = &mut placed[i] {
-                    *earlier += delta;
-                    continue;
-                }
-            }
+        if let (Op::AdjustStock { delta, .. }, Some(key)) = (&op, write)
+            && let Some(&i) = last_op.get(&key)
+            && let (_, Op::AdjustStock { delta: earlier, .. }) = &mut placed[i]
+        {
+            *earlier += delta;
+            continue;
         }
 
         let mut layer = 0;
@@ -49,10 +48,10 @@ pub fn plan(ops: Vec<Op>) -> Vec<Group> {
                 layer = layer.max(l + 1);
             }
         }
-        if let Some(key) = write {
-            if let Some(&l) = last_access.get(&key) {
-                layer = layer.max(l + 1);
-            }
+        if let Some(key) = write
+            && let Some(&l) = last_access.get(&key)
+        {
+            layer = layer.max(l + 1);
         }
         if matches!(op, Op::PurgeInteractions { .. }) {
             // Touches rows it cannot name: after everything else.

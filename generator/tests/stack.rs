@@ -273,7 +273,7 @@ async fn same_seed_gives_same_rows_whatever_the_batching() {
     config_b.batch = Some(37);
     let mut config_c = c.config(8, 3000);
     config_c.batch = Some(500);
-    let (ca, cb, cc) = tokio::join!(run(config_a), run(config_b), run(config_c));
+    let (ca, cb, _cc) = tokio::join!(run(config_a), run(config_b), run(config_c));
     assert_eq!(ca.events.load(Ordering::Relaxed), 3000);
     assert_eq!(cb.events.load(Ordering::Relaxed), 3000);
     let (da, db, dc) = tokio::join!(dump(&a), dump(&b), dump(&c));
@@ -439,6 +439,7 @@ async fn invariants_hold_across_runs_and_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_lost_connections_without_losing_or_repeating_events() {
+    local_stack::init_tracing();
     let clean = TestDbs::create("clean").await;
     let broken = TestDbs::create("broken").await;
     let mut config = clean.config(5, 4000);
@@ -461,6 +462,10 @@ async fn survives_lost_connections_without_losing_or_repeating_events() {
     for threshold in [800u64, 2000] {
         while counters.events.load(Ordering::Relaxed) < threshold {
             assert!(Instant::now() < deadline, "generator stalled");
+            if task.is_finished() {
+                let result = task.await.expect("task joins");
+                panic!("generator ended early: {result:?}");
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let killed: i64 = admin
