@@ -11,7 +11,7 @@ use clap::Parser;
 /// lifecycle around them (payments resolving, refunds, deliveries, signups,
 /// price changes, deletions).
 #[derive(Debug, Clone, Parser)]
-#[command(version, about)]
+#[command(version)]
 pub struct Config {
     /// Events per second (purchases and behaviour events), or `max`.
     #[arg(long, env = "GENERATOR_RATE", default_value = "10", value_parser = parse_rate)]
@@ -41,20 +41,21 @@ pub struct Config {
     #[arg(long, env = "GENERATOR_SEED", default_value_t = 42)]
     pub seed: u64,
 
-    /// `instashop` database (shops, buyers, products, purchases).
-    #[arg(long, env = "PG_INSTASHOP_URL", default_value = DEFAULT_INSTASHOP_URL)]
+    /// `instashop` database (shops, buyers, products, purchases). Default:
+    /// the local stack's, postgres://instashop_app:***@127.0.0.1:54329/instashop.
+    #[arg(long, env = "PG_INSTASHOP_URL", default_value = DEFAULT_INSTASHOP_URL, hide_env_values = true, hide_default_value = true)]
     pub instashop_url: String,
 
-    /// `crm` database (behaviour events).
-    #[arg(long, env = "PG_CRM_URL", default_value = DEFAULT_CRM_URL)]
+    /// `crm` database (behaviour events). Default: the local stack's.
+    #[arg(long, env = "PG_CRM_URL", default_value = DEFAULT_CRM_URL, hide_env_values = true, hide_default_value = true)]
     pub crm_url: String,
 
-    /// `erp` database (stock).
-    #[arg(long, env = "PG_ERP_URL", default_value = DEFAULT_ERP_URL)]
+    /// `erp` database (stock). Default: the local stack's.
+    #[arg(long, env = "PG_ERP_URL", default_value = DEFAULT_ERP_URL, hide_env_values = true, hide_default_value = true)]
     pub erp_url: String,
 
-    /// `ecommerce` database (carriers, shipments).
-    #[arg(long, env = "PG_ECOMMERCE_URL", default_value = DEFAULT_ECOMMERCE_URL)]
+    /// `ecommerce` database (carriers, shipments). Default: the local stack's.
+    #[arg(long, env = "PG_ECOMMERCE_URL", default_value = DEFAULT_ECOMMERCE_URL, hide_env_values = true, hide_default_value = true)]
     pub ecommerce_url: String,
 
     /// Where `/metrics` (Prometheus text) is served; empty to turn it off.
