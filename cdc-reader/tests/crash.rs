@@ -62,3 +62,68 @@ async fn kill_9_at_random_moments_under_load_loses_nothing() {
     assert!(reader.stop());
     db.cleanup().await;
 }
+
+/// Connection loss under load (the reader's side of a Postgres restart or a
+/// network cut): the walsender is terminated several times; the reader
+/// reconnects with backoff, resumes from the slot and loses nothing. A real
+/// Postgres restart under load is done by `scripts/chaos`, not here: the
+/// instance is shared by every test running at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_loss_under_load_reconnects_and_loses_nothing() {
+    let db = TestDb::create("connloss", support::INSTASHOP_SQL).await;
+    db.owner()
+        .await
+        .batch_execute(&shop_batch_sql(100))
+        .await
+        .unwrap();
+    let stop = CancellationToken::new();
+    let load = tokio::spawn(shop_load(db.owner_url.clone(), 30, stop.clone()));
+    let reader = Reader::start(&db, &[]);
+    let admin = support::connect(&db.admin_url).await;
+    let mut last_pid: Option<i32> = None;
+    for _ in 0..4 {
+        // Wait for a walsender other than the one terminated last time.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let pid = loop {
+            let pid: Option<i32> = admin
+                .query_opt(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&db.slot],
+                )
+                .await
+                .unwrap()
+                .and_then(|r| r.get(0));
+            if let Some(p) = pid
+                && Some(p) != last_pid
+            {
+                break p;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reader did not reconnect:\n{}",
+                support::tail(&reader.log_text(), 20)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .unwrap();
+        last_pid = Some(pid);
+    }
+    stop.cancel();
+    load.await.unwrap();
+    db.wait_caught_up(Duration::from_secs(300), Some(&reader.log))
+        .await;
+    let log = reader.log_text();
+    assert!(
+        log.contains("reconnecting"),
+        "the reader should have reconnected:\n{}",
+        support::tail(&log, 20)
+    );
+    let events = replay_equals_db(&db, &SHOP_TABLES, true).await;
+    check_duplicates(&events);
+    drop(reader);
+    db.cleanup().await;
+}

@@ -731,3 +731,25 @@ pub async fn shop_load(url: String, n: u32, stop: tokio_util::sync::Cancellation
     }
     done
 }
+
+/// Number of messages in a topic (sum of high minus low watermarks), without consuming.
+pub fn message_count(topic: &str) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_bootstrap())
+        .set("group.id", unique("count"))
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut n = 0;
+    for t in md.topics() {
+        for p in t.partitions() {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .unwrap();
+            n += high - low;
+        }
+    }
+    n
+}
