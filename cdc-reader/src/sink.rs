@@ -30,7 +30,7 @@ use rdkafka::Message as _;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
 use crate::change::{Change, Lsn};
 use crate::envelope::{Encoder, EnvelopeConfig, Record};
@@ -297,9 +297,6 @@ struct SinkContext {
     metrics: Arc<dyn SinkMetrics>,
     /// Set when librdkafka reports a fatal error: the producer must be replaced.
     fatal: AtomicBool,
-    /// Wakes senders waiting for room in the producer queue.
-    room: Arc<Notify>,
-    waiting: Arc<AtomicUsize>,
 }
 
 impl ClientContext for SinkContext {
@@ -348,9 +345,6 @@ impl ProducerContext for SinkContext {
                 delivery.source.failed(delivery.seq, error);
             }
         }
-        if self.waiting.load(Ordering::Relaxed) > 0 {
-            self.room.notify_waiters();
-        }
     }
 }
 
@@ -362,8 +356,6 @@ struct SinkInner {
     producer: RwLock<Arc<KafkaProducer>>,
     generation: AtomicU64,
     topics: Topics,
-    room: Arc<Notify>,
-    waiting: Arc<AtomicUsize>,
     /// Latest tracker per source name.
     sources: Mutex<HashMap<String, Arc<SourceShared>>>,
 }
@@ -372,14 +364,10 @@ impl SinkInner {
     fn build_producer(
         config: &SinkConfig,
         metrics: Arc<dyn SinkMetrics>,
-        room: Arc<Notify>,
-        waiting: Arc<AtomicUsize>,
     ) -> Result<KafkaProducer, Error> {
         let context = SinkContext {
             metrics,
             fatal: AtomicBool::new(false),
-            room,
-            waiting,
         };
         producer_config(config)
             .create_with_context(context)
@@ -403,12 +391,7 @@ impl SinkInner {
             .write()
             .map_err(|_| Error::KafkaFatal("producer lock poisoned".into()))?;
         if Arc::ptr_eq(&slot, &current) {
-            let fresh = Self::build_producer(
-                &self.config,
-                self.metrics.clone(),
-                self.room.clone(),
-                self.waiting.clone(),
-            )?;
+            let fresh = Self::build_producer(&self.config, self.metrics.clone())?;
             *slot = Arc::new(fresh);
             let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
             tracing::warn!(
@@ -437,10 +420,7 @@ impl std::fmt::Debug for Sink {
 impl Sink {
     /// Creates the producer and the topic admin client (connects lazily).
     pub fn new(cfg: &SinkConfig, metrics: Arc<dyn SinkMetrics>) -> Result<Self, Error> {
-        let room = Arc::new(Notify::new());
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let producer =
-            SinkInner::build_producer(cfg, metrics.clone(), room.clone(), waiting.clone())?;
+        let producer = SinkInner::build_producer(cfg, metrics.clone())?;
         let topics = Topics::new(&cfg.bootstrap_servers, cfg.topics.clone())?;
         Ok(Sink {
             inner: Arc::new(SinkInner {
@@ -449,8 +429,6 @@ impl Sink {
                 producer: RwLock::new(Arc::new(producer)),
                 generation: AtomicU64::new(0),
                 topics,
-                room,
-                waiting,
                 sources: Mutex::new(HashMap::new()),
             }),
         })
@@ -522,6 +500,20 @@ impl std::fmt::Debug for SourceSink {
             .field("source", &self.shared.name)
             .field("in_flight", &self.in_flight())
             .finish_non_exhaustive()
+    }
+}
+
+/// Waits after a "queue full" until a tenth of the producer queue drained:
+/// resuming after every single delivery report would cost a wake-up per
+/// record when the brokers are the bottleneck.
+async fn wait_for_room(producer: &KafkaProducer) {
+    let full = producer.in_flight_count().max(1);
+    let resume_at = full - full / 10;
+    loop {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        if producer.in_flight_count() <= resume_at {
+            return;
+        }
     }
 }
 
@@ -637,7 +629,7 @@ impl SourceSink {
                 Ok(()) => return Ok(()),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     base = returned;
-                    self.wait_for_room().await;
+                    wait_for_room(&producer).await;
                 }
                 Err((error, returned)) => {
                     drop(returned);
@@ -657,14 +649,6 @@ impl SourceSink {
                 }
             }
         }
-    }
-
-    async fn wait_for_room(&self) {
-        self.sink.waiting.fetch_add(1, Ordering::SeqCst);
-        // Delivery reports wake us; the timeout covers a report that raced
-        // with registering as a waiter.
-        let _ = tokio::time::timeout(Duration::from_millis(20), self.sink.room.notified()).await;
-        self.sink.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Closes the current source transaction: once every record enqueued
