@@ -320,6 +320,11 @@ impl Counts {
         self.pending += 1;
     }
 
+    /// Whether enough events accumulated to publish them mid-transaction.
+    fn due(&self) -> bool {
+        self.pending >= 10_000
+    }
+
     fn flush(&mut self, metrics: &Metrics, force: bool) {
         if self.pending == 0 {
             return;
@@ -492,6 +497,9 @@ async fn stream(
                                 };
                                 counts.add(&change.table, Op::Create);
                                 out.send(&change).await?;
+                                if counts.due() {
+                                    counts.flush(metrics, true);
+                                }
                             }
                         }
                         Message::Update { oid, old, new } => {
@@ -508,6 +516,9 @@ async fn stream(
                                 };
                                 counts.add(&change.table, Op::Update);
                                 out.send(&change).await?;
+                                if counts.due() {
+                                    counts.flush(metrics, true);
+                                }
                             }
                         }
                         Message::Delete { oid, old: (_, old) } => {
@@ -523,6 +534,9 @@ async fn stream(
                                 };
                                 counts.add(&change.table, Op::Delete);
                                 out.send(&change).await?;
+                                if counts.due() {
+                                    counts.flush(metrics, true);
+                                }
                             }
                         }
                         Message::Truncate { oids, .. } => {

@@ -68,6 +68,26 @@ async fn snapshot_then_streaming_replays_exactly() {
     // A delete is followed by a tombstone.
     assert!(events.iter().any(|e| e.value.is_none()));
 
+    // /metrics and /health.
+    let metrics = support::http_get(&reader, "/metrics");
+    let created = format!(
+        "cdc_events_total{{topic=\"{}\",op=\"c\"}}",
+        support::topic(&db, "customer")
+    );
+    assert!(metrics.contains(&created), "no {created} in:\n{metrics}");
+    for family in [
+        "cdc_replication_lag_bytes{",
+        "cdc_replication_lag_seconds{",
+        "cdc_confirmed_lsn{",
+        "cdc_kafka_records_delivered_total{",
+        "cdc_snapshot_rows_copied{",
+    ] {
+        assert!(metrics.contains(family), "no {family} in:\n{metrics}");
+    }
+    let health = support::http_get(&reader, "/health");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("streaming"), "{health}");
+
     assert!(
         reader.stop(),
         "reader did not exit 0 on SIGTERM:\n{}",

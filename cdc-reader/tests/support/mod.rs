@@ -753,3 +753,24 @@ pub fn message_count(topic: &str) -> i64 {
     }
     n
 }
+
+/// GETs `path` from the reader's metrics endpoint (address taken from its log).
+pub fn http_get(reader: &Reader, path: &str) -> String {
+    use std::io::{Read, Write};
+    let log = reader.log_text();
+    let addr = log
+        .lines()
+        .find_map(|l| l.split("metrics=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no metrics address in the reader log:\n{}", tail(&log, 10)))
+        .to_owned();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
