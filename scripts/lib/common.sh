@@ -48,10 +48,20 @@ say() {
 
 # Sets STATE and the derived paths. Precedence: --state-dir flag (passed in
 # as $1), then $INSTASHOP_STATE_DIR, then .local in the repository root.
+# With a second argument --no-create (scripts that only look: status, down),
+# a missing directory is not created.
 init_state() {
     local requested="${1:-${INSTASHOP_STATE_DIR:-$REPO_ROOT/.local}}"
-    mkdir -p "$requested"
-    STATE="$(cd "$requested" && pwd)"
+    local create=1
+    [[ "${2:-}" == --no-create ]] && create=0
+    if ((create)); then
+        mkdir -p "$requested"
+    fi
+    if [[ -d "$requested" ]]; then
+        STATE="$(cd "$requested" && pwd)"
+    else
+        STATE="$(realpath -m "$requested")"
+    fi
     RUN="$STATE/run"
     LOG="$STATE/log"
     PGDATA="$STATE/pg"
@@ -60,7 +70,9 @@ init_state() {
     PY="$VENV/bin/python"
     KAFKA_TOOL="$REPO_ROOT/scripts/lib/kafka_tool.py"
     BOOTSTRAP="$(IFS=,; echo "${BROKER_PORTS[*]/#/127.0.0.1:}")"
-    mkdir -p "$RUN" "$LOG"
+    if ((create)); then
+        mkdir -p "$RUN" "$LOG"
+    fi
 }
 
 # Runs a command as the postgres OS user when we are root (initdb and the
