@@ -8,16 +8,25 @@
 //! Kafka, so a crash at any instant loses nothing: Postgres resends every
 //! unconfirmed transaction.
 //!
+//! Ordering per key: keys are hashed like the Java client (`murmur2_random`),
+//! so one key always lands in one partition; the idempotent producer keeps a
+//! partition's records in order across retries, and with
+//! `enable.gapless.guarantee` a permanently failed batch can never be skipped
+//! by a later one (the producer turns fatal instead).
+//!
 //! A failed delivery poisons the source's tracker: its confirmed LSN never
 //! moves again and [`SourceSink::take_fatal`] returns the error; the source
-//! reconnects, takes a fresh [`Sink::source`] and resends from the slot. A
-//! fatal producer error (idempotence state lost) makes the sink build a new
-//! producer for later sends.
+//! reconnects, takes a fresh [`Sink::source`] and resends from the slot. The
+//! fresh tracker's first send waits until the previous tracker's records are
+//! all reported, so resent records never queue behind doomed ones. A fatal
+//! producer error (idempotence state lost) makes the sink build a new
+//! producer for later sends. `message.timeout.ms` is long (300 s), so a broker
+//! outage stalls the pipeline instead of failing records.
 //!
 //! API notes for the replication side: `SourceSink::confirmed()` starts at 0
 //! (nothing confirmed by this tracker yet); the metrics hooks are the
-//! [`SinkMetrics`] trait (no-op defaults), which `crate::metrics::Metrics`
-//! implements below once it exists.
+//! [`SinkMetrics`] trait (no-op defaults), implemented by
+//! `crate::metrics::Metrics`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
