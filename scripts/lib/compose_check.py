@@ -11,6 +11,8 @@ Prints one line per problem and exits 1 when there is any.
 """
 
 import argparse
+import base64
+import binascii
 import pathlib
 import sys
 
@@ -81,6 +83,13 @@ def main():
             problems.append(f"{name}: KAFKA_DEFAULT_REPLICATION_FACTOR must be 3")
         if env.get("KAFKA_MIN_INSYNC_REPLICAS") != "2":
             problems.append(f"{name}: KAFKA_MIN_INSYNC_REPLICAS must be 2")
+        cluster_id = env.get("CLUSTER_ID", "")
+        try:
+            ok = len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
+        except (binascii.Error, ValueError):
+            ok = False
+        if not ok:
+            problems.append(f"{name}: CLUSTER_ID must be a url-safe base64 16-byte UUID (22 chars)")
         if not services.get(name, {}).get("image", "").startswith("apache/kafka:"):
             problems.append(f"{name}: image must be apache/kafka")
 
