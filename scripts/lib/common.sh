@@ -123,6 +123,7 @@ stack_dir_of_pid() {
     local pid="$1" cmd cwd
     cmd="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
     cwd="$(readlink "/proc/$pid/cwd" 2>/dev/null || true)"
+    cwd="${cwd% (deleted)}"
     if [[ "$cmd" =~ -D\ ([^ ]+)/pg ]]; then
         echo "${BASH_REMATCH[1]}"
     elif [[ "$cmd" == *redis-server* && "$cwd" == */redis ]]; then
