@@ -209,7 +209,7 @@ impl Conn {
     /// Writes planned groups as one transaction; returns rows affected per
     /// group. Safe to call again after a transient error: a batch that did
     /// commit is not applied twice.
-    pub async fn write(&mut self, groups: &[Group]) -> Result<Vec<u64>, tokio_postgres::Error> {
+    pub async fn write(&mut self, groups: &[Planned]) -> Result<Vec<u64>, tokio_postgres::Error> {
         if let Some(xid) = self.in_flight {
             // The previous attempt broke off; did its COMMIT land?
             let row = self
@@ -220,7 +220,7 @@ impl Conn {
             let status: Option<String> = row.get(0);
             self.in_flight = None;
             if status.as_deref() == Some("committed") {
-                return Ok(groups.iter().map(|g| g.ops.len() as u64).collect());
+                return Ok(groups.iter().map(|g| g.rows).collect());
             }
         }
         // Connect first: statements prepared on a connection that then
@@ -244,11 +244,11 @@ impl Conn {
             Some(c) => c,
             None => unreachable!("client() just connected"),
         };
-        let params: Vec<Vec<Box<dyn ToSql + Sync + Send>>> = groups.iter().map(params).collect();
-        let refs: Vec<Vec<&(dyn ToSql + Sync)>> = params
+        let refs: Vec<Vec<&(dyn ToSql + Sync)>> = groups
             .iter()
-            .map(|p| {
-                p.iter()
+            .map(|g| {
+                g.params
+                    .iter()
                     .map(|b| b.as_ref() as &(dyn ToSql + Sync))
                     .collect()
             })
@@ -395,7 +395,40 @@ pub fn sql(stmt: Stmt) -> &'static str {
     }
 }
 
-type Param = Box<dyn ToSql + Sync + Send>;
+/// One statement's parameter.
+pub type Param = Box<dyn ToSql + Sync + Send>;
+
+/// A planned statement with its column arrays, ready to execute. Built by the
+/// producer, so the writers only do IO.
+pub struct Planned {
+    /// Which statement.
+    pub stmt: Stmt,
+    /// Rows it is meant to touch (ops in the group).
+    pub rows: u64,
+    /// `$1..$n`.
+    pub params: Vec<Param>,
+}
+
+impl std::fmt::Debug for Planned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Planned")
+            .field("stmt", &self.stmt)
+            .field("rows", &self.rows)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Plans one database's ops and builds each statement's arrays.
+pub fn prepare(ops: Vec<Op>) -> Vec<Planned> {
+    crate::plan::plan(ops)
+        .iter()
+        .map(|g| Planned {
+            stmt: g.stmt,
+            rows: g.ops.len() as u64,
+            params: params(g),
+        })
+        .collect()
+}
 
 fn boxed<T: ToSql + Sync + Send + 'static>(v: T) -> Param {
     Box::new(v)

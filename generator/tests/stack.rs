@@ -559,13 +559,19 @@ async fn run_returns_connect_error_naming_the_database() {
 #[test]
 fn help_shows_no_password() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_generator"))
-        .env("PG_CRM_URL", "postgres://instashop_app:hunter2-pw@127.0.0.1:54329/crm")
+        .env(
+            "PG_CRM_URL",
+            "postgres://instashop_app:hunter2-pw@127.0.0.1:54329/crm",
+        )
         .arg("--help")
         .output()
         .expect("run the generator binary");
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("--rate") && help.contains("GENERATOR_RATE"), "{help}");
+    assert!(
+        help.contains("--rate") && help.contains("GENERATOR_RATE"),
+        "{help}"
+    );
     assert!(!help.contains("hunter2-pw"), "{help}");
     assert!(!help.contains("instashop_app:instashop_app"), "{help}");
 }
