@@ -125,7 +125,9 @@ stack_dir_of_pid() {
     cwd="$(readlink "/proc/$pid/cwd" 2>/dev/null || true)"
     cwd="${cwd% (deleted)}"
     if [[ "$cmd" =~ -D\ ([^ ]+)/pg ]]; then
-        echo "${BASH_REMATCH[1]}"
+        # A data directory kept outside STATE (see pg_paths in scripts/up)
+        # names its state directory in a file beside it.
+        cat "${BASH_REMATCH[1]}/state-dir" 2>/dev/null || echo "${BASH_REMATCH[1]}"
     elif [[ "$cmd" == *redis-server* && "$cwd" == */redis ]]; then
         echo "${cwd%/redis}"
     elif [[ "$cmd" == *nisshi* && "$cwd" == */kafka ]]; then
