@@ -141,7 +141,7 @@ async fn generate(
     let mut model = Model::resume(seed, config.mix.purchase_share, snapshot);
 
     // Writers: instashop first, then the other three fed by it.
-    let (to_instashop, rx) = mpsc::channel::<Batch>(2);
+    let (to_instashop, rx) = mpsc::channel::<Batch>(1);
     let mut forward = Vec::new();
     let mut handles = Vec::new();
     let [w_instashop, w_crm, w_erp, w_ecommerce] = writer_conns;
