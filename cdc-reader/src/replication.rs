@@ -204,21 +204,29 @@ struct FrameReader {
 }
 
 impl FrameReader {
+    /// A complete frame already in the buffer, without reading.
+    fn buffered(&mut self) -> Result<Option<(u8, Bytes)>, Error> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len < 4 {
+            return Err(Error::Replication(format!("invalid frame length {len}")));
+        }
+        if self.buf.len() > len {
+            let tag = self.buf[0];
+            let mut frame = self.buf.split_to(len + 1);
+            frame.advance(5);
+            return Ok(Some((tag, frame.freeze())));
+        }
+        self.buf.reserve(len + 1 - self.buf.len());
+        Ok(None)
+    }
+
     async fn next(&mut self) -> Result<(u8, Bytes), Error> {
         loop {
-            if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if len < 4 {
-                    return Err(Error::Replication(format!("invalid frame length {len}")));
-                }
-                if self.buf.len() > len {
-                    let tag = self.buf[0];
-                    let mut frame = self.buf.split_to(len + 1);
-                    frame.advance(5);
-                    return Ok((tag, frame.freeze()));
-                }
-                self.buf.reserve(len + 1 - self.buf.len());
+            if let Some(frame) = self.buffered()? {
+                return Ok(frame);
             }
             if self.buf.capacity() - self.buf.len() < 16 * 1024 {
                 self.buf.reserve(256 * 1024);
@@ -555,27 +563,45 @@ pub struct ReplicationStream {
     reader: FrameReader,
 }
 
+fn stream_frame(tag: u8, body: Bytes) -> Result<Option<ReplicationFrame>, Error> {
+    match tag {
+        b'd' => ReplicationFrame::parse(body).map(Some),
+        b'E' => Err(Error::Replication(format!(
+            "server: {}",
+            parse_error_fields(body)
+        ))),
+        b'c' => Err(Error::Replication(
+            "server ended the replication stream (CopyDone)".to_owned(),
+        )),
+        _ => Ok(None),
+    }
+}
+
 impl ReplicationStream {
     /// The next CopyData frame; an ErrorResponse or CopyDone ends the stream with an error.
     pub async fn next(&mut self) -> Result<ReplicationFrame, Error> {
         loop {
             let (tag, body) = self.reader.next().await?;
-            match tag {
-                b'd' => return ReplicationFrame::parse(body),
-                b'E' => {
-                    return Err(Error::Replication(format!(
-                        "server: {}",
-                        parse_error_fields(body)
-                    )));
-                }
-                b'c' => {
-                    return Err(Error::Replication(
-                        "server ended the replication stream (CopyDone)".to_owned(),
-                    ));
-                }
-                _ => {}
+            if let Some(frame) = stream_frame(tag, body)? {
+                return Ok(frame);
             }
         }
+    }
+
+    /// Waits for one frame, then takes every further frame already received
+    /// (up to `max`) without waiting: one channel hand-off per socket read.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<ReplicationFrame>, Error> {
+        let mut batch = Vec::with_capacity(max.min(256));
+        batch.push(self.next().await?);
+        while batch.len() < max {
+            let Some((tag, body)) = self.reader.buffered()? else {
+                break;
+            };
+            if let Some(frame) = stream_frame(tag, body)? {
+                batch.push(frame);
+            }
+        }
+        Ok(batch)
     }
 }
 

@@ -257,7 +257,14 @@ async fn status_task(
     now_requested: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(interval.min(metrics_interval));
+    // Check often, send when the position moved or `interval` passed: the
+    // slot follows Kafka acknowledgements closely without a stream of
+    // identical updates.
+    let mut tick = tokio::time::interval(
+        interval
+            .min(metrics_interval)
+            .min(Duration::from_millis(100)),
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_sent: Option<(Lsn, Instant)> = None;
     loop {
@@ -345,6 +352,15 @@ impl Counts {
     }
 }
 
+/// Aborts a task when dropped (the read-ahead must not outlive its connection).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 struct Tx {
     xid: u32,
     final_lsn: Lsn,
@@ -362,6 +378,21 @@ async fn stream(
     streamed_ok: &mut bool,
 ) -> Result<(), Error> {
     let (mut stream, writer) = start_with_grace(cfg, start).await?;
+    // Read-ahead: a task drains the socket into a bounded queue of frame
+    // batches, so the walsender keeps decoding while this loop waits on Kafka.
+    let (frames_tx, mut frames_rx) =
+        tokio::sync::mpsc::channel::<Result<Vec<ReplicationFrame>, Error>>(64);
+    let read_ahead = tokio::spawn(async move {
+        loop {
+            let batch = stream.next_batch(1024).await;
+            let failed = batch.is_err();
+            if frames_tx.send(batch).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let _abort_read_ahead = AbortOnDrop(read_ahead);
+    let mut pending_frames = Vec::new().into_iter();
     tracing::info!(source = %cfg.name, slot = %cfg.slot, start = %lsn_to_string(start), "streaming");
     metrics.set_state(&cfg.name, SourceState::Streaming);
     *streamed_ok = true;
@@ -394,12 +425,22 @@ async fn stream(
     let mut keys: HashMap<u32, Vec<String>> = HashMap::new();
     let mut tx: Option<Tx> = None;
     let mut counts = Counts::default();
+    let confirmed_rx = out.confirmed();
+    // End LSN of the last transaction handed to the sink on this connection.
+    let mut last_end: Lsn = 0;
 
     let result: Result<(), Error> = async {
         loop {
-            let frame = tokio::select! {
-                f = stream.next() => f?,
-                () = shutdown.cancelled() => return Ok(()),
+            let frame = match pending_frames.next() {
+                Some(f) => f,
+                None => {
+                    let batch = tokio::select! {
+                        b = frames_rx.recv() => b.ok_or_else(|| Error::Replication("replication reader task ended".to_owned()))??,
+                        () = shutdown.cancelled() => return Ok(()),
+                    };
+                    pending_frames = batch.into_iter();
+                    continue;
+                }
             };
             if let Some(e) = out.take_fatal() {
                 return Err(e);
@@ -413,7 +454,11 @@ async fn stream(
                     progress
                         .server_wal_end
                         .fetch_max(wal_end, Ordering::Relaxed);
-                    if tx.is_none() && out.in_flight() == 0 {
+                    // Idle: no open transaction, nothing in flight, and every
+                    // transaction handed over confirmed. The last condition also
+                    // covers a failed delivery (a poisoned tracker never confirms
+                    // again), whatever order the sink updates its counters in.
+                    if tx.is_none() && out.in_flight() == 0 && *confirmed_rx.borrow() >= last_end {
                         progress.ack.fetch_max(wal_end, Ordering::SeqCst);
                     }
                     if reply_requested {
@@ -448,6 +493,7 @@ async fn stream(
                             ..
                         } => {
                             tx = None;
+                            last_end = end_lsn;
                             out.end_transaction(end_lsn);
                             progress
                                 .pending

@@ -430,6 +430,8 @@ pub fn consume_fold(topics: &[String], mut f: impl FnMut(Event)) {
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "50")
+        .set("queued.min.messages", "100000")
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
