@@ -375,18 +375,42 @@ pub fn sql(stmt: Stmt) -> &'static str {
              FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(i, f, s) \
              WHERE sh.id = u.i AND sh.status = u.f"
         }
+        // Deletes re-check in SQL what the model already knows (nothing
+        // references the row; the cart is still pending; the label was not
+        // handed over yet), so a second generator or hand-made rows on the
+        // same databases turn a delete into a no-op, never into an error.
         Stmt::Delete(table) => match table {
-            Table::Customer => "DELETE FROM customer WHERE id = ANY($1::bigint[])",
-            Table::Buyer => "DELETE FROM buyer WHERE id = ANY($1::bigint[])",
-            Table::Product => "DELETE FROM product WHERE id = ANY($1::bigint[])",
-            Table::Transaction => "DELETE FROM transaction WHERE id = ANY($1::bigint[])",
+            Table::Customer => {
+                "DELETE FROM customer c WHERE c.id = ANY($1::bigint[]) \
+                 AND NOT EXISTS (SELECT 1 FROM buyer b WHERE b.customer_id = c.id) \
+                 AND NOT EXISTS (SELECT 1 FROM product p WHERE p.customer_id = c.id) \
+                 AND NOT EXISTS (SELECT 1 FROM transaction t WHERE t.customer_id = c.id)"
+            }
+            Table::Buyer => {
+                "DELETE FROM buyer b WHERE b.id = ANY($1::bigint[]) \
+                 AND NOT EXISTS (SELECT 1 FROM transaction t WHERE t.buyer_id = b.id)"
+            }
+            Table::Product => {
+                "DELETE FROM product p WHERE p.id = ANY($1::bigint[]) \
+                 AND NOT EXISTS (SELECT 1 FROM transactiondetail d WHERE d.product_id = p.id)"
+            }
+            Table::Transaction => {
+                "DELETE FROM transaction WHERE id = ANY($1::bigint[]) AND status = 'pending'"
+            }
             Table::TransactionDetail => {
-                "DELETE FROM transactiondetail WHERE id = ANY($1::bigint[])"
+                "DELETE FROM transactiondetail d WHERE d.id = ANY($1::bigint[]) \
+                 AND EXISTS (SELECT 1 FROM transaction t \
+                             WHERE t.id = d.transaction_id AND t.status = 'pending')"
             }
             Table::Interaction => "DELETE FROM interaction WHERE id = ANY($1::bigint[])",
             Table::Stock => "DELETE FROM stock WHERE id = ANY($1::bigint[])",
-            Table::Carrier => "DELETE FROM carrier WHERE id = ANY($1::bigint[])",
-            Table::Shipment => "DELETE FROM shipment WHERE id = ANY($1::bigint[])",
+            Table::Carrier => {
+                "DELETE FROM carrier c WHERE c.id = ANY($1::bigint[]) \
+                 AND NOT EXISTS (SELECT 1 FROM shipment s WHERE s.carrier_id = c.id)"
+            }
+            Table::Shipment => {
+                "DELETE FROM shipment WHERE id = ANY($1::bigint[]) AND status = 'created'"
+            }
         },
         Stmt::PurgeInteractions => {
             "DELETE FROM interaction WHERE id IN \

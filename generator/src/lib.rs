@@ -290,7 +290,10 @@ async fn writer(
                 counters.add_rows(g.stmt.table(), g.stmt.change(), n);
                 if matches!(
                     g.stmt,
-                    Stmt::UpdateTransactionStatus | Stmt::UpdateShipmentStatus
+                    Stmt::UpdateTransactionStatus
+                        | Stmt::UpdateShipmentStatus
+                        | Stmt::UpdateTransactionTotal
+                        | Stmt::Delete(_)
                 ) {
                     counters
                         .skipped

@@ -19,7 +19,8 @@ pub struct Counters {
     pub purchases: AtomicU64,
     /// Database transactions committed, all databases.
     pub batches: AtomicU64,
-    /// Guarded status updates that found the row elsewhere than expected.
+    /// Guarded updates and deletes that found the row changed or still
+    /// referenced (another writer on the same databases), and skipped it.
     pub skipped: AtomicU64,
     /// Times a database was found unavailable.
     pub unavailable: AtomicU64,
@@ -76,7 +77,7 @@ impl Counters {
             ),
             (
                 "generator_skipped_updates_total",
-                "Status updates that found the row in another state.",
+                "Guarded updates and deletes skipped because the row had changed.",
                 &self.skipped,
             ),
             (
