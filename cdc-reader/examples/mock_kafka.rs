@@ -26,7 +26,10 @@ fn main() -> ExitCode {
         }
     }
     let mut out = std::io::stdout();
-    if writeln!(out, "{}", mock.bootstrap_servers()).and_then(|()| out.flush()).is_err() {
+    if writeln!(out, "{}", mock.bootstrap_servers())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
         return ExitCode::FAILURE;
     }
     loop {
