@@ -105,13 +105,15 @@ fn env(name: &str) -> anyhow::Result<String> {
 async fn fill(topic: &str, events: u64) -> anyhow::Result<()> {
     let kafka = env("KAFKA_BOOTSTRAP_SERVERS")?;
     let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &kafka).create()?;
+        ClientConfig::new().set("bootstrap.servers", &kafka)
+        .set("enable.metrics.push", "false").create()?;
     let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
     for r in admin.create_topics([&new], &AdminOptions::new()).await? {
         r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
     }
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &kafka)
+        .set("enable.metrics.push", "false")
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("batch.size", "4000000")

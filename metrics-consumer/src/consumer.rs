@@ -57,7 +57,19 @@ struct Rebalancer {
     shutdown: CancellationToken,
 }
 
-impl ClientContext for Rebalancer {}
+impl ClientContext for Rebalancer {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(facility = fac, "librdkafka: {log_message}");
+            }
+            L::Warning => tracing::warn!(facility = fac, "librdkafka: {log_message}"),
+            L::Notice | L::Info => tracing::info!(facility = fac, "librdkafka: {log_message}"),
+            L::Debug => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+}
 
 impl ConsumerContext for Rebalancer {
     fn rebalance(
@@ -130,16 +142,20 @@ fn now_ms() -> i64 {
 pub fn consumer_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.bootstrap_servers)
+        // nisshi stalls a connection that sent GetTelemetrySubscriptions
+        // (KIP-714): every later request on it waits forever.
+        .set("enable.metrics.push", "false")
         .set("group.id", &config.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
-        .set("fetch.wait.max.ms", "50")
-        .set("queued.max.messages.kbytes", "262144")
-        .set("fetch.max.bytes", "52428800")
-        .set("max.partition.fetch.bytes", "10485760")
+        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
         .set("topic.metadata.refresh.interval.ms", "10000");
+    if let Ok(debug) = std::env::var("KAFKA_DEBUG") {
+        // librdkafka's debug contexts, e.g. `consumer,fetch` (troubleshooting).
+        c.set("debug", debug);
+    }
     c
 }
 
@@ -162,6 +178,7 @@ pub fn run_blocking(
 
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap_servers)
+        .set("enable.metrics.push", "false")
         .set("message.timeout.ms", "300000")
         .set("linger.ms", "5")
         .create()
@@ -188,8 +205,22 @@ pub fn run_blocking(
         })
         .map_err(|e| Error::Internal(format!("cannot start the apply thread: {e}")))?;
 
+    let positions = Arc::new(Mutex::new(HashMap::new()));
+    let watermarks: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        .set("enable.metrics.push", "false")
+        .create()
+        .map_err(Error::Kafka)?;
+    let lag_positions = Arc::clone(&positions);
+    let lag_telemetry = Arc::clone(telemetry);
+    let lag_shutdown = shutdown.clone();
+    let lag = std::thread::Builder::new()
+        .name("lag".into())
+        .spawn(move || lag_loop(&watermarks, &lag_positions, &lag_telemetry, &lag_shutdown))
+        .map_err(|e| Error::Internal(format!("cannot start the lag thread: {e}")))?;
+
     telemetry.set_consuming(true);
-    let result = poll_loop(config, &consumer, &work_tx, &done_rx, telemetry, shutdown);
+    let result = poll_loop(config, &consumer, &work_tx, &done_rx, &positions, shutdown);
     drop(work_tx);
     if applier.join().is_err() {
         return Err(Error::Internal("the apply thread panicked".into()));
@@ -200,6 +231,8 @@ pub fn run_blocking(
         applied.extend(offsets);
     }
     commit(&consumer, &applied, CommitMode::Sync);
+    shutdown.cancel();
+    let _ = lag.join();
     telemetry.set_consuming(false);
     tracing::info!("consumer stopped after applying the batch in hand");
     result
@@ -210,14 +243,12 @@ fn poll_loop(
     consumer: &BaseConsumer<Rebalancer>,
     work_tx: &SyncSender<Work>,
     done_rx: &Receiver<HashMap<(String, i32), i64>>,
-    telemetry: &Telemetry,
+    positions: &Mutex<HashMap<(String, i32), i64>>,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
     let mut batch = Batch::default();
     let mut dead = Vec::new();
     let mut logged_kinds: HashSet<&'static str> = HashSet::new();
-    let mut positions: HashMap<(String, i32), i64> = HashMap::new();
-    let mut last_lag = Instant::now();
     let send = |batch: &mut Batch, dead: &mut Vec<DeadLetter>| -> Result<(), Error> {
         if batch.is_empty() {
             return Ok(());
@@ -237,11 +268,9 @@ fn poll_loop(
         }
         if !applied.is_empty() {
             commit(consumer, &applied, CommitMode::Async);
-            positions.extend(applied);
-        }
-        if last_lag.elapsed() >= Duration::from_secs(5) {
-            last_lag = Instant::now();
-            telemetry.set_consumer_lag(consumer_lag(consumer, &positions));
+            if let Ok(mut p) = positions.lock() {
+                p.extend(applied);
+            }
         }
         let timeout = if batch.is_empty() {
             Duration::from_millis(100)
@@ -321,20 +350,37 @@ fn commit(
     }
 }
 
-fn consumer_lag(consumer: &BaseConsumer<Rebalancer>, positions: &HashMap<(String, i32), i64>) -> i64 {
-    let Ok(assignment) = consumer.assignment() else {
-        return 0;
-    };
-    let mut lag = 0;
-    for e in assignment.elements() {
-        let key = (e.topic().to_owned(), e.partition());
-        if let Ok((_, high)) =
-            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
-        {
-            lag += (high - positions.get(&key).copied().unwrap_or(0)).max(0);
+/// Sums, every few seconds, how far the applied offsets are behind the
+/// partitions' high watermarks. Runs on its own thread and client: watermark
+/// queries can be slow on a busy broker and must not stall the poll loop.
+fn lag_loop(
+    kafka: &BaseConsumer,
+    positions: &Mutex<HashMap<(String, i32), i64>>,
+    telemetry: &Telemetry,
+    shutdown: &CancellationToken,
+) {
+    while !shutdown.is_cancelled() {
+        let snapshot: Vec<((String, i32), i64)> = match positions.lock() {
+            Ok(p) => p.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            Err(_) => return,
+        };
+        let mut lag = 0;
+        for ((topic, partition), next) in snapshot {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if let Ok((_, high)) = kafka.fetch_watermarks(&topic, partition, Duration::from_secs(2)) {
+                lag += (high - next).max(0);
+            }
+        }
+        telemetry.set_consumer_lag(lag);
+        for _ in 0..50 {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
-    lag
 }
 
 fn apply_loop(
@@ -347,7 +393,20 @@ fn apply_loop(
     dashboard_every: Duration,
 ) {
     let mut last_dashboard: Option<Instant> = None;
-    for work in work_rx {
+    let mut dashboard_stale = false;
+    loop {
+        let work = match work_rx.recv_timeout(dashboard_every) {
+            Ok(work) => work,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // Idle: bring the summary up to date with the last batch.
+                if dashboard_stale {
+                    dashboard_stale = store.write_dashboard(now_ms()).is_err();
+                    last_dashboard = Some(Instant::now());
+                }
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         if !work.dead.is_empty() {
             dead_letter(producer, dlq_topic, &work.dead);
             telemetry.dead_lettered(work.dead.len() as u64);
@@ -378,10 +437,12 @@ fn apply_loop(
             "batch applied"
         );
         let _ = done_tx.send(work.batch.next_offsets);
+        dashboard_stale = true;
         if last_dashboard.is_none_or(|t| t.elapsed() >= dashboard_every) {
             last_dashboard = Some(Instant::now());
-            if let Err(e) = store.write_dashboard(now) {
-                tracing::warn!(error = %e, "cannot write the dashboard summary");
+            match store.write_dashboard(now) {
+                Ok(()) => dashboard_stale = false,
+                Err(e) => tracing::warn!(error = %e, "cannot write the dashboard summary"),
             }
         }
     }

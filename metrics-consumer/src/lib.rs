@@ -63,6 +63,10 @@ pub struct Config {
     #[arg(long, env = "METRICS_SESSION_TIMEOUT_MS", default_value_t = 6000)]
     pub session_timeout_ms: u64,
 
+    /// Longest time the broker may hold a fetch (ms); lower cuts latency.
+    #[arg(long, env = "METRICS_FETCH_WAIT_MAX_MS", default_value_t = 50)]
+    pub fetch_wait_max_ms: u64,
+
     /// How often the `dashboard` JSON summary is rewritten (ms).
     #[arg(long, env = "METRICS_DASHBOARD_INTERVAL_MS", default_value_t = 1000)]
     pub dashboard_interval_ms: u64,

@@ -16,6 +16,16 @@ use tokio_util::sync::CancellationToken;
 
 const PARTITIONS: i32 = 3;
 
+/// Stops an in-process consumer when the test ends, also on a failed assert
+/// (else the runtime would wait for the consumer thread forever).
+struct StopOnDrop(CancellationToken);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
 async fn setup(name: &str) -> (Stack, Topics, String, String, String) {
     let s = stack();
     let topics = Topics { base: unique(&format!("mctest.{name}.")) };
@@ -55,11 +65,12 @@ async fn replays_snapshot_tombstones_and_malformed_messages_stay_exact() {
     produce(&producer, &all).await;
 
     let shutdown = CancellationToken::new();
+    let _stop = StopOnDrop(shutdown.clone());
     let run = tokio::spawn(metrics_consumer::run(
         config(&s, &topics, &prefix, &group, &dlq),
         shutdown.clone(),
     ));
-    caught_up(&s, &prefix, &topics, 120).await;
+    caught_up(&s, &prefix, &topics, 300).await;
     assert_exact(&s, &prefix, &model).await;
 
     let pipeline = pipeline_hash(&s, &prefix);
@@ -71,10 +82,19 @@ async fn replays_snapshot_tombstones_and_malformed_messages_stay_exact() {
         assert!(std::time::Instant::now() < deadline, "dead-letter topic did not receive {} messages", bad.len());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The dashboard summary catches up within a few seconds of being idle.
     let mut con = redis::Client::open(s.redis.as_str()).unwrap().get_connection().unwrap();
-    let dashboard: String = redis::cmd("GET").arg(format!("{prefix}dashboard")).query(&mut con).unwrap();
-    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
-    assert!(dashboard["counts"]["instashop.transaction"].as_i64().unwrap() > 0, "{dashboard}");
+    let count: i64 = redis::cmd("GET").arg(format!("{prefix}count:instashop.transaction")).query(&mut con).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let dashboard: String = redis::cmd("GET").arg(format!("{prefix}dashboard")).query(&mut con).unwrap();
+        let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+        if dashboard["counts"]["instashop.transaction"].as_i64() == Some(count) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "dashboard stale: {dashboard} (count {count})");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     shutdown.cancel();
     run.await.unwrap().unwrap();
@@ -83,11 +103,12 @@ async fn replays_snapshot_tombstones_and_malformed_messages_stay_exact() {
     // nothing is applied twice; a full replay of every event changes nothing.
     produce(&producer, &all).await;
     let shutdown = CancellationToken::new();
+    let _stop_b = StopOnDrop(shutdown.clone());
     let run = tokio::spawn(metrics_consumer::run(
         config(&s, &topics, &prefix, &format!("{group}-b"), &dlq),
         shutdown.clone(),
     ));
-    caught_up(&s, &prefix, &topics, 120).await;
+    caught_up(&s, &prefix, &topics, 300).await;
     assert_exact(&s, &prefix, &model).await;
     shutdown.cancel();
     run.await.unwrap().unwrap();
@@ -212,7 +233,7 @@ async fn two_consumer_processes_in_one_group_split_partitions_and_stay_exact() {
         produce(&producer, &chunk).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    caught_up(&s, &prefix, &topics, 180).await;
+    caught_up(&s, &prefix, &topics, 300).await;
     wait_http(port_a).await;
     wait_http(port_b).await;
     let batches = |text: &str| -> u64 {
@@ -227,7 +248,7 @@ async fn two_consumer_processes_in_one_group_split_partitions_and_stay_exact() {
     // B takes over A's partitions from the offsets in Redis.
     let chunk = model.step(500);
     produce(&producer, &chunk).await;
-    caught_up(&s, &prefix, &topics, 180).await;
+    caught_up(&s, &prefix, &topics, 300).await;
     sigterm(&mut b).await;
     assert_exact(&s, &prefix, &model).await;
 }

@@ -28,6 +28,7 @@ pub struct Stack {
 /// Loads `.local/env`; fails the test with a clear message if the stack is down.
 pub fn stack() -> Stack {
     local_stack::envfile::load();
+    local_stack::init_tracing();
     let var = |k: &str| {
         std::env::var(k).unwrap_or_else(|_| {
             panic!("{k} is not set: the local stack is not up; run scripts/up first")
@@ -65,6 +66,7 @@ pub fn now_ms() -> i64 {
 pub async fn create_topics(kafka: &str, names: &[String], partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka)
+        .set("enable.metrics.push", "false")
         .create()
         .unwrap();
     let topics: Vec<NewTopic<'_>> = names
@@ -86,6 +88,7 @@ pub async fn create_topics(kafka: &str, names: &[String], partitions: i32) {
 pub fn producer(kafka: &str) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", kafka)
+        .set("enable.metrics.push", "false")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "120000")
         .set("queue.buffering.max.messages", "1000000")
@@ -128,6 +131,7 @@ pub async fn produce(producer: &FutureProducer, msgs: &[Msg]) {
 pub fn high_watermarks(kafka: &str, topics: &[String], partitions: i32) -> BTreeMap<String, i64> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka)
+        .set("enable.metrics.push", "false")
         .create()
         .unwrap();
     let mut out = BTreeMap::new();
