@@ -127,3 +127,53 @@ async fn connection_loss_under_load_reconnects_and_loses_nothing() {
     drop(reader);
     db.cleanup().await;
 }
+
+/// kill -9 in the middle of the initial snapshot: the temporary snapshot slot
+/// dies with the connection, no permanent slot exists yet, and the next start
+/// takes the snapshot again from scratch; the replay still equals the table.
+///
+/// Known limit (not tested here): a row *deleted* between the aborted and the
+/// repeated snapshot keeps its `r` event from the aborted attempt in Kafka,
+/// since no slot recorded the delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_the_snapshot_starts_it_over() {
+    let db = TestDb::create(
+        "snapkill",
+        "CREATE TABLE item (id bigint PRIMARY KEY, note text NOT NULL);
+         CREATE PUBLICATION instashop_cdc FOR TABLE item;
+         GRANT SELECT ON item TO cdc_reader;
+         INSERT INTO item SELECT g, 'item ' || g FROM generate_series(1, 50000) g;",
+    )
+    .await;
+    let mut reader = Reader::start(&db, &["--snapshot-workers", "1"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !reader.log_text().contains("snapshot started") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            support::tail(&reader.log_text(), 20)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let finished_first = reader.log_text().contains("slot created");
+    reader.kill9();
+    // No permanent slot unless the snapshot had already been acknowledged.
+    assert_eq!(db.confirmed_flush().await.is_some(), finished_first);
+    let owner = db.owner().await;
+    owner
+        .batch_execute("UPDATE item SET note = 'changed' WHERE id % 1000 = 0; INSERT INTO item VALUES (0, 'while down')")
+        .await
+        .unwrap();
+    let reader = Reader::start(&db, &[]);
+    db.wait_streaming(&reader).await;
+    owner
+        .batch_execute("INSERT INTO item VALUES (50001, 'after the snapshot')")
+        .await
+        .unwrap();
+    db.wait_caught_up(Duration::from_secs(300), Some(&reader.log))
+        .await;
+    replay_equals_db(&db, &["item"], false).await;
+    drop(reader);
+    db.cleanup().await;
+}
