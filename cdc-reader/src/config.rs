@@ -47,7 +47,7 @@ pub struct Config {
     pub sources: Vec<String>,
 
     /// Comma-separated NAME=URL list, used when no --source is given.
-    #[arg(long, env = "CDC_SOURCES", value_name = "LIST")]
+    #[arg(long, env = "CDC_SOURCES", value_name = "LIST", hide_env_values = true)]
     pub sources_list: Option<String>,
 
     /// Publication to stream (created when missing and the role may create it).
@@ -373,6 +373,14 @@ mod tests {
             "same",
         ]);
         assert!(c.source_configs().is_err());
+    }
+
+    #[test]
+    fn help_never_shows_source_urls() {
+        use clap::CommandFactory;
+        let help = Config::command().render_long_help().to_string();
+        assert!(help.contains("CDC_SOURCES"));
+        assert!(!help.contains("CDC_SOURCES=postgres"));
     }
 
     #[test]
