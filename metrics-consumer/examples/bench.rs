@@ -31,7 +31,11 @@ impl Synth {
         let now_s = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        Synth { n: 0, lsn: 1_000_000, now_s }
+        Synth {
+            n: 0,
+            lsn: 1_000_000,
+            now_s,
+        }
     }
 
     fn event(&mut self, db: &str, table: &str, op: &str, after: &str) -> String {
@@ -50,17 +54,13 @@ impl Synth {
         self.n += 1;
         let i = self.n;
         let id = i / 10 + 1;
-        let created = format!(
-            "2026-11-22T10:{:02}:{:02}.000000Z",
-            (i / 60) % 60,
-            i % 60
-        );
+        let created = format!("2026-11-22T10:{:02}:{:02}.000000Z", (i / 60) % 60, i % 60);
         let cents = (i * 7919) % 100_000;
         let amount = format!("{}.{:02}", cents / 100, cents % 100);
         let (key, value) = match i % 10 {
             0 | 1 => {
-                let status = if i % 10 == 0 { "pending" } else { "completed" };
-                let op = if i % 10 == 0 { "c" } else { "u" };
+                let status = if i.is_multiple_of(10) { "pending" } else { "completed" };
+                let op = if i.is_multiple_of(10) { "c" } else { "u" };
                 (id, self.event("instashop", "transaction", op, &format!(
                     r#"{{"id":{id},"external_id":"00000000-0000-0000-0000-{id:012}","customer_id":1,"buyer_id":1,"total_amount":"{amount}","currency":"USD","payment_method":"paypal","status":"{status}","created_at":"{created}","updated_at":"{created}"}}"#
                 )))
@@ -104,9 +104,10 @@ fn env(name: &str) -> anyhow::Result<String> {
 
 async fn fill(topic: &str, events: u64) -> anyhow::Result<()> {
     let kafka = env("KAFKA_BOOTSTRAP_SERVERS")?;
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &kafka)
-        .set("enable.metrics.push", "false").create()?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &kafka)
+        .set("enable.metrics.push", "false")
+        .create()?;
     let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
     for r in admin.create_topics([&new], &AdminOptions::new()).await? {
         r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
@@ -125,7 +126,9 @@ async fn fill(topic: &str, events: u64) -> anyhow::Result<()> {
     let started = Instant::now();
     for _ in 0..events {
         let (key, value) = synth.next();
-        let mut record = BaseRecord::to(topic).key(key.as_str()).payload(value.as_str());
+        let mut record = BaseRecord::to(topic)
+            .key(key.as_str())
+            .payload(value.as_str());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -138,7 +141,10 @@ async fn fill(topic: &str, events: u64) -> anyhow::Result<()> {
     }
     producer.flush(Duration::from_secs(600))?;
     let secs = started.elapsed().as_secs_f64();
-    println!("filled {events} events into {topic} in {secs:.1} s ({:.0} events/s)", events as f64 / secs);
+    println!(
+        "filled {events} events into {topic} in {secs:.1} s ({:.0} events/s)",
+        events as f64 / secs
+    );
     Ok(())
 }
 
@@ -151,7 +157,8 @@ fn apply(events: u64) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut batch = metrics_consumer::store::Batch::default();
     for (offset, (key, value)) in pairs.iter().enumerate() {
-        let change = metrics_consumer::fold::decode(Some(key.as_bytes()), Some(value.as_bytes())).ok();
+        let change =
+            metrics_consumer::fold::decode(Some(key.as_bytes()), Some(value.as_bytes())).ok();
         batch.push("bench", 0, offset as i64, change.as_ref());
         if batch.len >= 5000 {
             store.apply(&batch, 0)?;
@@ -160,8 +167,13 @@ fn apply(events: u64) -> anyhow::Result<()> {
     }
     store.apply(&batch, 0)?;
     let secs = started.elapsed().as_secs_f64();
-    println!("applied {events} events (decode + Lua, no Kafka) in {secs:.2} s: {:.0} events/s", events as f64 / secs);
-    println!("prefix {prefix} (delete with: redis-cli --scan --pattern '{prefix}*' | xargs redis-cli del)");
+    println!(
+        "applied {events} events (decode + Lua, no Kafka) in {secs:.2} s: {:.0} events/s",
+        events as f64 / secs
+    );
+    println!(
+        "prefix {prefix} (delete with: redis-cli --scan --pattern '{prefix}*' | xargs redis-cli del)"
+    );
     Ok(())
 }
 

@@ -92,7 +92,10 @@ impl ConsumerContext for Rebalancer {
                         tracing::warn!(topic, partition, error = %e, "cannot set start offset");
                     }
                 }
-                tracing::info!(partitions = tps.len(), "partitions assigned, resuming at offsets stored in redis");
+                tracing::info!(
+                    partitions = tps.len(),
+                    "partitions assigned, resuming at offsets stored in redis"
+                );
                 if let Err(e) = base_consumer.assign(tpl) {
                     tracing::error!(error = %e, "assign failed");
                 }
@@ -369,7 +372,8 @@ fn lag_loop(
             if shutdown.is_cancelled() {
                 return;
             }
-            if let Ok((_, high)) = kafka.fetch_watermarks(&topic, partition, Duration::from_secs(2)) {
+            if let Ok((_, high)) = kafka.fetch_watermarks(&topic, partition, Duration::from_secs(2))
+            {
                 lag += (high - next).max(0);
             }
         }
@@ -479,8 +483,7 @@ fn dead_letter(
                 key: "source.offset",
                 value: Some(offset.as_bytes()),
             });
-        let mut record: BaseRecord<'_, [u8], [u8]> =
-            BaseRecord::to(dlq_topic).headers(headers);
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(dlq_topic).headers(headers);
         if let Some(key) = &d.key {
             record = record.key(key.as_slice());
         }

@@ -348,14 +348,12 @@ pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Change, BadInp
     }
     let mut envelope: Envelope<'_> =
         serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
-    if envelope.op.is_none() {
-        if let Some(payload) = envelope.payload {
-            if payload.get() == "null" {
-                return Ok(Change::Tombstone);
-            }
-            envelope = serde_json::from_str(payload.get())
-                .map_err(|e| BadInput::NotJson(e.to_string()))?;
+    if let (None, Some(payload)) = (&envelope.op, envelope.payload) {
+        if payload.get() == "null" {
+            return Ok(Change::Tombstone);
         }
+        envelope =
+            serde_json::from_str(payload.get()).map_err(|e| BadInput::NotJson(e.to_string()))?;
     }
     let op = envelope.op.as_deref().ok_or(BadInput::MissingField("op"))?;
     if op == "m" {
@@ -365,7 +363,10 @@ pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Change, BadInp
         .source
         .as_ref()
         .ok_or(BadInput::MissingField("source"))?;
-    let db = source.db.as_deref().ok_or(BadInput::MissingField("source.db"))?;
+    let db = source
+        .db
+        .as_deref()
+        .ok_or(BadInput::MissingField("source.db"))?;
     let table_name = source
         .table
         .as_deref()
@@ -452,7 +453,8 @@ fn required<'a>(raw: Option<&'a RawValue>, name: &'static str) -> Result<&'a Raw
 
 fn str_col(raw: Option<&RawValue>, name: &'static str) -> Result<String, BadInput> {
     let raw = required(raw, name)?;
-    let text: Cow<'_, str> = serde_json::from_str(raw.get()).map_err(|_| BadInput::BadValue(name))?;
+    let text: Cow<'_, str> =
+        serde_json::from_str(raw.get()).map_err(|_| BadInput::BadValue(name))?;
     if text == "__debezium_unavailable_value" {
         return Err(BadInput::BadValue(name));
     }
@@ -535,7 +537,12 @@ pub fn parse_iso_seconds(s: &str) -> Option<i64> {
     }
     let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
     let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return None;
     }
     let mut rest = &s[19..];
@@ -556,7 +563,11 @@ pub fn parse_iso_seconds(s: &str) -> Option<i64> {
                 return None;
             }
             let h: i64 = tz[..2].parse().ok()?;
-            let m: i64 = if tz.len() == 4 { tz[2..].parse().ok()? } else { 0 };
+            let m: i64 = if tz.len() == 4 {
+                tz[2..].parse().ok()?
+            } else {
+                0
+            };
             sign * (h * 3600 + m * 60)
         }
     };
@@ -616,7 +627,11 @@ fn contributions(table: Table, id: &str, after: &Row<'_>) -> Result<Vec<Contribu
                     civil_from_days(created.div_euclid(86_400)),
                     cents,
                 ));
-                out.push(Contribution::new(Code::WindowRevenue, window.to_string(), cents));
+                out.push(Contribution::new(
+                    Code::WindowRevenue,
+                    window.to_string(),
+                    cents,
+                ));
             }
         }
         Table::TransactionDetail => {
@@ -626,7 +641,11 @@ fn contributions(table: Table, id: &str, after: &Row<'_>) -> Result<Vec<Contribu
             let cents = quantity
                 .checked_mul(price)
                 .ok_or(BadInput::BadValue("after.unit_price"))?;
-            out.push(Contribution::new(Code::ProductGmv, product.to_string(), cents));
+            out.push(Contribution::new(
+                Code::ProductGmv,
+                product.to_string(),
+                cents,
+            ));
         }
         Table::Interaction => {
             let kind = str_col(after.interaction_type, "after.interaction_type")?;
@@ -694,16 +713,15 @@ pub struct Folded {
 /// contribution, add the new. An event with an LSN older than the stored
 /// one is a re-send and changes nothing; so does the same event again.
 pub fn fold(prior: Option<&RowState>, new: &RowState) -> Folded {
-    if let Some(prior) = prior {
-        if let (Some(old), Some(next)) = (prior.lsn, new.lsn) {
-            if next < old || (next == old && prior.contributions == new.contributions) {
-                return Folded {
-                    state: prior.clone(),
-                    deltas: Vec::new(),
-                    duplicate: true,
-                };
-            }
-        }
+    if let Some(prior) = prior
+        && let (Some(old), Some(next)) = (prior.lsn, new.lsn)
+        && (next < old || (next == old && prior.contributions == new.contributions))
+    {
+        return Folded {
+            state: prior.clone(),
+            deltas: Vec::new(),
+            duplicate: true,
+        };
     }
     let mut deltas: Vec<Contribution> = prior
         .map(|p| {
@@ -766,7 +784,11 @@ impl MemStore {
                 for key in keys {
                     if let Some(state) = self.rows.remove(&key) {
                         for c in &state.contributions {
-                            self.apply_delta(&Contribution::new(c.code, c.field.clone(), -c.amount));
+                            self.apply_delta(&Contribution::new(
+                                c.code,
+                                c.field.clone(),
+                                -c.amount,
+                            ));
                         }
                     }
                 }
@@ -855,7 +877,9 @@ mod tests {
             "instashop",
             "product",
             "c",
-            &format!(r#"{{"id":{id},"customer_id":1,"name":"p","category":"{category}","price":"1.00","tags":[],"description":null}}"#),
+            &format!(
+                r#"{{"id":{id},"customer_id":1,"name":"p","category":"{category}","price":"1.00","tags":[],"description":null}}"#
+            ),
             lsn,
         )
     }
@@ -865,7 +889,9 @@ mod tests {
             "instashop",
             "transactiondetail",
             "c",
-            &format!(r#"{{"id":{id},"transaction_id":1,"product_id":{product},"quantity":{quantity},"unit_price":{price}}}"#),
+            &format!(
+                r#"{{"id":{id},"transaction_id":1,"product_id":{product},"quantity":{quantity},"unit_price":{price}}}"#
+            ),
             lsn,
         )
     }
@@ -946,7 +972,11 @@ mod tests {
     fn detail_before_product_and_category_change() {
         let mut s = MemStore::default();
         apply(&mut s, 1, &detail(1, 9, 3, r#""2.50""#, 10));
-        assert_eq!(s.get("gmv:category_cents|toys"), 0, "product unknown yet: not joined");
+        assert_eq!(
+            s.get("gmv:category_cents|toys"),
+            0,
+            "product unknown yet: not joined"
+        );
         apply(&mut s, 9, &product(9, "toys", 20));
         assert_eq!(s.get("gmv:category_cents|toys"), 750);
         apply(&mut s, 2, &detail(2, 9, 1, r#""1.00""#, 30));
@@ -969,7 +999,12 @@ mod tests {
 
     #[test]
     fn decimal_modes_agree() {
-        for amount in [r#""22.22""#, r#""CK4=""#, r#"{"scale":2,"value":"CK4="}"#, "22.22"] {
+        for amount in [
+            r#""22.22""#,
+            r#""CK4=""#,
+            r#"{"scale":2,"value":"CK4="}"#,
+            "22.22",
+        ] {
             let mut s = MemStore::default();
             apply(&mut s, 1, &tx_event("c", 1, "completed", amount, 1));
             assert_eq!(s.get("revenue:total_cents"), 2222, "amount {amount}");
@@ -997,7 +1032,10 @@ mod tests {
     #[test]
     fn tombstones_and_messages_are_no_ops() {
         assert_eq!(decode(Some(b"{\"id\":1}"), None), Ok(Change::Tombstone));
-        assert_eq!(decode(Some(b"{\"id\":1}"), Some(b"null")), Ok(Change::Tombstone));
+        assert_eq!(
+            decode(Some(b"{\"id\":1}"), Some(b"null")),
+            Ok(Change::Tombstone)
+        );
         let m = event("instashop", "transaction", "m", "null", 1);
         assert_eq!(decode(None, Some(m.as_bytes())), Ok(Change::Ignored));
     }
@@ -1021,8 +1059,16 @@ mod tests {
         let rows = [
             ("instashop", "customer", r#"{"id":1,"name":"a"}"#),
             ("instashop", "buyer", r#"{"id":1,"birth_date":20000}"#),
-            ("crm", "interaction", r#"{"id":1,"interaction_type":"click","payload":"{\"a\": 1}"}"#),
-            ("erp", "stock", r#"{"id":1,"product_id":3,"warehouse":"w","quantity":17}"#),
+            (
+                "crm",
+                "interaction",
+                r#"{"id":1,"interaction_type":"click","payload":"{\"a\": 1}"}"#,
+            ),
+            (
+                "erp",
+                "stock",
+                r#"{"id":1,"product_id":3,"warehouse":"w","quantity":17}"#,
+            ),
             ("ecommerce", "carrier", r#"{"id":1,"name":"c"}"#),
             ("ecommerce", "shipment", r#"{"id":1,"status":"in_transit"}"#),
         ];
@@ -1034,7 +1080,17 @@ mod tests {
         assert_eq!(s.get("stock:units"), 17);
         assert_eq!(s.get("shipments:status|in_transit"), 1);
         // Stock update: quantity replaced, not added.
-        apply(&mut s, 1, &event("erp", "stock", "u", r#"{"id":1,"product_id":3,"quantity":5}"#, 2));
+        apply(
+            &mut s,
+            1,
+            &event(
+                "erp",
+                "stock",
+                "u",
+                r#"{"id":1,"product_id":3,"quantity":5}"#,
+                2,
+            ),
+        );
         assert_eq!(s.get("stock:units"), 5);
         // Delete of a DEFAULT-identity table: only the key is known.
         apply(&mut s, 1, &event("instashop", "customer", "d", "null", 3));
@@ -1044,40 +1100,69 @@ mod tests {
     #[test]
     fn bad_input_is_classified() {
         let k = Some(&b"{\"id\":1}"[..]);
-        assert_eq!(decode(k, Some(b"not json")).map_err(|e| e.kind()), Err("not_json"));
-        let no_op = r#"{"before":null,"after":{"id":1},"source":{"db":"crm","table":"interaction"}}"#;
-        assert_eq!(decode(k, Some(no_op.as_bytes())), Err(BadInput::MissingField("op")));
+        assert_eq!(
+            decode(k, Some(b"not json")).map_err(|e| e.kind()),
+            Err("not_json")
+        );
+        let no_op =
+            r#"{"before":null,"after":{"id":1},"source":{"db":"crm","table":"interaction"}}"#;
+        assert_eq!(
+            decode(k, Some(no_op.as_bytes())),
+            Err(BadInput::MissingField("op"))
+        );
         let unknown = event("instashop", "nosuch", "c", r#"{"id":1}"#, 1);
         assert_eq!(
             decode(k, Some(unknown.as_bytes())).map_err(|e| e.kind()),
             Err("unknown_table")
         );
-        let missing = event("instashop", "transaction", "c", r#"{"id":1,"status":"completed"}"#, 1);
+        let missing = event(
+            "instashop",
+            "transaction",
+            "c",
+            r#"{"id":1,"status":"completed"}"#,
+            1,
+        );
         assert_eq!(
             decode(k, Some(missing.as_bytes())),
             Err(BadInput::MissingField("after.total_amount"))
         );
         let nan = tx_event("c", 1, "completed", r#""NAN""#, 1);
-        assert_eq!(decode(k, Some(nan.as_bytes())), Err(BadInput::BadValue("after.total_amount")));
+        assert_eq!(
+            decode(k, Some(nan.as_bytes())),
+            Err(BadInput::BadValue("after.total_amount"))
+        );
     }
 
     #[test]
     fn state_encoding_round_trips() {
         let value = tx_event("c", 1, "completed", r#""12.34""#, 77);
-        let Ok(Change::Row { state, .. }) = decode(Some(b"{\"id\":1}"), Some(value.as_bytes())) else {
+        let Ok(Change::Row { state, .. }) = decode(Some(b"{\"id\":1}"), Some(value.as_bytes()))
+        else {
             panic!("decodes");
         };
         assert_eq!(decode_state(&encode_state(&state)), Some(state.clone()));
-        let deleted = RowState { lsn: None, contributions: vec![] };
+        let deleted = RowState {
+            lsn: None,
+            contributions: vec![],
+        };
         assert_eq!(decode_state(&encode_state(&deleted)), Some(deleted));
     }
 
     #[test]
     fn timestamps() {
         assert_eq!(parse_iso_seconds("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_iso_seconds("2016-11-04T11:51:30.123456Z"), Some(1_478_260_290));
-        assert_eq!(parse_iso_seconds("2016-11-04T12:51:30+01:00"), Some(1_478_260_290));
-        assert_eq!(parse_iso_seconds("2016-11-04 11:51:30"), Some(1_478_260_290));
+        assert_eq!(
+            parse_iso_seconds("2016-11-04T11:51:30.123456Z"),
+            Some(1_478_260_290)
+        );
+        assert_eq!(
+            parse_iso_seconds("2016-11-04T12:51:30+01:00"),
+            Some(1_478_260_290)
+        );
+        assert_eq!(
+            parse_iso_seconds("2016-11-04 11:51:30"),
+            Some(1_478_260_290)
+        );
         assert_eq!(parse_iso_seconds("yesterday"), None);
         assert_eq!(civil_from_days(17_109), "2016-11-04");
         assert_eq!(days_from_civil(2016, 11, 4), 17_109);

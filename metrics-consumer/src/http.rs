@@ -40,6 +40,9 @@ async fn health(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
     if t.healthy() {
         (StatusCode::OK, "ok\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "unhealthy: not consuming or redis failing\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy: not consuming or redis failing\n",
+        )
     }
 }

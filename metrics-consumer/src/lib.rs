@@ -28,7 +28,11 @@ pub const DEFAULT_TOPICS: &str = "instashop.public.customer,instashop.public.buy
 #[command(version, about)]
 pub struct Config {
     /// Kafka bootstrap servers (comma-separated host:port).
-    #[arg(long, env = "KAFKA_BOOTSTRAP_SERVERS", default_value = "127.0.0.1:19092")]
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:19092"
+    )]
     pub bootstrap_servers: String,
 
     /// Redis URL holding the metrics, row states and consumed offsets.
@@ -84,7 +88,9 @@ impl Config {
 
     fn validate(&self) -> Result<(), Error> {
         if self.topic_list().is_empty() {
-            return Err(Error::Config("no topics: set --topics / METRICS_TOPICS".into()));
+            return Err(Error::Config(
+                "no topics: set --topics / METRICS_TOPICS".into(),
+            ));
         }
         if self.batch_size == 0 || self.batch_size > 50_000 {
             return Err(Error::Config(
@@ -105,7 +111,9 @@ pub enum Error {
     #[error("invalid configuration: {0}")]
     Config(String),
     /// Kafka client setup failed: check KAFKA_BOOTSTRAP_SERVERS and the brokers (scripts/up).
-    #[error("kafka client setup failed; check KAFKA_BOOTSTRAP_SERVERS and that the brokers run (scripts/up)")]
+    #[error(
+        "kafka client setup failed; check KAFKA_BOOTSTRAP_SERVERS and that the brokers run (scripts/up)"
+    )]
     Kafka(#[source] rdkafka::error::KafkaError),
     /// Redis unreachable at start: check REDIS_URL and that Redis runs.
     #[error("redis unavailable; check REDIS_URL and that redis runs (scripts/up)")]
@@ -146,7 +154,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         source,
     })?;
     tracing::info!(addr = %local, redis = %local_stack::redact::url(&config.redis_url), prefix = %config.prefix, "metrics-consumer starting");
-    let server = tokio::spawn(http::serve(listener, Arc::clone(&telemetry), shutdown.clone()));
+    let server = tokio::spawn(http::serve(
+        listener,
+        Arc::clone(&telemetry),
+        shutdown.clone(),
+    ));
 
     let consumer_shutdown = shutdown.clone();
     let consumer_telemetry = Arc::clone(&telemetry);

@@ -141,7 +141,10 @@ mod tests {
         // scale 0: 5 -> 500 cents; scale 3: 1234 -> 1.234 -> 123 cents.
         assert_eq!(cents_from_base64("BQ==", 0), Ok(500));
         assert_eq!(cents_from_base64("BNI=", 3), Ok(123));
-        assert_eq!(cents_from_base64("not base64!", 2), Err(MoneyError::NotDecimal));
+        assert_eq!(
+            cents_from_base64("not base64!", 2),
+            Err(MoneyError::NotDecimal)
+        );
     }
 
     #[test]

@@ -70,11 +70,23 @@ impl Batch {
             }) => {
                 self.per_table[table.index()] += 1;
                 self.max_ts_ms = self.max_ts_ms.max(*ts_ms);
-                ("R", table.qualified(), id.clone(), encode_state(state), ts(ts_ms))
+                (
+                    "R",
+                    table.qualified(),
+                    id.clone(),
+                    encode_state(state),
+                    ts(ts_ms),
+                )
             }
             Some(Change::Truncate { table, ts_ms }) => {
                 self.per_table[table.index()] += 1;
-                ("T", table.qualified(), String::new(), String::new(), ts(ts_ms))
+                (
+                    "T",
+                    table.qualified(),
+                    String::new(),
+                    String::new(),
+                    ts(ts_ms),
+                )
             }
             Some(Change::Tombstone | Change::Ignored) => {
                 ("S", "", String::new(), String::new(), String::new())
@@ -127,7 +139,9 @@ impl Store {
 
     fn con(&mut self) -> Result<&mut redis::Connection, redis::RedisError> {
         if self.con.is_none() {
-            let con = self.client.get_connection_with_timeout(Duration::from_secs(5))?;
+            let con = self
+                .client
+                .get_connection_with_timeout(Duration::from_secs(5))?;
             con.set_read_timeout(Some(Duration::from_secs(30)))?;
             con.set_write_timeout(Some(Duration::from_secs(30)))?;
             self.con = Some(con);
@@ -221,19 +235,18 @@ impl Store {
                 pipe.cmd("HGETALL").arg(format!("{p}{h}"));
             }
             type Hash = std::collections::BTreeMap<String, String>;
-            let (counts, scalars, status, daily, gmv, ships, inter, pipeline): (
-                Vec<Option<i64>>,
-                Vec<Option<i64>>,
-                Hash,
-                Hash,
-                Hash,
-                Hash,
-                Hash,
-                Hash,
-            ) = pipe.query(con)?;
+            type Ints = Vec<Option<i64>>;
+            type Reply = (Ints, Ints, Hash, Hash, Hash, Hash, Hash, Hash);
+            let (counts, scalars, status, daily, gmv, ships, inter, pipeline): Reply =
+                pipe.query(con)?;
             let num = |h: Hash| -> serde_json::Map<String, serde_json::Value> {
                 h.into_iter()
-                    .map(|(k, v)| (k, v.parse::<i64>().map_or(serde_json::Value::Null, Into::into)))
+                    .map(|(k, v)| {
+                        (
+                            k,
+                            v.parse::<i64>().map_or(serde_json::Value::Null, Into::into),
+                        )
+                    })
                     .collect()
             };
             let count_map: serde_json::Map<String, serde_json::Value> = crate::fold::Table::ALL

@@ -37,7 +37,8 @@ impl Telemetry {
             counter.fetch_add(*n, Ordering::Relaxed);
         }
         self.batches.fetch_add(1, Ordering::Relaxed);
-        self.batch_messages.fetch_add(size as u64, Ordering::Relaxed);
+        self.batch_messages
+            .fetch_add(size as u64, Ordering::Relaxed);
         self.last_batch_size.store(size as u64, Ordering::Relaxed);
         let ms = latency.as_millis() as u64;
         for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS_MS) {
@@ -106,16 +107,54 @@ impl Telemetry {
             );
         }
         let simple: [(&str, &str, &str, u64); 7] = [
-            ("metrics_consumer_duplicates_skipped_total", "counter", "Re-delivered or re-sent events that changed nothing.", get(&self.duplicates)),
-            ("metrics_consumer_bad_messages_total", "counter", "Messages that could not be decoded.", get(&self.bad)),
-            ("metrics_consumer_dlq_messages_total", "counter", "Messages copied to the dead-letter topic.", get(&self.dlq)),
-            ("metrics_consumer_tombstones_skipped_total", "counter", "Tombstones and other no-op messages.", get(&self.skipped)),
-            ("metrics_consumer_apply_errors_total", "counter", "Failed batch applies (retried).", get(&self.apply_errors)),
-            ("metrics_consumer_last_batch_size", "gauge", "Messages in the last applied batch.", get(&self.last_batch_size)),
-            ("metrics_consumer_batches_total", "counter", "Batches applied.", get(&self.batches)),
+            (
+                "metrics_consumer_duplicates_skipped_total",
+                "counter",
+                "Re-delivered or re-sent events that changed nothing.",
+                get(&self.duplicates),
+            ),
+            (
+                "metrics_consumer_bad_messages_total",
+                "counter",
+                "Messages that could not be decoded.",
+                get(&self.bad),
+            ),
+            (
+                "metrics_consumer_dlq_messages_total",
+                "counter",
+                "Messages copied to the dead-letter topic.",
+                get(&self.dlq),
+            ),
+            (
+                "metrics_consumer_tombstones_skipped_total",
+                "counter",
+                "Tombstones and other no-op messages.",
+                get(&self.skipped),
+            ),
+            (
+                "metrics_consumer_apply_errors_total",
+                "counter",
+                "Failed batch applies (retried).",
+                get(&self.apply_errors),
+            ),
+            (
+                "metrics_consumer_last_batch_size",
+                "gauge",
+                "Messages in the last applied batch.",
+                get(&self.last_batch_size),
+            ),
+            (
+                "metrics_consumer_batches_total",
+                "counter",
+                "Batches applied.",
+                get(&self.batches),
+            ),
         ];
         for (name, kind, help, value) in simple {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         }
         let _ = writeln!(
             out,
@@ -123,7 +162,9 @@ impl Telemetry {
             get(&self.batch_messages),
             get(&self.batches)
         );
-        out.push_str("# HELP metrics_consumer_apply_latency_seconds Time to apply one batch in Redis.\n");
+        out.push_str(
+            "# HELP metrics_consumer_apply_latency_seconds Time to apply one batch in Redis.\n",
+        );
         out.push_str("# TYPE metrics_consumer_apply_latency_seconds histogram\n");
         for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS_MS) {
             let _ = writeln!(

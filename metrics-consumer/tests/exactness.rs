@@ -28,7 +28,9 @@ impl Drop for StopOnDrop {
 
 async fn setup(name: &str) -> (Stack, Topics, String, String, String) {
     let s = stack();
-    let topics = Topics { base: unique(&format!("mctest.{name}.")) };
+    let topics = Topics {
+        base: unique(&format!("mctest.{name}.")),
+    };
     let dlq = format!("{}.dlq", topics.base);
     create_topics(&s.kafka, &topics.all(), PARTITIONS).await;
     create_topics(&s.kafka, std::slice::from_ref(&dlq), 1).await;
@@ -42,7 +44,11 @@ async fn caught_up(s: &Stack, prefix: &str, topics: &Topics, secs: u64) {
     let prefix = prefix.to_owned();
     let topics = topics.all();
     tokio::task::spawn_blocking(move || {
-        let s = Stack { kafka, redis, pg_admin: String::new() };
+        let s = Stack {
+            kafka,
+            redis,
+            pg_admin: String::new(),
+        };
         wait_caught_up(&s, &prefix, &topics, PARTITIONS, Duration::from_secs(secs));
     })
     .await
@@ -74,25 +80,48 @@ async fn replays_snapshot_tombstones_and_malformed_messages_stay_exact() {
     assert_exact(&s, &prefix, &model).await;
 
     let pipeline = pipeline_hash(&s, &prefix);
-    assert_eq!(pipeline.get("bad_messages"), Some(&(bad.len() as i64)), "{pipeline:?}");
-    assert!(pipeline.get("duplicates_skipped").copied().unwrap_or(0) >= (first.len() / 2) as i64 / 2, "{pipeline:?}");
-    assert!(pipeline.get("last_source_ts_ms").is_some(), "{pipeline:?}");
+    assert_eq!(
+        pipeline.get("bad_messages"),
+        Some(&(bad.len() as i64)),
+        "{pipeline:?}"
+    );
+    assert!(
+        pipeline.get("duplicates_skipped").copied().unwrap_or(0) >= (first.len() / 2) as i64 / 2,
+        "{pipeline:?}"
+    );
+    assert!(pipeline.contains_key("last_source_ts_ms"), "{pipeline:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while topic_count(&s.kafka, &dlq, 1) < bad.len() as i64 {
-        assert!(std::time::Instant::now() < deadline, "dead-letter topic did not receive {} messages", bad.len());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dead-letter topic did not receive {} messages",
+            bad.len()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // The dashboard summary catches up within a few seconds of being idle.
-    let mut con = redis::Client::open(s.redis.as_str()).unwrap().get_connection().unwrap();
-    let count: i64 = redis::cmd("GET").arg(format!("{prefix}count:instashop.transaction")).query(&mut con).unwrap();
+    let mut con = redis::Client::open(s.redis.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let count: i64 = redis::cmd("GET")
+        .arg(format!("{prefix}count:instashop.transaction"))
+        .query(&mut con)
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let dashboard: String = redis::cmd("GET").arg(format!("{prefix}dashboard")).query(&mut con).unwrap();
+        let dashboard: String = redis::cmd("GET")
+            .arg(format!("{prefix}dashboard"))
+            .query(&mut con)
+            .unwrap();
         let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
         if dashboard["counts"]["instashop.transaction"].as_i64() == Some(count) {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "dashboard stale: {dashboard} (count {count})");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dashboard stale: {dashboard} (count {count})"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -115,16 +144,41 @@ async fn replays_snapshot_tombstones_and_malformed_messages_stay_exact() {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
-fn spawn_binary(s: &Stack, topics: &Topics, prefix: &str, group: &str, dlq: &str, port: u16, log: &str) -> tokio::process::Child {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+fn spawn_binary(
+    s: &Stack,
+    topics: &Topics,
+    prefix: &str,
+    group: &str,
+    dlq: &str,
+    port: u16,
+    log: &str,
+) -> tokio::process::Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     tokio::process::Command::new(env!("CARGO_BIN_EXE_metrics-consumer"))
         .env("KAFKA_BOOTSTRAP_SERVERS", &s.kafka)
         .env("REDIS_URL", &s.redis)
         .env("RUST_LOG", "info")
-        .args(["--group", group, "--prefix", prefix, "--dlq-topic", dlq, "--batch-size", "2000"])
+        .args([
+            "--group",
+            group,
+            "--prefix",
+            prefix,
+            "--dlq-topic",
+            dlq,
+            "--batch-size",
+            "2000",
+        ])
         .args(["--topics", &topics.all().join(",")])
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null())
@@ -136,16 +190,29 @@ fn spawn_binary(s: &Stack, topics: &Topics, prefix: &str, group: &str, dlq: &str
 
 async fn sigterm(child: &mut tokio::process::Child) {
     let pid = child.id().unwrap();
-    let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait()).await.unwrap().unwrap();
-    assert!(status.success(), "consumer exited with {status} after SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "consumer exited with {status} after SIGTERM"
+    );
 }
 
 async fn http_get(port: u16, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .unwrap();
     let mut out = String::new();
@@ -155,8 +222,14 @@ async fn http_get(port: u16, path: &str) -> String {
 
 async fn wait_http(port: u16) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        assert!(std::time::Instant::now() < deadline, "consumer http on port {port} never came up");
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "consumer http on port {port} never came up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -201,15 +274,24 @@ async fn kill_9_at_random_moments_under_load_stays_exact() {
         kills += 1;
     }
     load.await.unwrap();
-    let applied_before = pipeline_hash(&s, &prefix).get("events_applied").copied().unwrap_or(0);
-    assert!(applied_before > 0, "nothing was applied between the kills; see {log}");
+    let applied_before = pipeline_hash(&s, &prefix)
+        .get("events_applied")
+        .copied()
+        .unwrap_or(0);
+    assert!(
+        applied_before > 0,
+        "nothing was applied between the kills; see {log}"
+    );
 
     let port = free_port();
     let mut child = spawn_binary(&s, &topics, &prefix, &group, &dlq, port, &log);
     caught_up(&s, &prefix, &topics, 240).await;
     wait_http(port).await;
     let metrics = http_get(port, "/metrics").await;
-    assert!(metrics.contains("metrics_consumer_events_applied_total{table=\"instashop.transaction\"}"), "{metrics}");
+    assert!(
+        metrics.contains("metrics_consumer_events_applied_total{table=\"instashop.transaction\"}"),
+        "{metrics}"
+    );
     assert!(http_get(port, "/health").await.contains("200 OK"));
     sigterm(&mut child).await;
     println!("{kills} kills, {total} events, log {log}");
@@ -242,8 +324,14 @@ async fn two_consumer_processes_in_one_group_split_partitions_and_stay_exact() {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     };
-    let (ma, mb) = (http_get(port_a, "/metrics").await, http_get(port_b, "/metrics").await);
-    assert!(batches(&ma) > 0 && batches(&mb) > 0, "both processes must apply batches:\nA:\n{ma}\nB:\n{mb}");
+    let (ma, mb) = (
+        http_get(port_a, "/metrics").await,
+        http_get(port_b, "/metrics").await,
+    );
+    assert!(
+        batches(&ma) > 0 && batches(&mb) > 0,
+        "both processes must apply batches:\nA:\n{ma}\nB:\n{mb}"
+    );
     sigterm(&mut a).await;
     // B takes over A's partitions from the offsets in Redis.
     let chunk = model.step(500);

@@ -17,7 +17,9 @@ use rand::{RngExt, SeedableRng};
 async fn lua_apply_equals_reference_fold_and_sql() {
     let s = stack();
     let prefix = format!("{}:", unique("mctest:store:"));
-    let topics = Topics { base: unique("mctest.store.") };
+    let topics = Topics {
+        base: unique("mctest.store."),
+    };
     let mut model = Model::new(3, topics);
     let mut msgs = model.step(4000);
     let half = msgs.len() / 2;
@@ -76,7 +78,10 @@ async fn lua_apply_equals_reference_fold_and_sql() {
         .filter(|(k, v)| {
             **v != 0
                 && !(k.starts_with("window:30s:")
-                    && k["window:30s:".len()..k.find('|').unwrap()].parse::<i64>().unwrap() < min_window)
+                    && k["window:30s:".len()..k.find('|').unwrap()]
+                        .parse::<i64>()
+                        .unwrap()
+                        < min_window)
         })
         .map(|(k, v)| (k.clone(), *v))
         .collect();

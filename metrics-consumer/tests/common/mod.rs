@@ -75,11 +75,18 @@ pub async fn create_topics(kafka: &str, names: &[String], partitions: i32) {
         .collect();
     let results = tokio::time::timeout(
         Duration::from_secs(30),
-        admin.create_topics(&topics, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)))),
+        admin.create_topics(
+            &topics,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        ),
     )
     .await
-    .unwrap_or_else(|_| panic!("creating topics at {kafka} timed out: are the brokers up (scripts/up)?"))
-    .unwrap_or_else(|e| panic!("creating topics at {kafka} failed ({e}): are the brokers up (scripts/up)?"));
+    .unwrap_or_else(|_| {
+        panic!("creating topics at {kafka} timed out: are the brokers up (scripts/up)?")
+    })
+    .unwrap_or_else(|e| {
+        panic!("creating topics at {kafka} failed ({e}): are the brokers up (scripts/up)?")
+    });
     for r in results {
         r.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e}"));
     }
@@ -145,9 +152,18 @@ pub fn high_watermarks(kafka: &str, topics: &[String], partitions: i32) -> BTree
 }
 
 /// Waits until the offsets stored in Redis reach the high watermarks.
-pub fn wait_caught_up(s: &Stack, prefix: &str, topics: &[String], partitions: i32, deadline: Duration) {
+pub fn wait_caught_up(
+    s: &Stack,
+    prefix: &str,
+    topics: &[String],
+    partitions: i32,
+    deadline: Duration,
+) {
     let highs = high_watermarks(&s.kafka, topics, partitions);
-    let mut con = redis::Client::open(s.redis.as_str()).unwrap().get_connection().unwrap();
+    let mut con = redis::Client::open(s.redis.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
     let start = Instant::now();
     loop {
         let stored: HashMap<String, i64> = redis::cmd("HGETALL")
@@ -198,7 +214,14 @@ impl Topics {
 
 const CATEGORIES: [&str; 5] = ["toys", "books", "garden", "electronics", "food & drink"];
 const TX_STATUS: [&str; 4] = ["pending", "completed", "failed", "refunded"];
-const INTERACTIONS: [&str; 6] = ["view", "click", "search", "cart_add", "cart_abandonment", "support_ticket"];
+const INTERACTIONS: [&str; 6] = [
+    "view",
+    "click",
+    "search",
+    "cart_add",
+    "cart_abandonment",
+    "support_ticket",
+];
 const SHIP_STATUS: [&str; 4] = ["created", "in_transit", "delivered", "returned"];
 
 /// A random workload: the current rows (Debezium `after` images in string
@@ -241,7 +264,11 @@ impl Model {
     }
 
     fn db_of(table: &str) -> &'static str {
-        TABLES.iter().find(|(_, t)| *t == table).map(|(d, _)| *d).unwrap()
+        TABLES
+            .iter()
+            .find(|(_, t)| *t == table)
+            .map(|(d, _)| *d)
+            .unwrap()
     }
 
     fn id(&mut self, table: &'static str) -> i64 {
@@ -290,11 +317,22 @@ impl Model {
     }
 
     /// One Debezium event (and a tombstone after a delete).
-    fn emit(&mut self, out: &mut Vec<Msg>, table: &'static str, id: i64, op: &str, after: Option<Value>) {
+    fn emit(
+        &mut self,
+        out: &mut Vec<Msg>,
+        table: &'static str,
+        id: i64,
+        op: &str,
+        after: Option<Value>,
+    ) {
         self.lsn += self.rng.random_range(1..50);
         let db = Self::db_of(table);
         let after = after.map(|a| self.encode_money(table, &a));
-        let before = if op == "d" { json!({"id": id}) } else { Value::Null };
+        let before = if op == "d" {
+            json!({"id": id})
+        } else {
+            Value::Null
+        };
         let ts = now_ms();
         let mut value = json!({
             "before": before,
@@ -318,12 +356,20 @@ impl Model {
             value: Some(serde_json::to_vec(&value).unwrap()),
         });
         if op == "d" {
-            out.push(Msg { topic, key: Some(key_bytes), value: None });
+            out.push(Msg {
+                topic,
+                key: Some(key_bytes),
+                value: None,
+            });
         }
     }
 
     fn upsert(&mut self, out: &mut Vec<Msg>, table: &'static str, id: i64, after: Value) {
-        let op = if self.rows[table].contains_key(&id) { "u" } else { "c" };
+        let op = if self.rows[table].contains_key(&id) {
+            "u"
+        } else {
+            "c"
+        };
         self.rows.get_mut(table).unwrap().insert(id, after.clone());
         self.emit(out, table, id, op, Some(after));
     }
@@ -369,7 +415,8 @@ impl Model {
                 14..=16 => {
                     if let Some(id) = self.pick("product") {
                         let mut row = self.rows["product"][&id].clone();
-                        row["category"] = json!(CATEGORIES[self.rng.random_range(0..CATEGORIES.len())]);
+                        row["category"] =
+                            json!(CATEGORIES[self.rng.random_range(0..CATEGORIES.len())]);
                         self.upsert(&mut out, "product", id, row);
                     }
                 }
@@ -403,14 +450,21 @@ impl Model {
                     if let Some(id) = self.pick("transaction") {
                         let mut row = self.rows["transaction"][&id].clone();
                         let next = match row["status"].as_str().unwrap() {
-                            "pending" => if self.rng.random_bool(0.8) { "completed" } else { "failed" },
+                            "pending" => {
+                                if self.rng.random_bool(0.8) {
+                                    "completed"
+                                } else {
+                                    "failed"
+                                }
+                            }
                             "completed" => "refunded",
                             other => other,
                         }
                         .to_owned();
                         row["status"] = json!(next);
                         if self.rng.random_bool(0.1) {
-                            row["total_amount"] = json!(cents_text(self.rng.random_range(0..500_000)));
+                            row["total_amount"] =
+                                json!(cents_text(self.rng.random_range(0..500_000)));
                         }
                         self.upsert(&mut out, "transaction", id, row);
                     }
@@ -473,7 +527,8 @@ impl Model {
                 94..=98 => {
                     if let Some(id) = self.pick("shipment") {
                         let mut row = self.rows["shipment"][&id].clone();
-                        row["status"] = json!(SHIP_STATUS[self.rng.random_range(0..SHIP_STATUS.len())]);
+                        row["status"] =
+                            json!(SHIP_STATUS[self.rng.random_range(0..SHIP_STATUS.len())]);
                         self.upsert(&mut out, "shipment", id, row);
                     }
                 }
@@ -505,14 +560,30 @@ impl Model {
     pub fn malformed(&mut self) -> Vec<Msg> {
         let t = self.topics.topic("instashop", "transaction");
         let s = self.topics.topic("erp", "stock");
-        let bad = |topic: &str, v: &str| Msg { topic: topic.to_owned(), key: Some(b"{\"id\":999999}".to_vec()), value: Some(v.as_bytes().to_vec()) };
+        let bad = |topic: &str, v: &str| Msg {
+            topic: topic.to_owned(),
+            key: Some(b"{\"id\":999999}".to_vec()),
+            value: Some(v.as_bytes().to_vec()),
+        };
         vec![
             bad(&t, "this is not json"),
             bad(&s, "{\"truncated\": "),
-            bad(&t, r#"{"before":null,"after":{"id":1},"source":{"db":"instashop","table":"transaction"}}"#),
-            bad(&s, r#"{"before":null,"after":{"id":1},"source":{"db":"erp","table":"nosuchtable","lsn":1},"op":"c"}"#),
-            bad(&t, r#"{"before":null,"after":{"id":999999,"status":"completed"},"source":{"db":"instashop","table":"transaction","lsn":1},"op":"c"}"#),
-            bad(&t, r#"{"before":null,"after":{"id":999999,"status":"completed","total_amount":"NAN","created_at":"2026-01-01T00:00:00Z"},"source":{"db":"instashop","table":"transaction","lsn":1},"op":"c"}"#),
+            bad(
+                &t,
+                r#"{"before":null,"after":{"id":1},"source":{"db":"instashop","table":"transaction"}}"#,
+            ),
+            bad(
+                &s,
+                r#"{"before":null,"after":{"id":1},"source":{"db":"erp","table":"nosuchtable","lsn":1},"op":"c"}"#,
+            ),
+            bad(
+                &t,
+                r#"{"before":null,"after":{"id":999999,"status":"completed"},"source":{"db":"instashop","table":"transaction","lsn":1},"op":"c"}"#,
+            ),
+            bad(
+                &t,
+                r#"{"before":null,"after":{"id":999999,"status":"completed","total_amount":"NAN","created_at":"2026-01-01T00:00:00Z"},"source":{"db":"instashop","table":"transaction","lsn":1},"op":"c"}"#,
+            ),
         ]
     }
 }
@@ -522,23 +593,44 @@ pub type Metrics = BTreeMap<String, i64>;
 
 /// Reads every metric under `prefix` from Redis (windows newer than `min_window`).
 pub fn redis_metrics(s: &Stack, prefix: &str, min_window: i64) -> Metrics {
-    let mut con = redis::Client::open(s.redis.as_str()).unwrap().get_connection().unwrap();
+    let mut con = redis::Client::open(s.redis.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
     let mut m = Metrics::new();
     for (db, t) in TABLES {
-        let v: Option<i64> = redis::cmd("GET").arg(format!("{prefix}count:{db}.{t}")).query(&mut con).unwrap();
+        let v: Option<i64> = redis::cmd("GET")
+            .arg(format!("{prefix}count:{db}.{t}"))
+            .query(&mut con)
+            .unwrap();
         m.insert(format!("count:{db}.{t}"), v.unwrap_or(0));
     }
     for k in ["revenue:total_cents", "stock:units"] {
-        let v: Option<i64> = redis::cmd("GET").arg(format!("{prefix}{k}")).query(&mut con).unwrap();
+        let v: Option<i64> = redis::cmd("GET")
+            .arg(format!("{prefix}{k}"))
+            .query(&mut con)
+            .unwrap();
         m.insert(k.to_owned(), v.unwrap_or(0));
     }
-    for h in ["transactions:status", "revenue:daily_cents", "gmv:category_cents", "shipments:status", "interactions:type"] {
-        let v: BTreeMap<String, i64> = redis::cmd("HGETALL").arg(format!("{prefix}{h}")).query(&mut con).unwrap();
+    for h in [
+        "transactions:status",
+        "revenue:daily_cents",
+        "gmv:category_cents",
+        "shipments:status",
+        "interactions:type",
+    ] {
+        let v: BTreeMap<String, i64> = redis::cmd("HGETALL")
+            .arg(format!("{prefix}{h}"))
+            .query(&mut con)
+            .unwrap();
         for (f, n) in v {
             m.insert(format!("{h}|{f}"), n);
         }
     }
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}window:30s:*")).query(&mut con).unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}window:30s:*"))
+        .query(&mut con)
+        .unwrap();
     for k in keys {
         let start: i64 = k.rsplit(':').next().unwrap().parse().unwrap();
         if start < min_window {
@@ -556,8 +648,14 @@ pub fn redis_metrics(s: &Stack, prefix: &str, min_window: i64) -> Metrics {
 }
 
 pub fn pipeline_hash(s: &Stack, prefix: &str) -> BTreeMap<String, i64> {
-    let mut con = redis::Client::open(s.redis.as_str()).unwrap().get_connection().unwrap();
-    redis::cmd("HGETALL").arg(format!("{prefix}pipeline")).query(&mut con).unwrap()
+    let mut con = redis::Client::open(s.redis.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    redis::cmd("HGETALL")
+        .arg(format!("{prefix}pipeline"))
+        .query(&mut con)
+        .unwrap()
 }
 
 fn sql_text(v: &Value) -> String {
@@ -567,7 +665,10 @@ fn sql_text(v: &Value) -> String {
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
         Value::Array(a) => {
-            let items: Vec<String> = a.iter().map(|x| x.as_str().unwrap_or("").replace('\'', "''")).collect();
+            let items: Vec<String> = a
+                .iter()
+                .map(|x| x.as_str().unwrap_or("").replace('\'', "''"))
+                .collect();
             format!("ARRAY['{}']::text[]", items.join("','"))
         }
         Value::Object(_) => unreachable!("no objects in rows"),
@@ -582,23 +683,40 @@ pub async fn sql_expected(s: &Stack, model: &Model, min_window: i64) -> Metrics 
         .unwrap_or_else(|e| panic!("postgres at PG_ADMIN_URL unreachable ({e}): run scripts/up"));
     tokio::spawn(conn);
     let db = unique("mc_check_");
-    admin.simple_query(&format!("CREATE DATABASE {db}")).await.unwrap();
+    admin
+        .simple_query(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
     let url = format!("{}/{db}", s.pg_admin.rsplit_once('/').unwrap().0);
-    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     let handle = tokio::spawn(conn);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("sql");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("sql");
     for f in ["instashop.sql", "crm.sql", "erp.sql", "ecommerce.sql"] {
         let text = std::fs::read_to_string(root.join(f)).unwrap();
         c.batch_execute(&text).await.unwrap();
     }
     // Load the final rows; referential checks off (rows arrive in any order).
-    c.batch_execute("SET session_replication_role = replica").await.unwrap();
+    c.batch_execute("SET session_replication_role = replica")
+        .await
+        .unwrap();
     for (_, table) in TABLES {
         let rows = &model.rows[table];
         if rows.is_empty() {
             continue;
         }
-        let cols: Vec<String> = rows.values().next().unwrap().as_object().unwrap().keys().cloned().collect();
+        let cols: Vec<String> = rows
+            .values()
+            .next()
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
         let rows: Vec<&Value> = rows.values().collect();
         for chunk in rows.chunks(500) {
             let values: Vec<String> = chunk
@@ -620,21 +738,37 @@ pub async fn sql_expected(s: &Stack, model: &Model, min_window: i64) -> Metrics 
                     format!("({})", vals.join(","))
                 })
                 .collect();
-            let sql = format!("INSERT INTO \"{table}\" ({}) VALUES {}", cols.join(","), values.join(","));
-            c.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{e}: {}", &sql[..sql.len().min(300)]));
+            let sql = format!(
+                "INSERT INTO \"{table}\" ({}) VALUES {}",
+                cols.join(","),
+                values.join(",")
+            );
+            c.batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{e}: {}", &sql[..sql.len().min(300)]));
         }
     }
     let mut m = Metrics::new();
     let q = |sql: &'static str| {
         let c = &c;
-        async move { c.query(sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e}")) }
+        async move {
+            c.query(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        }
     };
     for (db, t) in TABLES {
-        let row = c.query_one(&format!("SELECT count(*) FROM \"{t}\""), &[]).await.unwrap();
+        let row = c
+            .query_one(&format!("SELECT count(*) FROM \"{t}\""), &[])
+            .await
+            .unwrap();
         m.insert(format!("count:{db}.{t}"), row.get::<_, i64>(0));
     }
     for r in q("SELECT status::text, count(*) FROM transaction GROUP BY status").await {
-        m.insert(format!("transactions:status|{}", r.get::<_, String>(0)), r.get(1));
+        m.insert(
+            format!("transactions:status|{}", r.get::<_, String>(0)),
+            r.get(1),
+        );
     }
     for r in q("SELECT coalesce(sum(total_amount*100),0)::bigint FROM transaction WHERE status='completed'").await {
         m.insert("revenue:total_cents".into(), r.get(0));
@@ -649,10 +783,16 @@ pub async fn sql_expected(s: &Stack, model: &Model, min_window: i64) -> Metrics 
         m.insert("stock:units".into(), r.get(0));
     }
     for r in q("SELECT status, count(*) FROM shipment GROUP BY status").await {
-        m.insert(format!("shipments:status|{}", r.get::<_, String>(0)), r.get(1));
+        m.insert(
+            format!("shipments:status|{}", r.get::<_, String>(0)),
+            r.get(1),
+        );
     }
     for r in q("SELECT interaction_type, count(*) FROM interaction GROUP BY 1").await {
-        m.insert(format!("interactions:type|{}", r.get::<_, String>(0)), r.get(1));
+        m.insert(
+            format!("interactions:type|{}", r.get::<_, String>(0)),
+            r.get(1),
+        );
     }
     for r in q("SELECT (floor(extract(epoch FROM created_at)/30)*30)::bigint, count(*), coalesce(sum(total_amount*100) FILTER (WHERE status='completed'),0)::bigint FROM transaction GROUP BY 1").await {
         let start: i64 = r.get(0);
@@ -663,7 +803,10 @@ pub async fn sql_expected(s: &Stack, model: &Model, min_window: i64) -> Metrics 
     }
     drop(c);
     handle.abort();
-    admin.simple_query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await.unwrap();
+    admin
+        .simple_query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
     m.retain(|_, v| *v != 0);
     m
 }
@@ -684,25 +827,43 @@ pub async fn assert_exact(s: &Stack, prefix: &str, model: &Model) {
         }
         panic!("metrics differ from SQL (key, sql, redis): {diff:#?}");
     }
-    assert!(expected.len() > 20, "too few metrics to be a meaningful check: {expected:?}");
+    assert!(
+        expected.len() > 20,
+        "too few metrics to be a meaningful check: {expected:?}"
+    );
 }
 
 /// A consumer config for tests.
-pub fn config(s: &Stack, topics: &Topics, prefix: &str, group: &str, dlq: &str) -> metrics_consumer::Config {
+pub fn config(
+    s: &Stack,
+    topics: &Topics,
+    prefix: &str,
+    group: &str,
+    dlq: &str,
+) -> metrics_consumer::Config {
     use clap::Parser;
     metrics_consumer::Config::parse_from([
         "metrics-consumer",
-        "--bootstrap-servers", &s.kafka,
-        "--redis-url", &s.redis,
-        "--group", group,
-        "--prefix", prefix,
-        "--topics", &topics.all().join(","),
-        "--dlq-topic", dlq,
-        "--metrics-addr", "127.0.0.1:0",
+        "--bootstrap-servers",
+        &s.kafka,
+        "--redis-url",
+        &s.redis,
+        "--group",
+        group,
+        "--prefix",
+        prefix,
+        "--topics",
+        &topics.all().join(","),
+        "--dlq-topic",
+        dlq,
+        "--metrics-addr",
+        "127.0.0.1:0",
     ])
 }
 
 /// Counts the messages of a topic (all partitions).
 pub fn topic_count(kafka: &str, topic: &str, partitions: i32) -> i64 {
-    high_watermarks(kafka, &[topic.to_owned()], partitions).values().sum()
+    high_watermarks(kafka, &[topic.to_owned()], partitions)
+        .values()
+        .sum()
 }
