@@ -271,9 +271,13 @@ fn startup_error(params: &ConnectParams, e: &ServerError) -> Error {
             params.user
         )),
         "28000" | "3D000" | "42501" => Error::Setup(format!("connect to {target}: {e}")),
-        "53300" => Error::Setup(format!(
-            "connect to {target}: {e}: no free WAL sender or connection slot; raise max_wal_senders / max_connections or stop another consumer"
-        )),
+        // Retryable: slots free up when other clients disconnect.
+        "53300" => connect_err(
+            &target,
+            format!(
+                "{e}: no free WAL sender or connection slot; raise max_wal_senders / max_connections or stop another client"
+            ),
+        ),
         _ => connect_err(&target, e.to_string()),
     }
 }
