@@ -8,10 +8,12 @@
 #   venv/        Python venv with confluent-kafka (topic admin, console consumer)
 #   run/*.pid    one PID file per service       log/*.log one log per service
 
-# Fixed ports: chosen to stay clear of system services on 5432/6379/9092.
-PG_PORT=54329
-REDIS_PORT=63790
-BROKER_PORTS=(19092 19093 19094)
+# Ports chosen to stay clear of system services on 5432/6379/9092. The
+# INSTASHOP_*_PORT(S) variables move them, e.g. for a second, throwaway stack
+# in another state directory beside the main one.
+PG_PORT="${INSTASHOP_PG_PORT:-54329}"
+REDIS_PORT="${INSTASHOP_REDIS_PORT:-63790}"
+read -r -a BROKER_PORTS <<<"${INSTASHOP_BROKER_PORTS:-19092 19093 19094}"
 NISSHI_VERSION=0.7.0-pre.2
 # PyPI wheel with a librdkafka new enough for nisshi (Debian's kcat is not).
 CONFLUENT_KAFKA_VERSION=2.16.1
