@@ -2,7 +2,8 @@
 //! `KAFKA_BOOTSTRAP_SERVERS` from `.local/env`): CreateTopics for a missing
 //! topic, then idempotent `acks=all` produce of many transactions, every
 //! transaction confirmed, and every record in Kafka exactly once in per-key
-//! order. Topics get unique names and are never deleted.
+//! order; with transaction metadata on, BEGIN/END records with event counts
+//! on `<prefix>.transaction`. Topics get unique names and are never deleted.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -160,6 +161,122 @@ fn read_topic(bootstrap: &str, topic: &str, expected: usize) -> Vec<(i32, u64, u
                     v["after"]["id"].as_u64().expect("id"),
                     v["after"]["version"].as_u64().expect("version"),
                 ));
+            }
+            Some(Err(e)) => panic!("consume failed: {e}"),
+            None if out.len() >= expected && quiet.elapsed() > Duration::from_secs(2) => break,
+            None => {}
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_metadata_begin_end_records_reach_kafka() {
+    let bootstrap = bootstrap();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let prefix = format!("sinktx{}x{nanos}", std::process::id());
+    let table = Arc::new(TableName {
+        prefix: prefix.clone(),
+        database: "sinktx".into(),
+        schema: "public".into(),
+        table: "item".into(),
+    });
+    let columns: Arc<[Column]> = Arc::from(vec![Column {
+        name: "id".into(),
+        type_oid: 23,
+        type_modifier: -1,
+        is_key: true,
+    }]);
+    let mut cfg = SinkConfig::new(bootstrap.clone());
+    cfg.envelope.transaction_metadata = true;
+    let sink = Sink::new(&cfg, Arc::new(NoMetrics)).expect("sink created");
+    let mut src = sink.source("sinktx");
+    for tx in 1..=3u64 {
+        for row in 0..2u64 {
+            let change = Change {
+                table: table.clone(),
+                columns: columns.clone(),
+                op: Op::Create,
+                before: None,
+                after: Some(vec![Datum::Text(Bytes::from((tx * 10 + row).to_string()))]),
+                source: Source {
+                    commit_ts_ms: 1_700_000_000_000,
+                    snapshot: SnapshotMarker::No,
+                    tx_id: Some(tx as u32),
+                    lsn: tx * 100 + row,
+                    last_commit_lsn: Some(tx * 100 - 1),
+                },
+            };
+            src.send(&change).await.expect("enqueued");
+        }
+        src.end_transaction(tx * 100 + 99);
+    }
+    let mut confirmed = src.confirmed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while *confirmed.borrow_and_update() < 399 {
+        if let Some(e) = src.take_fatal() {
+            panic!("delivery failed on the local brokers: {e}");
+        }
+        assert!(Instant::now() < deadline, "transactions not confirmed");
+        let _ = tokio::time::timeout(Duration::from_millis(200), confirmed.changed()).await;
+    }
+
+    let tx_topic = format!("{prefix}.transaction");
+    let records = tokio::task::spawn_blocking({
+        let bootstrap = bootstrap.clone();
+        move || read_json(&bootstrap, &tx_topic, 6)
+    })
+    .await
+    .expect("consumer task");
+    let mut statuses: Vec<(String, String, Option<u64>)> = records
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap_or_default().to_owned(),
+                v["status"].as_str().unwrap_or_default().to_owned(),
+                v["event_count"].as_u64(),
+            )
+        })
+        .collect();
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        vec![
+            ("1:100".into(), "BEGIN".into(), None),
+            ("1:100".into(), "END".into(), Some(2)),
+            ("2:200".into(), "BEGIN".into(), None),
+            ("2:200".into(), "END".into(), Some(2)),
+            ("3:300".into(), "BEGIN".into(), None),
+            ("3:300".into(), "END".into(), Some(2)),
+        ]
+    );
+}
+
+/// Every record value of `topic` as JSON (all partitions, from the start).
+fn read_json(bootstrap: &str, topic: &str, expected: usize) -> Vec<serde_json::Value> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("{topic}-check"))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .expect("consumer created");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition added");
+    }
+    consumer.assign(&tpl).expect("assigned");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut quiet = Instant::now();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                quiet = Instant::now();
+                out.push(serde_json::from_slice(m.payload().expect("payload")).expect("JSON"));
             }
             Some(Err(e)) => panic!("consume failed: {e}"),
             None if out.len() >= expected && quiet.elapsed() > Duration::from_secs(2) => break,
