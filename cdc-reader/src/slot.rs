@@ -22,7 +22,7 @@ use tokio_postgres::Client;
 use crate::change::{Lsn, parse_lsn};
 use crate::config::{SourceConfig, table_matches};
 use crate::error::Error;
-use crate::replication::{QueryError, ReplicationConnection, quote_ident, quote_literal};
+use crate::replication::{QueryError, ReplicationConnection, quote_ident};
 
 /// A captured table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -457,17 +457,24 @@ pub async fn create_permanent_slot(
 }
 
 /// Turns the finished snapshot's temporary slot into the permanent slot.
-pub async fn persist_snapshot_slot(
-    conn: &mut ReplicationConnection,
-    cfg: &SourceConfig,
-) -> Result<(), Error> {
-    let sql = format!(
-        "SELECT pg_copy_logical_replication_slot({}, {}, false)",
-        quote_literal(&snapshot_slot_name(cfg)),
-        quote_literal(&cfg.slot)
-    );
-    conn.simple_query(&sql)
+///
+/// Runs on an ordinary session, not on the walsender that owns the temporary
+/// slot: a slot created by a walsender stays acquired by it until that
+/// connection ends, which would make the reader's own START_REPLICATION (and
+/// `pg_replication_slots.active`) see a busy slot.
+pub async fn persist_snapshot_slot(client: &Client, cfg: &SourceConfig) -> Result<(), Error> {
+    client
+        .execute(
+            "SELECT pg_copy_logical_replication_slot($1, $2, false)",
+            &[&snapshot_slot_name(cfg), &cfg.slot],
+        )
         .await
-        .map_err(|e| slot_create_error(cfg, &cfg.slot, e))?;
+        .map_err(|e| match e.as_db_error() {
+            Some(db) if db.code().code() == "42710" => Error::Replication(format!(
+                "source {}: slot \"{}\" already exists (another reader created it)",
+                cfg.name, cfg.slot
+            )),
+            _ => Error::from(e),
+        })?;
     Ok(())
 }

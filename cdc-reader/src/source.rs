@@ -146,7 +146,7 @@ async fn run_once(
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
-                slot::persist_snapshot_slot(&mut repl, cfg).await?;
+                slot::persist_snapshot_slot(&client, cfg).await?;
                 tracing::info!(source = %cfg.name, slot = %cfg.slot, consistent_point = %lsn_to_string(created.consistent_point), "snapshot acknowledged by kafka; slot created");
             }
         }
