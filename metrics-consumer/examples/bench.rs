@@ -155,24 +155,29 @@ fn apply(events: u64) -> anyhow::Result<()> {
     let mut synth = Synth::new();
     let pairs: Vec<(String, String)> = (0..events).map(|_| synth.next()).collect();
     let started = Instant::now();
-    let mut batch = metrics_consumer::store::Batch::default();
-    for (offset, (key, value)) in pairs.iter().enumerate() {
-        let change =
-            metrics_consumer::fold::decode(Some(key.as_bytes()), Some(value.as_bytes())).ok();
-        batch.push("bench", 0, offset as i64, change.as_ref());
-        if batch.len >= 5000 {
-            store.apply(&batch, 0)?;
-            batch = Default::default();
+    // As in the consumer: one thread decodes the next batch while the
+    // current one is applied.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<metrics_consumer::store::Batch>(2);
+    let decoder = std::thread::spawn(move || {
+        let mut batch = metrics_consumer::store::Batch::default();
+        for (offset, (key, value)) in pairs.iter().enumerate() {
+            let change =
+                metrics_consumer::fold::decode(Some(key.as_bytes()), Some(value.as_bytes())).ok();
+            batch.push("bench", 0, offset as i64, change.as_ref());
+            if batch.len >= 5000 && tx.send(std::mem::take(&mut batch)).is_err() {
+                return;
+            }
         }
+        let _ = tx.send(batch);
+    });
+    for batch in rx {
+        store.apply(&batch, 0)?;
     }
-    store.apply(&batch, 0)?;
+    let _ = decoder.join();
     let secs = started.elapsed().as_secs_f64();
     println!(
         "applied {events} events (decode + Lua, no Kafka) in {secs:.2} s: {:.0} events/s",
         events as f64 / secs
-    );
-    println!(
-        "prefix {prefix} (delete with: redis-cli --scan --pattern '{prefix}*' | xargs redis-cli del)"
     );
     Ok(())
 }

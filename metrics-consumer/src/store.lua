@@ -40,6 +40,7 @@ for i = 1, ntp do nexto[i] = tonumber(stored[i]) or -1 end
 local rows = {}      -- table -> id -> state string | false
 local dirty = {}     -- table -> id -> true
 local want = {}      -- table -> list of ids
+local wantp, seenp = {}, {} -- product ids of join tokens (P, C) in new states
 local sim = {}
 for i = 1, ntp do sim[i] = nexto[i] end
 for i = base, nargs, STRIDE do
@@ -55,6 +56,12 @@ for i = base, nargs, STRIDE do
         cache[id] = false
         local w = want[t]
         w[#w + 1] = id
+      end
+      local st = ARGV[i + 5]
+      if t == 'instashop.transactiondetail' or t == 'instashop.product' then
+        for pid in string.gmatch(st, '\30[PC]([^\31\29]*)') do
+          if not seenp[pid] then seenp[pid] = true; wantp[#wantp + 1] = pid end
+        end
       end
     end
   end
@@ -88,6 +95,20 @@ end
 local gmvkey = P .. 'join:product_gmv_cents'
 local catkey = P .. 'join:product_category'
 local pg, pgd, pc, pcd = {}, {}, {}, {}
+do
+  local n = #wantp
+  local from = 1
+  while from <= n do
+    local to = math.min(from + 499, n)
+    local g = redis.call('HMGET', gmvkey, unpack(wantp, from, to))
+    local c = redis.call('HMGET', catkey, unpack(wantp, from, to))
+    for j = from, to do
+      pg[wantp[j]] = tonumber(g[j - from + 1]) or 0
+      pc[wantp[j]] = c[j - from + 1] or false
+    end
+    from = to + 1
+  end
+end
 local function getpg(pid)
   local v = pg[pid]
   if v == nil then v = tonumber(redis.call('HGET', gmvkey, pid)) or 0; pg[pid] = v end
@@ -245,9 +266,27 @@ for k, h in pairs(dhash) do
 end
 for k, at in pairs(expat) do redis.call('EXPIREAT', k, fmt(at)) end
 
-for pid, _ in pairs(pgd) do redis.call('HSET', gmvkey, pid, fmt(pg[pid])) end
-for pid, _ in pairs(pcd) do
-  if pc[pid] then redis.call('HSET', catkey, pid, pc[pid]) else redis.call('HDEL', catkey, pid) end
+local function flush(cmd, key, list)
+  if #list > 0 then redis.call(cmd, key, unpack(list)) end
+end
+do
+  local g, c, d = {}, {}, {}
+  for pid, _ in pairs(pgd) do
+    g[#g + 1] = pid; g[#g + 1] = fmt(pg[pid])
+    if #g >= 1000 then flush('HSET', gmvkey, g); g = {} end
+  end
+  flush('HSET', gmvkey, g)
+  for pid, _ in pairs(pcd) do
+    if pc[pid] then
+      c[#c + 1] = pid; c[#c + 1] = pc[pid]
+      if #c >= 1000 then flush('HSET', catkey, c); c = {} end
+    else
+      d[#d + 1] = pid
+      if #d >= 1000 then flush('HDEL', catkey, d); d = {} end
+    end
+  end
+  flush('HSET', catkey, c)
+  flush('HDEL', catkey, d)
 end
 
 local pk = P .. 'pipeline'

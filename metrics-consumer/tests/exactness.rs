@@ -258,7 +258,7 @@ async fn kill_9_at_random_moments_under_load_stays_exact() {
         let producer = producer(&kafka);
         for chunk in chunks {
             produce(&producer, &chunk).await;
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            tokio::time::sleep(Duration::from_millis(3000)).await;
         }
     });
 
@@ -267,13 +267,23 @@ async fn kill_9_at_random_moments_under_load_stays_exact() {
     while kills < 12 {
         let port = free_port();
         let mut child = spawn_binary(&s, &topics, &prefix, &group, &dlq, port, &log);
-        let wait = rng.random_range(2000..7000);
+        // A killed member holds its partitions until its session times out
+        // (6 s), so most restarts get partitions only after that.
+        let wait = rng.random_range(7000..11000);
         tokio::time::sleep(Duration::from_millis(wait)).await;
         child.start_kill().unwrap(); // SIGKILL
         child.wait().await.unwrap();
         kills += 1;
     }
     load.await.unwrap();
+    let assigned = std::fs::read_to_string(&log)
+        .unwrap()
+        .matches("partitions assigned")
+        .count();
+    assert!(
+        assigned >= 10,
+        "only {assigned} of 12 killed processes got partitions; see {log}"
+    );
     let applied_before = pipeline_hash(&s, &prefix)
         .get("events_applied")
         .copied()
