@@ -1,6 +1,7 @@
 //! kill -9 of the reader at random moments under load, at least ten times:
 //! replay still equals the database, and every duplicate is an exact re-send
-//! (same `source.lsn` and `sequence`).
+//! (same `source.lsn` and `sequence`). Also: kill -9 inside the initial
+//! snapshot, and connection loss (the reader's view of a Postgres restart).
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
 mod support;
@@ -36,9 +37,14 @@ async fn kill_9_at_random_moments_under_load_loses_nothing() {
     let mut reader = Reader::start(&db, &[]);
     let kills = 12;
     for i in 0..kills {
-        // The first kill lands early (often inside the snapshot), later ones anywhere.
-        let wait = if i == 0 {
-            50 + next(400)
+        // Kills land anywhere after the initial snapshot finished (a kill
+        // inside the snapshot is `kill_9_during_the_snapshot_starts_it_over`):
+        // during streaming, during a restart's preflight, while reconnecting.
+        if i == 0 {
+            db.wait_streaming(&reader).await;
+        }
+        let wait = if i % 3 == 0 {
+            20 + next(300)
         } else {
             200 + next(2500)
         };
