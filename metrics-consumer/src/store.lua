@@ -82,13 +82,13 @@ for t, ids in pairs(want) do
   end
 end
 
--- Metric deltas, accumulated and written once at the end.
-local dstr, dhash, expat = {}, {}, {}
-local function sadd(k, n) dstr[k] = (dstr[k] or 0) + n end
-local function hadd(k, f, n)
-  local h = dhash[k]
-  if not h then h = {}; dhash[k] = h end
-  h[f] = (h[f] or 0) + n
+-- Metric deltas per code and field (no key strings built per event),
+-- accumulated and written once at the end. Code G is the category GMV.
+local acc = {}
+local function add(code, field, n)
+  local a = acc[code]
+  if not a then a = {}; acc[code] = a end
+  a[field] = (a[field] or 0) + n
 end
 
 -- Join state (product GMV cents, product -> category), read lazily.
@@ -121,50 +121,32 @@ local function getpc(pid)
 end
 
 local K_COUNT = P .. 'count:'
-local K_STATUS = P .. 'transactions:status'
-local K_REV = P .. 'revenue:total_cents'
-local K_DAILY = P .. 'revenue:daily_cents'
 local K_WIN = P .. 'window:30s:'
-local K_STOCK = P .. 'stock:units'
-local K_SHIP = P .. 'shipments:status'
-local K_INTER = P .. 'interactions:type'
-local K_GMV = P .. 'gmv:category_cents'
+local HASHES = {
+  S = P .. 'transactions:status', D = P .. 'revenue:daily_cents', H = P .. 'shipments:status',
+  I = P .. 'interactions:type', G = P .. 'gmv:category_cents',
+}
+local STRINGS = { R = P .. 'revenue:total_cents', K = P .. 'stock:units' }
 
 local function contribute(state, sign)
-  local p = string.find(state, RS, 1, true)
-  if not p then return end
-  for tok in string.gmatch(string.sub(state, p + 1), '[^\30]+') do
-    local code = string.sub(tok, 1, 1)
-    local sep = string.find(tok, US, 2, true)
-    local field = string.sub(tok, 2, sep - 1)
-    local amt = tonumber(string.sub(tok, sep + 1)) * sign
-    if code == 'N' then sadd(K_COUNT .. field, amt)
-    elseif code == 'S' then hadd(K_STATUS, field, amt)
-    elseif code == 'R' then sadd(K_REV, amt)
-    elseif code == 'D' then hadd(K_DAILY, field, amt)
-    elseif code == 'W' then
-      local k = K_WIN .. field
-      hadd(k, 'transactions', amt); expat[k] = tonumber(field) + 30 + 3600
-    elseif code == 'V' then
-      local k = K_WIN .. field
-      hadd(k, 'revenue_cents', amt); expat[k] = tonumber(field) + 30 + 3600
-    elseif code == 'K' then sadd(K_STOCK, amt)
-    elseif code == 'H' then hadd(K_SHIP, field, amt)
-    elseif code == 'I' then hadd(K_INTER, field, amt)
-    elseif code == 'P' then
+  for code, field, amt in string.gmatch(state, '\30(.)([^\31]*)\31(-?%d+)') do
+    amt = tonumber(amt) * sign
+    if code == 'P' then
       pg[field] = getpg(field) + amt; pgd[field] = true
       local cat = getpc(field)
-      if cat then hadd(K_GMV, cat, amt) end
+      if cat then add('G', cat, amt) end
     elseif code == 'C' then
       local g = string.find(field, GS, 1, true)
       local pid, cat = string.sub(field, 1, g - 1), string.sub(field, g + 1)
       if amt > 0 then
         pc[pid] = cat; pcd[pid] = true
-        hadd(K_GMV, cat, getpg(pid))
+        add('G', cat, getpg(pid))
       elseif getpc(pid) == cat then
         pc[pid] = false; pcd[pid] = true
-        hadd(K_GMV, cat, -getpg(pid))
+        add('G', cat, -getpg(pid))
       end
+    else
+      add(code, field, amt)
     end
   end
 end
@@ -256,15 +238,22 @@ for t, ids in pairs(dirty) do
   if #batch > 0 then redis.call('HSET', key, unpack(batch)) end
 end
 
-for k, n in pairs(dstr) do
-  if n ~= 0 then redis.call('INCRBY', k, fmt(n)) end
-end
-for k, h in pairs(dhash) do
-  for f, n in pairs(h) do
-    if n ~= 0 then redis.call('HINCRBY', k, f, fmt(n)) end
+for code, a in pairs(acc) do
+  for field, n in pairs(a) do
+    if code == 'W' or code == 'V' then
+      local k = K_WIN .. field
+      if n ~= 0 then
+        redis.call('HINCRBY', k, code == 'W' and 'transactions' or 'revenue_cents', fmt(n))
+      end
+      redis.call('EXPIREAT', k, fmt(tonumber(field) + 30 + 3600))
+    elseif n ~= 0 then
+      if code == 'N' then redis.call('INCRBY', K_COUNT .. field, fmt(n))
+      elseif STRINGS[code] then redis.call('INCRBY', STRINGS[code], fmt(n))
+      elseif HASHES[code] then redis.call('HINCRBY', HASHES[code], field, fmt(n))
+      end
+    end
   end
 end
-for k, at in pairs(expat) do redis.call('EXPIREAT', k, fmt(at)) end
 
 local function flush(cmd, key, list)
   if #list > 0 then redis.call(cmd, key, unpack(list)) end
