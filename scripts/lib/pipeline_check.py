@@ -210,6 +210,21 @@ def replay(bootstrap: str, db: str, table: str, types: dict[str, str], timeout_s
     return rows, problems
 
 
+ABSENT = "<absent>"
+
+
+def same_value(replayed, actual) -> bool:
+    """Equality that also sees a numeric's scale: Decimal('4.0') == Decimal('4.00')
+    in Python, but a numeric(12,2) rendered as "4.0" is a rendering bug."""
+    if isinstance(replayed, decimal.Decimal) and isinstance(actual, decimal.Decimal):
+        return replayed == actual and replayed.as_tuple().exponent == actual.as_tuple().exponent
+    if isinstance(replayed, list) and isinstance(actual, list):
+        return len(replayed) == len(actual) and all(same_value(r, a) for r, a in zip(replayed, actual))
+    if type(replayed) is bool or type(actual) is bool:
+        return type(replayed) is type(actual) and replayed == actual  # True == 1 otherwise
+    return replayed == actual
+
+
 def row_key(row: dict, key_bytes) -> str:
     if "id" in row and row["id"] is not None:
         return str(row["id"])
@@ -235,19 +250,26 @@ def check_replay(env, bootstrap: str, timeout_s: float) -> list[str]:
             missing = sorted(set(actual) - set(replayed), key=int)
             extra = sorted(set(replayed) - set(actual), key=lambda s: (len(s), s))
             differing = []
+            samples: list[str] = []
             for pk in set(actual) & set(replayed):
                 a, r = actual[pk], replayed[pk]
-                cols = [c for c in names if r.get(c, "<absent>") != a[c]]
+                cols = [c for c in names if not same_value(r.get(c, ABSENT), a[c])]
+                cols += [f"{c} (not a column)" for c in r if c not in a]
                 if cols:
                     differing.append((pk, cols))
+            for pk, cols in sorted(differing, key=lambda d: int(d[0]))[:3]:
+                for c in cols[:3]:
+                    c = c.removesuffix(" (not a column)")
+                    samples.append(f"id {pk} {c}: table {actual[pk].get(c, ABSENT)!r} topic {replayed[pk].get(c, ABSENT)!r}")
             label = f"{db}.public.{table}"
             if missing:
                 diffs.append(f"{label}: {len(missing)} rows missing from the topic (e.g. id {', '.join(missing[:5])})")
             if extra:
                 diffs.append(f"{label}: {len(extra)} rows in the topic but not in the table (e.g. id {', '.join(extra[:5])})")
             if differing:
-                sample = "; ".join(f"id {pk}: {', '.join(cols)}" for pk, cols in sorted(differing)[:5])
+                sample = "; ".join(f"id {pk}: {', '.join(cols)}" for pk, cols in sorted(differing, key=lambda d: int(d[0]))[:5])
                 diffs.append(f"{label}: {len(differing)} rows differ ({sample})")
+                diffs.extend(f"{label}:   {line[:300]}" for line in samples)
             print(f"  replay {label:<36} table {len(actual):>8} rows  topic {len(replayed):>8} rows  "
                   f"{'ok' if not (missing or extra or differing) else 'DIFFERENT'}")
         conn.close()
@@ -347,6 +369,32 @@ def check_metrics(env, prefix: str) -> list[str]:
     return diffs
 
 
+def check_dlq(bootstrap: str, topic: str, timeout_s: float) -> list[str]:
+    """Nothing the generator writes is undecodable: a message on the consumer's
+    dead-letter topic is a dropped change (its metric contribution is lost)."""
+    from confluent_kafka import Consumer
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"pipeline-check-dlq-{os.getpid()}",
+                         "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout_s)
+        if topic not in meta.topics or meta.topics[topic].error is not None:
+            print(f"  dlq    {topic:<44} (no such topic)")
+            return []
+        from confluent_kafka import TopicPartition
+
+        count = 0
+        for p in meta.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            count += max(0, high - low)
+    finally:
+        consumer.close()
+    print(f"  dlq    {topic:<44} {count} messages{'':<47} {'ok' if count == 0 else 'NOT EMPTY'}")
+    if count:
+        return [f"{topic}: {count} messages dead-lettered by the consumer (read them with scripts/topic)"]
+    return []
+
+
 def load_env(path: str | None) -> dict[str, str]:
     env: dict[str, str] = {}
     if path and os.path.exists(path):
@@ -367,6 +415,7 @@ def main() -> int:
     parser.add_argument("--prefix", default="metrics:", help="Redis key prefix of the metrics")
     parser.add_argument("--skip-replay", action="store_true")
     parser.add_argument("--skip-metrics", action="store_true")
+    parser.add_argument("--dlq-topic", default="metrics.dlq", help="the consumer's dead-letter topic; empty to skip")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to read one topic")
     args = parser.parse_args()
     env = load_env(args.env_file)
@@ -380,6 +429,8 @@ def main() -> int:
     if not args.skip_metrics:
         print("redis metrics against their sql definitions:")
         diffs += check_metrics(env, args.prefix)
+        if args.dlq_topic:
+            diffs += check_dlq(bootstrap, args.dlq_topic, args.timeout)
     if diffs:
         print("FAIL")
         for d in diffs:
