@@ -141,6 +141,7 @@ async fn replays_snapshot_tombstones_and_malformed_messages_stay_exact() {
     assert_exact(&s, &prefix, &model).await;
     shutdown.cancel();
     run.await.unwrap().unwrap();
+    cleanup_redis(&s, &prefix);
 }
 
 fn free_port() -> u16 {
@@ -308,6 +309,7 @@ async fn kill_9_at_random_moments_under_load_stays_exact() {
     assert_exact(&s, &prefix, &model).await;
     let pipeline = pipeline_hash(&s, &prefix);
     assert_eq!(pipeline.get("bad_messages"), Some(&6), "{pipeline:?}");
+    cleanup_redis(&s, &prefix);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,4 +351,5 @@ async fn two_consumer_processes_in_one_group_split_partitions_and_stay_exact() {
     caught_up(&s, &prefix, &topics, 300).await;
     sigterm(&mut b).await;
     assert_exact(&s, &prefix, &model).await;
+    cleanup_redis(&s, &prefix);
 }

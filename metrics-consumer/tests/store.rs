@@ -95,4 +95,5 @@ async fn lua_apply_equals_reference_fold_and_sql() {
     assert_eq!(bad, 12, "six malformed messages, sent twice");
     assert_eq!(pipeline.get("bad_messages"), Some(&bad));
     assert_exact(&s, &prefix, &model).await;
+    cleanup_redis(&s, &prefix);
 }

@@ -867,3 +867,19 @@ pub fn topic_count(kafka: &str, topic: &str, partitions: i32) -> i64 {
         .values()
         .sum()
 }
+
+/// Deletes a test's Redis keys (after its checks passed; a failed test keeps
+/// them for inspection).
+pub fn cleanup_redis(s: &Stack, prefix: &str) {
+    let mut con = redis::Client::open(s.redis.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut con)
+        .unwrap();
+    for chunk in keys.chunks(500) {
+        redis::cmd("DEL").arg(chunk).query::<()>(&mut con).unwrap();
+    }
+}
