@@ -76,6 +76,7 @@ impl Topics {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap_servers)
             .set("allow.auto.create.topics", "false")
+            .set("enable.metrics.push", "false")
             .create()
             .map_err(|e| Error::Config(format!("kafka admin client: {e}")))?;
         Ok(Topics {

@@ -130,6 +130,7 @@ fn read_topic(bootstrap: &str, topic: &str, expected: usize) -> Vec<(i32, u64, u
         .set("group.id", format!("{topic}-check"))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "50")
+        .set("enable.metrics.push", "false")
         .create()
         .expect("consumer created");
     let metadata = consumer
@@ -261,6 +262,7 @@ fn read_json(bootstrap: &str, topic: &str, expected: usize) -> Vec<serde_json::V
         .set("group.id", format!("{topic}-check"))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "50")
+        .set("enable.metrics.push", "false")
         .create()
         .expect("consumer created");
     let mut tpl = TopicPartitionList::new();

@@ -43,12 +43,13 @@ def quiet_logger():
 
 
 def admin(bootstrap):
-    return AdminClient({"bootstrap.servers": bootstrap, "logger": quiet_logger()})
+    return AdminClient({"bootstrap.servers": bootstrap, "enable.metrics.push": False, "logger": quiet_logger()})
 
 
 def consumer(bootstrap, group=None, **extra):
     config = {
         "bootstrap.servers": bootstrap,
+        "enable.metrics.push": False,
         "group.id": group or f"instashop-console-{uuid.uuid4()}",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,

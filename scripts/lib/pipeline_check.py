@@ -118,6 +118,7 @@ def consume_topic(bootstrap: str, topic: str, timeout_s: float):
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
+            "enable.metrics.push": False,
             "group.id": f"pipeline-check-{os.getpid()}-{time.time_ns()}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
@@ -374,7 +375,7 @@ def check_dlq(bootstrap: str, topic: str, timeout_s: float) -> list[str]:
     dead-letter topic is a dropped change (its metric contribution is lost)."""
     from confluent_kafka import Consumer
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"pipeline-check-dlq-{os.getpid()}",
+    consumer = Consumer({"bootstrap.servers": bootstrap, "enable.metrics.push": False, "group.id": f"pipeline-check-dlq-{os.getpid()}",
                          "enable.auto.commit": False})
     try:
         meta = consumer.list_topics(topic, timeout=timeout_s)

@@ -431,6 +431,7 @@ pub fn consume_fold(topics: &[String], mut f: impl FnMut(Event)) {
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
         .set("fetch.wait.max.ms", "50")
+        .set("enable.metrics.push", "false")
         .set("queued.min.messages", "100000")
         .create()
         .unwrap();
