@@ -5,13 +5,38 @@
 //! here is [`Error::Setup`] with the exact statement to run, and the process
 //! exits with that one line.
 //!
-//! Why the slot is the "snapshot done" marker: the snapshot is taken from a
-//! *temporary* slot created with `EXPORT_SNAPSHOT`; only after every snapshot
-//! row was acknowledged by Kafka is it copied into the permanent slot with
+//! Why the slot is the "snapshot done" marker: the first snapshot is taken
+//! from a *pending* slot, a permanent slot named `<slot>_snapshot` created
+//! with `EXPORT_SNAPSHOT` at consistent point C1. Only after every snapshot
+//! row was acknowledged by Kafka is it copied into the real slot `<slot>` with
 //! `pg_copy_logical_replication_slot` (same consistent point, same retained
-//! WAL). A crash during the snapshot drops the temporary slot with the
-//! connection, so the permanent slot exists if and only if a snapshot (or
-//! `never` mode) completed. No local state file, nothing in Kafka to read back.
+//! WAL) and dropped. So `<slot>` exists if and only if a snapshot (or `never`
+//! mode) completed. No local state file, nothing in Kafka to read back.
+//!
+//! Why the pending slot is permanent: a crash mid-snapshot leaves `r` events
+//! in Kafka for rows that may be deleted before the snapshot is redone. A
+//! temporary slot would die with the connection and nothing would ever
+//! retract those events; the pending slot survives the crash and retains
+//! every change since C1, deletes included. The restart (pending exists,
+//! `<slot>` does not) takes a fresh snapshot from a *temporary* slot
+//! `<slot>_resnap` (exported at C2), and once Kafka acknowledged it copies
+//! the *pending* slot into `<slot>`, so streaming re-emits everything since
+//! C1 (the overlap is described in `snapshot`). States and what a start does:
+//! - neither slot: first attempt (above);
+//! - only `<slot>_snapshot`: restart mid-snapshot (above); in `never` mode the
+//!   pending slot is promoted into `<slot>` without a snapshot, so the
+//!   partial snapshot's rows are still followed by every later change;
+//! - both: a crash between the copy and the drop; the pending slot is stale
+//!   and dropped;
+//! - only `<slot>`: streaming.
+//!
+//! Why an advisory lock around the snapshot: the pending slot is not held by
+//! any walsender while the rows are copied (a permanent slot is released
+//! right after CREATE_REPLICATION_SLOT), so "pending exists" cannot tell a
+//! crashed reader from a running one. The snapshotting reader holds a
+//! session-level advisory lock on the slot name; a second reader that cannot
+//! take it retries, then finds `<slot>` busy and exits like any second reader.
+//! A killed reader's session ends with its socket, releasing the lock.
 //!
 //! Why the permanent slot is never advanced except by status updates: on
 //! PostgreSQL ≤ 16 a status update may move `confirmed_flush_lsn` backwards,
@@ -67,6 +92,8 @@ pub struct Preflight {
     pub tables: Vec<TableInfo>,
     /// The permanent slot, when it exists.
     pub slot: Option<SlotInfo>,
+    /// The pending snapshot slot `<slot>_snapshot`, when it exists.
+    pub pending: Option<SlotInfo>,
     /// The role's name.
     pub role: String,
 }
@@ -238,7 +265,9 @@ pub async fn preflight(
             )
             .await?;
         let (free_slots, free_senders): (i32, i32) = (free.get(0), free.get(1));
-        // The snapshot needs a temporary slot next to the permanent one.
+        // A snapshot needs two more slots: the pending one and the real one it
+        // is copied into (first attempt), or the temporary snapshot slot and
+        // the real one (restart; the pending slot is already counted).
         let needed = if will_create_slot_hint { 2 } else { 1 };
         if free_slots < needed {
             return Err(setup(
@@ -255,9 +284,11 @@ pub async fn preflight(
             ));
         }
     }
+    let pending = pending_slot_info(client, cfg).await?;
     Ok(Preflight {
         tables: published,
         slot,
+        pending,
         role,
     })
 }
@@ -329,14 +360,40 @@ async fn ensure_publication(client: &Client, cfg: &SourceConfig, role: &str) -> 
 
 /// The permanent slot, checked for plugin and database.
 pub async fn slot_info(client: &Client, cfg: &SourceConfig) -> Result<Option<SlotInfo>, Error> {
+    named_slot_info(client, cfg, &cfg.slot, false).await
+}
+
+/// The pending snapshot slot, checked for plugin and database.
+pub async fn pending_slot_info(
+    client: &Client,
+    cfg: &SourceConfig,
+) -> Result<Option<SlotInfo>, Error> {
+    named_slot_info(client, cfg, &snapshot_slot_name(cfg), true).await
+}
+
+async fn named_slot_info(
+    client: &Client,
+    cfg: &SourceConfig,
+    name: &str,
+    pending: bool,
+) -> Result<Option<SlotInfo>, Error> {
     let row = client
         .query_opt(
             "SELECT plugin::text, database::text, active_pid, confirmed_flush_lsn::text, wal_status, temporary \
              FROM pg_replication_slots WHERE slot_name = $1",
-            &[&cfg.slot],
+            &[&name],
         )
         .await?;
     let Some(row) = row else { return Ok(None) };
+    let temporary: Option<bool> = row.get(5);
+    if pending && temporary == Some(true) {
+        // Only a running reader of an earlier version snapshots from a
+        // temporary slot of that name; it disappears with its session.
+        return Err(Error::Replication(format!(
+            "source {}: slot \"{name}\" is a temporary slot of another running reader",
+            cfg.name
+        )));
+    }
     let plugin: Option<String> = row.get(0);
     let database: Option<String> = row.get(1);
     if plugin.as_deref() != Some("pgoutput")
@@ -345,12 +402,10 @@ pub async fn slot_info(client: &Client, cfg: &SourceConfig) -> Result<Option<Slo
         return Err(setup(
             cfg,
             format!(
-                "slot \"{}\" exists but is not a pgoutput slot of database \"{}\" (plugin {:?}, database {:?}): pick another --slot or drop it with SELECT pg_drop_replication_slot('{}');",
-                cfg.slot,
+                "slot \"{name}\" exists but is not a pgoutput slot of database \"{}\" (plugin {:?}, database {:?}): pick another --slot or drop it with SELECT pg_drop_replication_slot('{name}');",
                 cfg.params.dbname,
                 plugin.unwrap_or_default(),
                 database.unwrap_or_default(),
-                cfg.slot
             ),
         ));
     }
@@ -379,17 +434,80 @@ pub struct CreatedSlot {
     pub snapshot_name: Option<String>,
 }
 
-/// Temporary slot name used while a snapshot is in progress.
+/// `<slot><suffix>`, the slot part shortened so the suffix always fits in
+/// the 63 bytes of a slot name (the two helper names never collide).
+fn helper_slot_name(cfg: &SourceConfig, suffix: &str) -> String {
+    let mut base = cfg.slot.clone();
+    base.truncate(63 - suffix.len());
+    base + suffix
+}
+
+/// Permanent slot marking a snapshot in progress (the first attempt's
+/// consistent point and every change since).
 pub fn snapshot_slot_name(cfg: &SourceConfig) -> String {
-    let mut name = format!("{}_snapshot", cfg.slot);
-    name.truncate(63);
-    name
+    helper_slot_name(cfg, "_snapshot")
+}
+
+/// Temporary slot whose exported snapshot a restarted snapshot copies.
+pub fn resnapshot_slot_name(cfg: &SourceConfig) -> String {
+    helper_slot_name(cfg, "_resnap")
+}
+
+/// Takes the session-level advisory lock that makes one reader at a time
+/// snapshot this slot; `false` when another session holds it.
+pub async fn try_lock_snapshot(client: &Client, cfg: &SourceConfig) -> Result<bool, Error> {
+    Ok(client
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext('instashop_cdc_snapshot'), hashtext($1))",
+            &[&cfg.slot],
+        )
+        .await?
+        .get(0))
+}
+
+/// Releases [`try_lock_snapshot`]'s lock (it also ends with the session).
+pub async fn unlock_snapshot(client: &Client, cfg: &SourceConfig) -> Result<(), Error> {
+    client
+        .execute(
+            "SELECT pg_advisory_unlock(hashtext('instashop_cdc_snapshot'), hashtext($1))",
+            &[&cfg.slot],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Drops the pending snapshot slot if it exists. Retries for a moment while a
+/// walsender that just ended still shows it active.
+pub async fn drop_pending_slot(client: &Client, cfg: &SourceConfig) -> Result<(), Error> {
+    let name = snapshot_slot_name(cfg);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match client
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if e.as_db_error().is_some_and(|d| d.code().code() == "55006")
+                    && std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "42704") => {
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 fn slot_create_error(cfg: &SourceConfig, slot: &str, e: QueryError) -> Error {
     match e {
         // A crashed reader's walsender may still hold its temporary slot for a
-        // moment, or another reader is snapshotting: retry.
+        // moment, or an earlier version of the reader is snapshotting: retry.
         QueryError::Server(se) if se.code == "42710" => Error::Replication(format!(
             "source {}: slot \"{slot}\" already exists (another reader is snapshotting, or a crashed one's session is ending)",
             cfg.name
@@ -439,13 +557,23 @@ async fn create(
     })
 }
 
-/// Creates the temporary snapshot slot and exports its snapshot. The
-/// connection must stay idle until every copier imported the snapshot.
-pub async fn create_snapshot_slot(
+/// Creates the pending (permanent) snapshot slot and exports its snapshot:
+/// the first attempt. The connection must stay idle until every copier
+/// imported the snapshot.
+pub async fn create_pending_slot(
     conn: &mut ReplicationConnection,
     cfg: &SourceConfig,
 ) -> Result<CreatedSlot, Error> {
-    create(conn, cfg, &snapshot_slot_name(cfg), true, true).await
+    create(conn, cfg, &snapshot_slot_name(cfg), false, true).await
+}
+
+/// Creates the temporary slot of a restarted snapshot and exports its
+/// snapshot (the pending slot already exists and keeps its position).
+pub async fn create_resnapshot_slot(
+    conn: &mut ReplicationConnection,
+    cfg: &SourceConfig,
+) -> Result<CreatedSlot, Error> {
+    create(conn, cfg, &resnapshot_slot_name(cfg), true, true).await
 }
 
 /// Creates the permanent slot without a snapshot (`never` mode).
@@ -456,12 +584,13 @@ pub async fn create_permanent_slot(
     create(conn, cfg, &cfg.slot, false, false).await
 }
 
-/// Turns the finished snapshot's temporary slot into the permanent slot.
+/// Copies the pending slot into the permanent slot once the snapshot was
+/// acknowledged (it still has to be dropped with [`drop_pending_slot`]).
 ///
-/// Runs on an ordinary session, not on the walsender that owns the temporary
-/// slot: a slot created by a walsender stays acquired by it until that
-/// connection ends, which would make the reader's own START_REPLICATION (and
-/// `pg_replication_slots.active`) see a busy slot.
+/// Runs on an ordinary session, not on the walsender that exported the
+/// snapshot: a temporary slot created by a walsender stays acquired by it
+/// until that connection ends, so SQL is the one place that works for both
+/// the first attempt and a restart.
 pub async fn persist_snapshot_slot(client: &Client, cfg: &SourceConfig) -> Result<(), Error> {
     client
         .execute(

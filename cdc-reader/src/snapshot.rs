@@ -1,9 +1,9 @@
 //! Initial snapshot: the rows that existed at the slot's consistent point,
 //! emitted as `op: "r"` events before streaming starts.
 //!
-//! Why this is gap- and overlap-free: the temporary slot's exported snapshot
-//! is exactly the database state at `consistent_point`, and streaming starts
-//! from that point. Each copier is an ordinary session that imports the
+//! Why a first snapshot is gap- and overlap-free: the pending slot's exported
+//! snapshot is exactly the database state at `consistent_point`, and
+//! streaming starts from that point. Each copier is an ordinary session that imports the
 //! snapshot (`SET TRANSACTION SNAPSHOT`) inside a REPEATABLE READ READ ONLY
 //! transaction, so several tables are copied in parallel from the same
 //! instant. The replication connection stays idle meanwhile: its next command
@@ -21,11 +21,23 @@
 //! is confirmable only when every snapshot row is acknowledged.
 //!
 //! A snapshot interrupted by a crash is repeated from a new exported snapshot
-//! (see `slot`): rows are re-sent with newer values, nothing is missed. Known
-//! limit: a row deleted between the interrupted and the repeated snapshot
-//! keeps the `r` event the interrupted attempt sent, because no slot existed
-//! to record the delete. Closing that gap needs a per-partition "table
-//! replaced" marker before a repeated snapshot (not implemented).
+//! (see `slot`): rows are re-sent with newer values, nothing is missed, and
+//! the stream then starts from the *interrupted* attempt's consistent point
+//! C1, kept by the pending slot, not from the repeated one's C2. Why: a row
+//! the interrupted attempt sent and that was deleted before the repeat has no
+//! `r` event in the repeat; only the delete recorded since C1 retracts it.
+//!
+//! The overlap this leaves, only on that restart-mid-snapshot path: changes
+//! committed between C1 and C2 are emitted twice in effect, once folded into
+//! the repeated snapshot's `r` rows (`source.lsn` = C2) and once as their own
+//! c/u/d events (`source.lsn` < C2) after those rows. Per key, partition
+//! order still ends at the latest state (the last change before C2 is
+//! followed by nothing older), so a replay equals the table once the stream
+//! passed C2; in between a key may briefly show an older value. Consumers
+//! that skip events older than a row's last applied LSN (the
+//! metrics-consumer does) ignore the re-emitted changes, yet still apply the
+//! deletes of rows the repeat no longer has, whose last LSN is the
+//! interrupted attempt's C1.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};

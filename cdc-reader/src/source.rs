@@ -119,15 +119,52 @@ async fn run_once(
     }
 
     if pre.slot.is_none() {
+        // One snapshotting reader per slot (see `slot`); then look again, as
+        // the holder may just have finished.
+        if !slot::try_lock_snapshot(&client, cfg).await? {
+            return Err(Error::Replication(format!(
+                "source {}: another reader is taking the snapshot of slot \"{}\"",
+                cfg.name, cfg.slot
+            )));
+        }
+        pre.slot = slot::slot_info(&client, cfg).await?;
+        pre.pending = slot::pending_slot_info(&client, cfg).await?;
+    }
+    if let Some(pending) = &pre.pending {
+        if pre.slot.is_some() {
+            tracing::info!(source = %cfg.name, slot = %slot::snapshot_slot_name(cfg), "dropping the stale pending snapshot slot (the snapshot completed before the last stop)");
+            slot::drop_pending_slot(&client, cfg).await?;
+            pre.pending = None;
+        } else if pending.wal_status.as_deref() == Some("lost") {
+            tracing::warn!(source = %cfg.name, slot = %slot::snapshot_slot_name(cfg), "the pending snapshot slot lost its WAL; dropping it and snapshotting from scratch (rows deleted since the interrupted snapshot keep its r events)");
+            slot::drop_pending_slot(&client, cfg).await?;
+            pre.pending = None;
+        }
+    }
+
+    if pre.slot.is_none() {
         let mut repl = ReplicationConnection::connect(&cfg.params, true).await?;
+        let restart = pre.pending.is_some();
         match cfg.snapshot_mode {
+            SnapshotMode::Never if restart => {
+                slot::persist_snapshot_slot(&client, cfg).await?;
+                drop(repl);
+                slot::drop_pending_slot(&client, cfg).await?;
+                tracing::info!(source = %cfg.name, slot = %cfg.slot, "interrupted snapshot not repeated (never); slot taken over from the pending snapshot slot");
+            }
             SnapshotMode::Never => {
                 let created = slot::create_permanent_slot(&mut repl, cfg).await?;
+                drop(repl);
                 tracing::info!(source = %cfg.name, slot = %cfg.slot, consistent_point = %lsn_to_string(created.consistent_point), "created slot without snapshot");
             }
             SnapshotMode::Initial | SnapshotMode::WhenNeeded => {
                 metrics.set_state(&cfg.name, SourceState::Snapshotting);
-                let created = slot::create_snapshot_slot(&mut repl, cfg).await?;
+                let created = if restart {
+                    tracing::info!(source = %cfg.name, slot = %slot::snapshot_slot_name(cfg), "an earlier snapshot was interrupted; snapshotting again, then streaming from the interrupted snapshot's consistent point");
+                    slot::create_resnapshot_slot(&mut repl, cfg).await?
+                } else {
+                    slot::create_pending_slot(&mut repl, cfg).await?
+                };
                 let mut snap_sink = sink.source(&cfg.name);
                 let outcome = snapshot::run(
                     cfg.clone(),
@@ -146,11 +183,15 @@ async fn run_once(
                 if shutdown.is_cancelled() {
                     return Ok(());
                 }
+                // Copy the pending slot (the first attempt's consistent point),
+                // then drop it and, with the connection, a restart's temporary slot.
                 slot::persist_snapshot_slot(&client, cfg).await?;
+                drop(repl);
+                slot::drop_pending_slot(&client, cfg).await?;
                 tracing::info!(source = %cfg.name, slot = %cfg.slot, consistent_point = %lsn_to_string(created.consistent_point), "snapshot acknowledged by kafka; slot created");
             }
         }
-        drop(repl);
+        slot::unlock_snapshot(&client, cfg).await?;
         pre.slot = slot::slot_info(&client, cfg).await?;
     }
     let start = pre.slot.as_ref().map_or(0, |s| s.confirmed_flush);
