@@ -3,29 +3,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use metrics_consumer::Config;
 
 fn main() -> ExitCode {
+    // Before the runtime starts threads: loading the env file sets variables.
     local_stack::envfile::load();
-    let config = Config::parse();
+    let config = metrics_consumer::Config::parse();
     local_stack::init_tracing();
-    match try_main(config) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn try_main(config: Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    runtime.block_on(async {
-        let shutdown = local_stack::shutdown::on_signal();
-        metrics_consumer::run(config, shutdown).await
-    })?;
-    Ok(())
+    local_stack::main(|shutdown| metrics_consumer::run(config, shutdown))
 }
