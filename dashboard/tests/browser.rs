@@ -93,8 +93,12 @@ impl Browser {
     async fn start() -> Browser {
         let chromium = chromium();
         let script = repo_root().join("dashboard/tests/browser/cdp.mjs");
+        // scripts/lib/common.sh (ensure_browser_driver) picks the flags that
+        // give this machine's node a WebSocket.
+        let flags = std::env::var("INSTASHOP_NODE_FLAGS")
+            .unwrap_or_else(|_| "--no-warnings --experimental-websocket".to_owned());
         let mut child = Command::new("node")
-            .args(["--no-warnings", "--experimental-websocket"])
+            .args(flags.split_whitespace())
             .arg(&script)
             .arg(&chromium)
             .stdin(Stdio::piped())

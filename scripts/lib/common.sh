@@ -203,3 +203,30 @@ stop_pid() {
         poll 10 "$name to die" bash -c "! kill -0 $pid 2>/dev/null" || true
     fi
 }
+
+# The browser tests drive Chromium from Node.js over a WebSocket. Node 21+
+# has WebSocket built in, Node 20.10+ behind --experimental-websocket; older
+# Node (Debian 12 ships 18) gets the `ws` package from npm under the state
+# directory. Installs chromium and nodejs when missing, then exports
+# INSTASHOP_NODE_FLAGS (read by dashboard/tests/browser.rs) and NODE_PATH.
+ensure_browser_driver() {
+    local want=()
+    [[ -x /usr/bin/chromium ]] || want+=(chromium)
+    command -v node >/dev/null || want+=(nodejs npm)
+    ((${#want[@]} == 0)) || apt_install "${want[@]}"
+    if node -e 'if (typeof WebSocket !== "function") process.exit(1)' 2>/dev/null; then
+        export INSTASHOP_NODE_FLAGS="--no-warnings"
+    elif node --no-warnings --experimental-websocket -e 'if (typeof WebSocket !== "function") process.exit(1)' 2>/dev/null; then
+        export INSTASHOP_NODE_FLAGS="--no-warnings --experimental-websocket"
+    else
+        local dir="$STATE/node"
+        if [[ ! -d "$dir/node_modules/ws" ]]; then
+            command -v npm >/dev/null || apt_install npm
+            say "installing the ws package for node $(node --version) (npm install ws@8)"
+            npm install --silent --no-audit --no-fund --prefix "$dir" ws@8 >>"$LOG/npm.log" 2>&1 ||
+                die "npm install ws failed; see $LOG/npm.log"
+        fi
+        export INSTASHOP_NODE_FLAGS="--no-warnings"
+        export NODE_PATH="$dir/node_modules${NODE_PATH:+:$NODE_PATH}"
+    fi
+}

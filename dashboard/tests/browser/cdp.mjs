@@ -17,6 +17,12 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
+import { createRequire } from "node:module";
+
+// Node 21+ (or 20.10+ with --experimental-websocket) has WebSocket built in;
+// older Node uses the `ws` package that scripts/lib/common.sh installs
+// (found through NODE_PATH), which offers the same onopen/onmessage API.
+const WebSocketImpl = globalThis.WebSocket ?? createRequire(import.meta.url)("ws").WebSocket;
 
 const chromiumPath = process.argv[2] || process.env.CHROMIUM || "/usr/bin/chromium";
 const profile = mkdtempSync(join(tmpdir(), "dashboard-chromium-"));
@@ -49,7 +55,7 @@ const wsUrl = await new Promise((resolve) => {
   browser.on("exit", (code) => fail(`chromium exited (${code}) before it listened: ${buf.slice(-500)}`));
 });
 
-const ws = new WebSocket(wsUrl);
+const ws = new WebSocketImpl(wsUrl);
 await new Promise((resolve, reject) => { ws.onopen = resolve; ws.onerror = () => reject(new Error("websocket error")); });
 let nextId = 1;
 const pending = new Map();
