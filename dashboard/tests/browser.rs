@@ -594,10 +594,22 @@ async fn page_shows_redis_values_and_follows_them_live() {
     browser
         .call(json!({"cmd": "viewport", "width": 390, "height": 844, "mobile": true}))
         .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let widths = browser
-        .eval("[document.documentElement.scrollWidth, window.innerWidth]")
-        .await;
+    // The new viewport is in effect once the page reports its width; reading
+    // scrollWidth then forces a layout at that width.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let widths = loop {
+        let widths = browser
+            .eval("[document.documentElement.scrollWidth, window.innerWidth]")
+            .await;
+        if widths[1].as_i64() == Some(390) {
+            break widths;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "viewport never became 390 px wide: {widths}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
         widths[0].as_i64() <= widths[1].as_i64(),
         "page wider than the phone: {widths}"
