@@ -36,7 +36,9 @@ async fn pipeline_against_mock_cluster_replays_exactly() {
     .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
     let h = tokio::spawn(cdc_reader::run(cfg, stop.clone()));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Streaming first, so the writes below arrive as change events.
+    db.wait_slot_active(|| "the in-process reader (log on stderr)".to_owned())
+        .await;
     for _ in 0..5 {
         owner.batch_execute(&shop_batch_sql(30)).await.unwrap();
     }

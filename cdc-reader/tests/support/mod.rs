@@ -162,6 +162,12 @@ impl TestDb {
 
     /// Waits until a reader streams from the slot (it exists and is active).
     pub async fn wait_streaming(&self, reader: &Reader) {
+        self.wait_slot_active(|| tail(&reader.log_text(), 30)).await;
+    }
+
+    /// Waits until the slot exists and a walsender uses it; `context` says
+    /// what to print if that never happens (e.g. the reader's log).
+    pub async fn wait_slot_active(&self, context: impl Fn() -> String) {
         let admin = connect(&self.admin_url).await;
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -180,7 +186,7 @@ impl TestDb {
                 Instant::now() < deadline,
                 "the reader never started streaming from {}:\n{}",
                 self.slot,
-                tail(&reader.log_text(), 30)
+                context()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
