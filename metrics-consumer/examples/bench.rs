@@ -163,7 +163,7 @@ fn apply(events: u64) -> anyhow::Result<()> {
         for (offset, (key, value)) in pairs.iter().enumerate() {
             let change =
                 metrics_consumer::fold::decode(Some(key.as_bytes()), Some(value.as_bytes())).ok();
-            batch.push("bench", 0, offset as i64, change.as_ref());
+            batch.push("bench", 0, offset as i64, change);
             if batch.len >= 5000 && tx.send(std::mem::take(&mut batch)).is_err() {
                 return;
             }

@@ -291,7 +291,7 @@ fn poll_loop(
                 let partition = message.partition();
                 let offset = message.offset();
                 match fold::decode(message.key(), message.payload()) {
-                    Ok(change) => batch.push(topic, partition, offset, Some(&change)),
+                    Ok(change) => batch.push(topic, partition, offset, Some(change)),
                     Err(bad) => {
                         log_bad(&mut logged_kinds, &bad, topic, partition, offset);
                         dead.push(DeadLetter {

@@ -3,14 +3,18 @@
 //! effect through any crash, replay or rebalance.
 //!
 //! Modules: [`money`] and [`fold`] are pure (decode an event, compute a row's
-//! contribution, the retract-and-add rules); [`store`] runs the batch-apply
-//! Lua script; [`consumer`] is the Kafka loop; [`telemetry`] and [`http`]
+//! contribution, the retract-and-add rules); [`batch`] holds the decoded
+//! messages of one atomic apply; [`plan`] folds a batch over the Redis values
+//! it depends on into checked writes (pure); [`store`] reads those values and
+//! runs the compare-and-write Lua script; [`consumer`] is the Kafka loop; [`telemetry`] and [`http`]
 //! serve `/metrics` and `/health`.
 
+pub mod batch;
 pub mod consumer;
 pub mod fold;
 pub mod http;
 pub mod money;
+pub mod plan;
 pub mod store;
 pub mod telemetry;
 
@@ -127,6 +131,27 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A Redis key the consumer owns holds text it did not write.
+    #[error(
+        "redis key {key} field {field} holds a value the consumer did not write; delete every key under the prefix to rebuild from the topics"
+    )]
+    StoredState {
+        /// The key, without the prefix.
+        key: String,
+        /// The hash field.
+        field: String,
+    },
+    /// Concurrent writers changed the batch's inputs on every attempt.
+    #[error(
+        "a batch's rows kept changing under concurrent writers for {attempts} attempts; is another process writing under the same prefix?"
+    )]
+    Conflict {
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// Redis failed while a batch was applied (retried by the apply loop).
+    #[error("redis command failed while applying a batch")]
+    Apply(#[source] redis::RedisError),
     /// A bug: a worker thread died.
     #[error("internal error: {0}")]
     Internal(String),

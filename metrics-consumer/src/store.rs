@@ -1,113 +1,23 @@
-//! Redis side: one Lua script (`store.lua`, run with EVALSHA) applies a whole
-//! batch of decoded events and stores the consumed offsets in the same atomic
-//! step; the stored offsets are where a (re)assigned partition resumes.
+//! Redis side: reads the values a batch depends on (pipelined HMGETs), has
+//! [`plan::build`] fold the batch over them, and runs one Lua script
+//! (`store.lua`, EVALSHA) that compares those values with Redis's current
+//! ones and, if unchanged, writes the plan and the consumed offsets in the
+//! same atomic step. The stored offsets are where a (re)assigned partition
+//! resumes.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::fold::{Change, encode_state};
+use crate::Error;
+pub use crate::batch::{Applied, Batch, Entry, tp_field};
+use crate::plan::{self, Plan, Snapshot};
 
-/// The batch-apply script.
+/// The compare-and-write script.
 pub const APPLY_LUA: &str = include_str!("store.lua");
 
-/// What a batch did, as counted by the script.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Applied {
-    /// Events whose effect was applied.
-    pub applied: u64,
-    /// Re-deliveries (offset already applied) and re-sends (older LSN).
-    pub duplicates: u64,
-    /// Bad messages counted.
-    pub bad: u64,
-    /// Tombstones and other no-op messages.
-    pub skipped: u64,
-}
-
-/// One batch of messages in Kafka order per partition, encoded for the script.
-#[derive(Debug, Default)]
-pub struct Batch {
-    tps: Vec<String>,
-    tp_index: HashMap<(String, i32), usize>,
-    args: Vec<String>,
-    /// Next offset per topic/partition after this batch.
-    pub next_offsets: HashMap<(String, i32), i64>,
-    /// Messages per table, for the per-table counters.
-    pub per_table: [u64; 9],
-    /// Number of messages.
-    pub len: usize,
-    /// Largest source ts_ms seen, for latency metrics.
-    pub max_ts_ms: Option<i64>,
-}
-
-/// The name of a topic/partition in the offsets hash.
-pub fn tp_field(topic: &str, partition: i32) -> String {
-    format!("{topic}/{partition}")
-}
-
-impl Batch {
-    /// Adds one message: its decoded change, or `None` for a bad message.
-    pub fn push(&mut self, topic: &str, partition: i32, offset: i64, change: Option<&Change>) {
-        let key = (topic.to_owned(), partition);
-        let index = match self.tp_index.get(&key) {
-            Some(i) => *i,
-            None => {
-                self.tps.push(tp_field(topic, partition));
-                let i = self.tps.len();
-                self.tp_index.insert(key.clone(), i);
-                i
-            }
-        };
-        self.next_offsets.insert(key, offset + 1);
-        self.len += 1;
-        let ts = |t: &Option<i64>| t.map(|v| v.to_string()).unwrap_or_default();
-        let (kind, table, id, state, ts_ms) = match change {
-            None => ("B", "", String::new(), String::new(), String::new()),
-            Some(Change::Row {
-                table,
-                id,
-                state,
-                ts_ms,
-            }) => {
-                self.per_table[table.index()] += 1;
-                self.max_ts_ms = self.max_ts_ms.max(*ts_ms);
-                (
-                    "R",
-                    table.qualified(),
-                    id.clone(),
-                    encode_state(state),
-                    ts(ts_ms),
-                )
-            }
-            Some(Change::Truncate { table, ts_ms }) => {
-                self.per_table[table.index()] += 1;
-                (
-                    "T",
-                    table.qualified(),
-                    String::new(),
-                    String::new(),
-                    ts(ts_ms),
-                )
-            }
-            Some(Change::Tombstone | Change::Ignored) => {
-                ("S", "", String::new(), String::new(), String::new())
-            }
-        };
-        self.args.extend([
-            index.to_string(),
-            offset.to_string(),
-            kind.to_owned(),
-            table.to_owned(),
-            id,
-            state,
-            ts_ms,
-        ]);
-    }
-
-    /// Whether the batch holds no message.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
+/// Most attempts at one batch while concurrent writers keep changing its
+/// inputs. Each failed attempt means another batch was applied meanwhile, so
+/// reaching this means something else writes under the same prefix.
+pub const MAX_ATTEMPTS: u32 = 50;
 
 /// A synchronous Redis connection with the script loaded.
 pub struct Store {
@@ -115,6 +25,7 @@ pub struct Store {
     con: Option<redis::Connection>,
     script: redis::Script,
     prefix: String,
+    conflicts: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -134,6 +45,7 @@ impl Store {
             con: None,
             script: redis::Script::new(APPLY_LUA),
             prefix: prefix.to_owned(),
+            conflicts: 0,
         })
     }
 
@@ -169,29 +81,107 @@ impl Store {
         result
     }
 
-    /// Applies a batch atomically. Safe to retry after any error: offsets
-    /// already applied are skipped by the script.
-    pub fn apply(&mut self, batch: &Batch, now_ms: i64) -> Result<Applied, redis::RedisError> {
+    /// Applies a batch atomically: read its inputs, plan, compare-and-write;
+    /// on a conflict re-read and re-plan (at most [`MAX_ATTEMPTS`] times).
+    /// Safe to retry after any error: offsets already applied are skipped.
+    pub fn apply(&mut self, batch: &Batch, now_ms: i64) -> Result<Applied, Error> {
         if batch.is_empty() {
             return Ok(Applied::default());
         }
-        self.with_con(|con, script, prefix| {
-            let mut invocation = script.prepare_invoke();
-            invocation
-                .arg(prefix)
-                .arg(now_ms)
-                .arg(batch.tps.len())
-                .arg(&batch.tps)
-                .arg(&batch.args);
-            let (applied, duplicates, bad, skipped): (u64, u64, u64, u64) =
-                invocation.invoke(con)?;
-            Ok(Applied {
-                applied,
-                duplicates,
-                bad,
-                skipped,
-            })
+        for attempt in 1..=MAX_ATTEMPTS {
+            let snapshot = self.read(batch).map_err(Error::Apply)?;
+            let plan = plan::build(batch, &snapshot, &self.prefix, now_ms)?;
+            if self.write(&plan)? {
+                return Ok(plan.counts);
+            }
+            self.conflicts += 1;
+            tracing::debug!(
+                attempt,
+                "batch inputs changed under a concurrent writer, re-reading"
+            );
+        }
+        Err(Error::Conflict {
+            attempts: MAX_ATTEMPTS,
         })
+    }
+
+    /// Runs the compare-and-write script: `false` (nothing written) when a
+    /// value the plan was built from has changed since it was read.
+    pub fn write(&mut self, plan: &Plan) -> Result<bool, Error> {
+        let args = plan.script_args();
+        let written: i64 = self
+            .with_con(|con, script, _| script.prepare_invoke().arg(&args).invoke(con))
+            .map_err(Error::Apply)?;
+        Ok(written == 1)
+    }
+
+    /// Conflicts met so far (batches re-read because a concurrent writer
+    /// changed their inputs).
+    pub fn conflicts(&self) -> u64 {
+        self.conflicts
+    }
+
+    /// Reads what the batch's plan depends on: stored offsets, prior row
+    /// states, whole hashes of truncated tables, then the join inputs of the
+    /// products in the new and the prior states.
+    pub fn read(&mut self, batch: &Batch) -> Result<Snapshot, redis::RedisError> {
+        let ids = batch.row_ids();
+        let truncated = batch.truncated_tables();
+        let products: Vec<String> = batch
+            .join_products()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let mut snap = Snapshot::default();
+        self.with_con(|con, _, p| {
+            let mut pipe = redis::pipe();
+            let tps: Vec<String> = batch.tps().iter().map(|(t, n)| tp_field(t, *n)).collect();
+            pipe.cmd("HMGET").arg(format!("{p}offsets")).arg(&tps);
+            for (table, ids) in &ids {
+                pipe.cmd("HMGET")
+                    .arg(format!("{p}rows:{}", table.qualified()))
+                    .arg(ids);
+            }
+            for table in &truncated {
+                pipe.cmd("HGETALL")
+                    .arg(format!("{p}rows:{}", table.qualified()));
+            }
+            join_reads(&mut pipe, p, &products);
+            let mut replies = pipe.query::<Vec<redis::Value>>(con)?.into_iter();
+            let mut next = || {
+                replies.next().ok_or_else(|| {
+                    redis::RedisError::from((redis::ErrorKind::Client, "short pipeline reply"))
+                })
+            };
+            snap.offsets = redis::from_redis_value(next()?)?;
+            for (table, ids) in &ids {
+                let values: Vec<Option<String>> = redis::from_redis_value(next()?)?;
+                for (id, v) in ids.iter().zip(values) {
+                    snap.rows.insert((*table, (*id).to_owned()), v);
+                }
+            }
+            for table in &truncated {
+                let all: Vec<(String, String)> = redis::from_redis_value(next()?)?;
+                snap.tables.insert(*table, all);
+            }
+            store_join(&mut snap, &products, &mut next)?;
+            // Prior states may join on products the new ones do not (a
+            // deleted detail, a changed product id): read those too.
+            let more = snap.missing_products(batch);
+            if !more.is_empty() {
+                let mut pipe = redis::pipe();
+                join_reads(&mut pipe, p, &more);
+                let mut replies = pipe.query::<Vec<redis::Value>>(con)?.into_iter();
+                let mut next = || {
+                    replies.next().ok_or_else(|| {
+                        redis::RedisError::from((redis::ErrorKind::Client, "short pipeline reply"))
+                    })
+                };
+                store_join(&mut snap, &more, &mut next)?;
+            }
+            Ok(())
+        })?;
+        Ok(snap)
     }
 
     /// The stored next offsets of these topic/partitions (`None`: never applied).
@@ -272,4 +262,33 @@ impl Store {
                 .query::<()>(con)
         })
     }
+}
+
+fn join_reads(pipe: &mut redis::Pipeline, prefix: &str, products: &[String]) {
+    if products.is_empty() {
+        return;
+    }
+    pipe.cmd("HMGET")
+        .arg(format!("{prefix}join:product_gmv_cents"))
+        .arg(products);
+    pipe.cmd("HMGET")
+        .arg(format!("{prefix}join:product_category"))
+        .arg(products);
+}
+
+fn store_join(
+    snap: &mut Snapshot,
+    products: &[String],
+    next: &mut impl FnMut() -> Result<redis::Value, redis::RedisError>,
+) -> Result<(), redis::RedisError> {
+    if products.is_empty() {
+        return Ok(());
+    }
+    let gmv: Vec<Option<String>> = redis::from_redis_value(next()?)?;
+    let cat: Vec<Option<String>> = redis::from_redis_value(next()?)?;
+    for ((p, g), c) in products.iter().zip(gmv).zip(cat) {
+        snap.product_gmv.insert(p.clone(), g);
+        snap.product_category.insert(p.clone(), c);
+    }
+    Ok(())
 }
