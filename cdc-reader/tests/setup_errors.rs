@@ -1,13 +1,14 @@
 //! Bad input: each case ends the reader with one clear `error:` line and a
-//! non-zero exit. (`wal_level` is `logical` on the shared stack and cannot be
-//! changed without a restart that would disturb other tests; its message is
-//! covered by the same preflight path as the privilege checks.)
+//! non-zero exit. `wal_level` is `logical` on the shared stack (changing it
+//! needs a restart that would disturb other tests), so that case runs
+//! against a scratch cluster of its own started with `wal_level = replica`.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
 use std::time::{Duration, Instant};
 
+use support::scratch_pg::ScratchPg;
 use support::{Reader, TestDb, connect, tail, unique, with_db};
 
 const EXIT: Duration = Duration::from_secs(60);
@@ -179,4 +180,28 @@ async fn unknown_table_in_include_list_exits_clearly() {
     assert!(!ok);
     assert_one_error_line(&log, &["unknown table public.no_such_table"]);
     db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wal_level_not_logical_says_how_to_fix() {
+    let pg = ScratchPg::start("replica", &[("wal_level", "replica")]);
+    let db = TestDb::create_on(&pg, "walreplica", support::CRM_SQL).await;
+    let level: String = connect(&pg.admin_url("postgres"))
+        .await
+        .query_one("SHOW wal_level", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(level, "replica", "the scratch cluster must not be logical");
+    let mut r = Reader::start(&db, &[]);
+    let (ok, log) = r.wait_exit(EXIT);
+    assert!(!ok, "the reader must exit non-zero:\n{}", tail(&log, 30));
+    assert_one_error_line(
+        &log,
+        &[
+            "wal_level is 'replica'",
+            "ALTER SYSTEM SET wal_level = logical",
+            "restart PostgreSQL",
+        ],
+    );
 }

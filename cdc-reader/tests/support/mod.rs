@@ -10,6 +10,8 @@
 //! same text, so both sides render values identically.
 #![allow(dead_code, clippy::unwrap_used, clippy::print_stdout)]
 
+pub mod scratch_pg;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -28,6 +30,8 @@ use tokio_postgres::{Client, NoTls};
 
 /// `sql/instashop.sql`.
 pub const INSTASHOP_SQL: &str = include_str!("../../../sql/instashop.sql");
+/// `sql/roles.sql`.
+pub const ROLES_SQL: &str = include_str!("../../../sql/roles.sql");
 /// `sql/crm.sql`.
 pub const CRM_SQL: &str = include_str!("../../../sql/crm.sql");
 /// The reader's Debezium placeholder.
@@ -128,6 +132,33 @@ impl TestDb {
             admin_url,
             name,
             cleaned: false,
+        };
+        if !schema.is_empty() {
+            db.owner().await.batch_execute(schema).await.unwrap();
+        }
+        db
+    }
+
+    /// Creates the database on a scratch cluster: the roles of
+    /// `sql/roles.sql` (with their passwords from that file), the database
+    /// owned by `instashop_app`, then `schema` applied as the owner. Nothing
+    /// to clean up: the whole cluster goes when the `ScratchPg` is dropped.
+    pub async fn create_on(pg: &scratch_pg::ScratchPg, tag: &str, schema: &str) -> TestDb {
+        let admin_url = pg.admin_url("postgres");
+        let admin = connect(&admin_url).await;
+        admin.batch_execute(ROLES_SQL).await.unwrap();
+        let name = unique(&format!("cdct_{tag}"));
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} OWNER instashop_app"))
+            .await
+            .unwrap();
+        let db = TestDb {
+            slot: format!("{name}_slot"),
+            owner_url: pg.url("instashop_app", "instashop_app", &name),
+            cdc_url: pg.url("cdc_reader", "cdc_reader", &name),
+            admin_url,
+            name,
+            cleaned: true,
         };
         if !schema.is_empty() {
             db.owner().await.batch_execute(schema).await.unwrap();
@@ -739,6 +770,51 @@ pub async fn shop_load(url: String, n: u32, stop: tokio_util::sync::Cancellation
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     done
+}
+
+/// Like [`shop_load`], for a server that restarts under it: a failed batch
+/// (connection lost, server shutting down or starting up) is dropped and the
+/// connection opened again, until `stop`. Every committed batch adds one to
+/// `committed`; a batch cut off at its COMMIT may or may not have committed,
+/// which the replay check does not care about (it compares with the tables).
+pub async fn shop_load_through_restarts(
+    url: String,
+    n: u32,
+    stop: tokio_util::sync::CancellationToken,
+    committed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> u64 {
+    let mut failed = 0;
+    let mut client: Option<Client> = None;
+    while !stop.is_cancelled() {
+        if client.as_ref().is_none_or(Client::is_closed) {
+            match tokio_postgres::connect(&url, NoTls).await {
+                Ok((c, conn)) => {
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    client = Some(c);
+                }
+                Err(_) => {
+                    // The server is restarting: try again shortly.
+                    failed += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let c = client.as_ref().unwrap();
+        match c.batch_execute(&shop_batch_sql(n)).await {
+            Ok(()) => {
+                committed.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(_) => {
+                failed += 1;
+                client = None;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    failed
 }
 
 /// Number of messages in a topic (sum of high minus low watermarks), without consuming.
