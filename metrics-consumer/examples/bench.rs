@@ -6,18 +6,34 @@
 //!
 //! `bench apply <events>`: decodes and applies the same kind of events
 //! straight to Redis in batches (no Kafka), under a throw-away prefix: the
-//! consumer's own ceiling, apart from the brokers.
+//! consumer's own ceiling, apart from the brokers. Decoding, planning and
+//! the compare-and-write script run on three threads, as in the consumer.
+//!
+//! `bench mock <topic> <events> <partitions>`: starts a librdkafka mock
+//! cluster (one broker, in this process), creates the topic, fills it like
+//! `fill`, prints `bootstrap <servers>` and serves until killed. The mock
+//! keeps at most 5 MiB / 100,000 messages per partition (older ones are
+//! dropped), so a 1,000,000-event backlog (~450 bytes each) needs over 100
+//! partitions; `fill` fails if the broker dropped any.
 //!
 //! Reads KAFKA_BOOTSTRAP_SERVERS / REDIS_URL (from `.local/env`).
 #![allow(clippy::print_stdout)]
 
+use std::io::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+// The batch fold allocates many small strings per event; glibc's malloc
+// spent about a third of the consumer's CPU on them (perf), mimalloc far less.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Deterministic synthetic event stream.
 struct Synth {
@@ -102,18 +118,21 @@ fn env(name: &str) -> anyhow::Result<String> {
     std::env::var(name).with_context(|| format!("{name} is not set: run scripts/up"))
 }
 
-async fn fill(topic: &str, events: u64) -> anyhow::Result<()> {
-    let kafka = env("KAFKA_BOOTSTRAP_SERVERS")?;
+async fn create(kafka: &str, topic: &str) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &kafka)
+        .set("bootstrap.servers", kafka)
         .set("enable.metrics.push", "false")
         .create()?;
     let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
     for r in admin.create_topics([&new], &AdminOptions::new()).await? {
         r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
     }
+    Ok(())
+}
+
+fn fill(kafka: &str, topic: &str, events: u64) -> anyhow::Result<()> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &kafka)
+        .set("bootstrap.servers", kafka)
         .set("enable.metrics.push", "false")
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
@@ -141,6 +160,10 @@ async fn fill(topic: &str, events: u64) -> anyhow::Result<()> {
     }
     producer.flush(Duration::from_secs(600))?;
     let secs = started.elapsed().as_secs_f64();
+    let total = backlog(kafka, topic)?;
+    if total < events as i64 {
+        bail!("{topic} holds {total} of the {events} events produced: the broker dropped some");
+    }
     println!(
         "filled {events} events into {topic} in {secs:.1} s ({:.0} events/s)",
         events as f64 / secs
@@ -148,37 +171,100 @@ async fn fill(topic: &str, events: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Messages held by the topic (high minus low watermarks, all partitions).
+fn backlog(kafka: &str, topic: &str) -> anyhow::Result<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .set("enable.metrics.push", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    let mut total = 0;
+    for t in metadata.topics() {
+        for p in t.partitions() {
+            let (low, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(30))?;
+            total += high - low;
+        }
+    }
+    Ok(total)
+}
+
+fn mock(topic: &str, events: u64, partitions: i32) -> anyhow::Result<()> {
+    let mock = MockCluster::new(1).context("cannot start the mock cluster")?;
+    mock.create_topic(topic, partitions, 1)
+        .with_context(|| format!("cannot create {topic} on the mock cluster"))?;
+    let bootstrap = mock.bootstrap_servers();
+    fill(&bootstrap, topic, events)?;
+    let mut out = std::io::stdout();
+    writeln!(out, "bootstrap {bootstrap}")?;
+    out.flush()?;
+    loop {
+        std::thread::park();
+    }
+}
+
 fn apply(events: u64) -> anyhow::Result<()> {
+    use metrics_consumer::plan::Plan;
+    use metrics_consumer::store::{Batch, Planner, Store};
     let redis = env("REDIS_URL")?;
     let prefix = format!("bench:apply:{}:", std::process::id());
-    let mut store = metrics_consumer::store::Store::new(&redis, &prefix)?;
+    let batch_size: usize = std::env::var("BATCH_SIZE")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(10_000);
+    let mut store = Store::new(&redis, &prefix)?;
+    let mut planner = Planner::new(&redis, &prefix)?;
     let mut synth = Synth::new();
     let pairs: Vec<(String, String)> = (0..events).map(|_| synth.next()).collect();
     let started = Instant::now();
-    // As in the consumer: one thread decodes the next batch while the
-    // current one is applied.
-    let (tx, rx) = std::sync::mpsc::sync_channel::<metrics_consumer::store::Batch>(2);
+    // As in the consumer: one thread decodes, one reads and plans the next
+    // batch while this one's script runs.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Batch>(1);
     let decoder = std::thread::spawn(move || {
-        let mut batch = metrics_consumer::store::Batch::default();
+        let mut batch = Batch::default();
         for (offset, (key, value)) in pairs.iter().enumerate() {
             let change =
                 metrics_consumer::fold::decode(Some(key.as_bytes()), Some(value.as_bytes())).ok();
             batch.push("bench", 0, offset as i64, change);
-            if batch.len >= 5000 && tx.send(std::mem::take(&mut batch)).is_err() {
+            if batch.len >= batch_size && tx.send(std::mem::take(&mut batch)).is_err() {
                 return;
             }
         }
         let _ = tx.send(batch);
     });
-    for batch in rx {
-        store.apply(&batch, 0)?;
+    let (ptx, prx) = std::sync::mpsc::sync_channel::<(Batch, Option<Plan>)>(0);
+    let plans = std::thread::spawn(move || {
+        for batch in rx {
+            let plan = planner.plan(&batch, 0).ok();
+            if ptx.send((batch, plan)).is_err() {
+                return;
+            }
+        }
+    });
+    for (batch, plan) in prx {
+        store.apply_planned(&batch, plan.as_ref(), 0)?;
     }
     let _ = decoder.join();
+    let _ = plans.join();
     let secs = started.elapsed().as_secs_f64();
+    cleanup(&redis, &prefix)?;
     println!(
-        "applied {events} events (decode + Lua, no Kafka) in {secs:.2} s: {:.0} events/s",
-        events as f64 / secs
+        "applied {events} events (decode + plan + compare-and-write, no Kafka) in {secs:.2} s: {:.0} events/s ({} conflicts re-planned)",
+        events as f64 / secs,
+        store.conflicts()
     );
+    Ok(())
+}
+
+/// Deletes the run's keys: left over, they would slow Redis's background
+/// saves for everyone on the stack.
+fn cleanup(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
+    let mut con = redis::Client::open(redis_url)?.get_connection()?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query(&mut con)?;
+    for chunk in keys.chunks(500) {
+        redis::cmd("UNLINK").arg(chunk).query::<()>(&mut con)?;
+    }
     Ok(())
 }
 
@@ -188,9 +274,14 @@ fn main() -> anyhow::Result<()> {
     match args.get(1).map(String::as_str) {
         Some("fill") if args.len() == 4 => {
             let events = args[3].parse()?;
-            tokio::runtime::Runtime::new()?.block_on(fill(&args[2], events))
+            let kafka = env("KAFKA_BOOTSTRAP_SERVERS")?;
+            tokio::runtime::Runtime::new()?.block_on(create(&kafka, &args[2]))?;
+            fill(&kafka, &args[2], events)
         }
+        Some("mock") if args.len() == 5 => mock(&args[2], args[3].parse()?, args[4].parse()?),
         Some("apply") if args.len() == 3 => apply(args[2].parse()?),
-        _ => bail!("usage: bench fill <topic> <events> | bench apply <events>"),
+        _ => bail!(
+            "usage: bench fill <topic> <events> | bench apply <events> | bench mock <topic> <events> <partitions>"
+        ),
     }
 }

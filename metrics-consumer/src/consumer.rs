@@ -3,10 +3,15 @@
 //! * The poll thread fetches messages, decodes them (`fold::decode`) and cuts
 //!   batches: everything already fetched, up to `batch_size`, so batches grow
 //!   with load and stay small (low latency) when idle.
-//! * The apply thread copies bad messages to the dead-letter topic (waiting
-//!   for delivery), then applies the batch with the Lua script, retrying until
-//!   Redis takes it, and hands the applied offsets back for an advisory group
-//!   commit. While it applies one batch, the poll thread decodes the next.
+//! * The plan thread copies bad messages to the dead-letter topic (waiting
+//!   for delivery), then reads the Redis values the batch depends on and
+//!   folds it into a plan (`plan.rs`), as if the batch before it, whose
+//!   script may still be running, had been applied.
+//! * The apply thread runs the plan's compare-and-write script; if its inputs
+//!   changed it re-reads and re-plans; it retries until Redis takes the batch
+//!   and hands the applied offsets back for an advisory group commit.
+//!
+//! So decoding batch N+2, planning N+1 and applying N overlap.
 //!
 //! Where a partition resumes is decided by Redis, not by the group's commits:
 //! on every assignment the rebalance callback reads the offsets the script
@@ -30,7 +35,8 @@ use rdkafka::types::RDKafkaRespErr;
 use tokio_util::sync::CancellationToken;
 
 use crate::fold::{self, BadInput};
-use crate::store::{Batch, Store};
+use crate::plan::Plan;
+use crate::store::{Batch, Planner, Store};
 use crate::telemetry::Telemetry;
 use crate::{Config, Error};
 
@@ -187,21 +193,37 @@ pub fn run_blocking(
         .create()
         .map_err(Error::Kafka)?;
 
-    let (work_tx, work_rx) = sync_channel::<Work>(2);
+    let (work_tx, work_rx) = sync_channel::<Work>(1);
+    // Rendezvous: the planner hands batch N+1 over only once the apply thread
+    // has finished N, so at most one script runs while it plans.
+    let (plan_tx, plan_rx) = sync_channel::<(Batch, Option<Plan>)>(0);
     let (done_tx, done_rx) = std::sync::mpsc::channel::<HashMap<(String, i32), i64>>();
     let mut store = Store::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?;
+    let mut planner = Planner::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?;
     let apply_telemetry = Arc::clone(telemetry);
+    let plan_telemetry = Arc::clone(telemetry);
     let dlq_topic = config.dlq_topic.clone();
     let dashboard_every = Duration::from_millis(config.dashboard_interval_ms);
+    let plans = std::thread::Builder::new()
+        .name("plan".into())
+        .spawn(move || {
+            plan_loop(
+                &work_rx,
+                &plan_tx,
+                &mut planner,
+                &producer,
+                &dlq_topic,
+                &plan_telemetry,
+            );
+        })
+        .map_err(|e| Error::Internal(format!("cannot start the plan thread: {e}")))?;
     let applier = std::thread::Builder::new()
         .name("apply".into())
         .spawn(move || {
             apply_loop(
-                &work_rx,
+                &plan_rx,
                 &done_tx,
                 &mut store,
-                &producer,
-                &dlq_topic,
                 &apply_telemetry,
                 dashboard_every,
             );
@@ -225,6 +247,9 @@ pub fn run_blocking(
     telemetry.set_consuming(true);
     let result = poll_loop(config, &consumer, &work_tx, &done_rx, &positions, shutdown);
     drop(work_tx);
+    if plans.join().is_err() {
+        return Err(Error::Internal("the plan thread panicked".into()));
+    }
     if applier.join().is_err() {
         return Err(Error::Internal("the apply thread panicked".into()));
     }
@@ -387,19 +412,45 @@ fn lag_loop(
     }
 }
 
-fn apply_loop(
+/// Dead-letters the batch's bad messages, then plans it (as after the batch
+/// before it). A failed read leaves the plan to the apply thread.
+fn plan_loop(
     work_rx: &Receiver<Work>,
-    done_tx: &std::sync::mpsc::Sender<HashMap<(String, i32), i64>>,
-    store: &mut Store,
+    plan_tx: &SyncSender<(Batch, Option<Plan>)>,
+    planner: &mut Planner,
     producer: &ThreadedProducer<DefaultProducerContext>,
     dlq_topic: &str,
+    telemetry: &Telemetry,
+) {
+    for work in work_rx {
+        if !work.dead.is_empty() {
+            dead_letter(producer, dlq_topic, &work.dead);
+            telemetry.dead_lettered(work.dead.len() as u64);
+        }
+        let plan = match planner.plan(&work.batch, now_ms()) {
+            Ok(plan) => Some(plan),
+            Err(e) => {
+                tracing::debug!(error = %e, "planning ahead failed; the apply thread re-plans");
+                None
+            }
+        };
+        if plan_tx.send((work.batch, plan)).is_err() {
+            return;
+        }
+    }
+}
+
+fn apply_loop(
+    plan_rx: &Receiver<(Batch, Option<Plan>)>,
+    done_tx: &std::sync::mpsc::Sender<HashMap<(String, i32), i64>>,
+    store: &mut Store,
     telemetry: &Telemetry,
     dashboard_every: Duration,
 ) {
     let mut last_dashboard: Option<Instant> = None;
     let mut dashboard_stale = false;
     loop {
-        let work = match work_rx.recv_timeout(dashboard_every) {
+        let (batch, plan) = match plan_rx.recv_timeout(dashboard_every) {
             Ok(work) => work,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                 // Idle: bring the summary up to date with the last batch.
@@ -411,36 +462,40 @@ fn apply_loop(
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        if !work.dead.is_empty() {
-            dead_letter(producer, dlq_topic, &work.dead);
-            telemetry.dead_lettered(work.dead.len() as u64);
-        }
         let started = Instant::now();
         let mut delay = Duration::from_millis(50);
+        let mut plan = plan;
         let applied = loop {
-            match store.apply(&work.batch, now_ms()) {
+            match store.apply_planned(&batch, plan.take().as_ref(), now_ms()) {
                 Ok(applied) => break applied,
                 Err(e) => {
                     telemetry.apply_failed();
-                    tracing::warn!(error = %e, messages = work.batch.len, "applying batch to redis failed, retrying");
+                    tracing::warn!(error = %e, messages = batch.len, "applying batch to redis failed, retrying");
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
             }
         };
         let now = now_ms();
-        telemetry.batch_applied(&work.batch.per_table, work.batch.len, started.elapsed());
+        telemetry.batch_applied(&batch.per_table, batch.len, started.elapsed());
         telemetry.counted(applied.duplicates, applied.bad, applied.skipped);
-        if let Some(ts) = work.batch.max_ts_ms {
+        telemetry.end_to_end(
+            now,
+            batch
+                .entries()
+                .iter()
+                .filter_map(|e| e.change.as_ref()?.ts_ms()),
+        );
+        if let Some(ts) = batch.max_ts_ms {
             telemetry.set_e2e_lag_ms(now - ts);
         }
         tracing::debug!(
-            messages = work.batch.len,
+            messages = batch.len,
             applied = applied.applied,
             duplicates = applied.duplicates,
             "batch applied"
         );
-        let _ = done_tx.send(work.batch.next_offsets);
+        let _ = done_tx.send(batch.next_offsets);
         dashboard_stale = true;
         if last_dashboard.is_none_or(|t| t.elapsed() >= dashboard_every) {
             last_dashboard = Some(Instant::now());

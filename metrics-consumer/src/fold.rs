@@ -246,6 +246,14 @@ pub enum Change {
 }
 
 impl Change {
+    /// `source.ts_ms` (commit time), if the change has one.
+    pub fn ts_ms(&self) -> Option<i64> {
+        match self {
+            Change::Row { ts_ms, .. } | Change::Truncate { ts_ms, .. } => *ts_ms,
+            Change::Tombstone | Change::Ignored => None,
+        }
+    }
+
     /// The source table, if the change has one.
     pub fn table(&self) -> Option<Table> {
         match self {

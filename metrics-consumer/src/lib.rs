@@ -56,7 +56,7 @@ pub struct Config {
     pub topics: String,
 
     /// Most messages applied in one atomic Redis script call.
-    #[arg(long, env = "METRICS_BATCH_SIZE", default_value_t = 5000)]
+    #[arg(long, env = "METRICS_BATCH_SIZE", default_value_t = 10_000)]
     pub batch_size: usize,
 
     /// Dead-letter topic for messages that cannot be decoded.

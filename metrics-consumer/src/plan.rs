@@ -16,7 +16,7 @@
 //! what an atomic read-fold-write would do. On any difference the script
 //! writes nothing and the store re-reads and re-plans.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::Error;
 use crate::batch::{Applied, Batch, join_products, tp_field};
@@ -506,63 +506,204 @@ impl Plan {
     /// The script's ARGV: the number of check values, the checks, then the
     /// writes; each as `op, key, n, values...` (see `store.lua`).
     pub fn script_args(&self) -> Vec<String> {
-        let mut checks = Vec::new();
+        let mut out = Vec::new();
+        self.emit_args(|a| out.push(a.to_owned()));
+        out
+    }
+
+    /// [`Plan::script_args`], one value at a time (no copy per value: the
+    /// caller appends them to the command buffer).
+    pub fn emit_args(&self, mut push: impl FnMut(&str)) {
+        let num = |push: &mut dyn FnMut(&str), n: i64| {
+            push(itoa_buf(n).as_str());
+        };
+        let check_values: usize = self
+            .checks
+            .iter()
+            .map(|c| {
+                3 + match c {
+                    Check::Equal { pairs, .. } => 2 * pairs.len(),
+                    Check::Absent { fields, .. } => fields.len(),
+                    Check::Len { .. } => 0,
+                }
+            })
+            .sum();
+        num(&mut push, check_values as i64);
+        let op = |push: &mut dyn FnMut(&str), name: &str, key: &str, n: usize| {
+            push(name);
+            push(key);
+            num(push, n as i64);
+        };
         for c in &self.checks {
             match c {
                 Check::Equal { key, pairs } => {
-                    op(&mut checks, "eq", key, pairs.len());
-                    checks.extend(pairs.iter().map(|(f, _)| f.clone()));
-                    checks.extend(pairs.iter().map(|(_, v)| v.clone()));
+                    op(&mut push, "eq", key, pairs.len());
+                    pairs.iter().for_each(|(f, _)| push(f));
+                    pairs.iter().for_each(|(_, v)| push(v));
                 }
                 Check::Absent { key, fields } => {
-                    op(&mut checks, "absent", key, fields.len());
-                    checks.extend(fields.iter().cloned());
+                    op(&mut push, "absent", key, fields.len());
+                    fields.iter().for_each(|f| push(f));
                 }
-                Check::Len { key, len } => op(&mut checks, "hlen", key, *len),
+                Check::Len { key, len } => op(&mut push, "hlen", key, *len),
             }
         }
-        let mut out = Vec::with_capacity(checks.len() + 1);
-        out.push(checks.len().to_string());
-        out.extend(checks);
         for w in &self.writes {
             match w {
-                Write::Del { key } => op(&mut out, "del", key, 0),
+                Write::Del { key } => op(&mut push, "del", key, 0),
                 Write::HSet { key, pairs } => {
-                    op(&mut out, "hset", key, pairs.len());
+                    op(&mut push, "hset", key, pairs.len());
                     for (f, v) in pairs {
-                        out.push(f.clone());
-                        out.push(v.clone());
+                        push(f);
+                        push(v);
                     }
                 }
                 Write::HDel { key, fields } => {
-                    op(&mut out, "hdel", key, fields.len());
-                    out.extend(fields.iter().cloned());
+                    op(&mut push, "hdel", key, fields.len());
+                    fields.iter().for_each(|f| push(f));
                 }
                 Write::HIncrBy { key, pairs } => {
-                    op(&mut out, "hincrby", key, pairs.len());
+                    op(&mut push, "hincrby", key, pairs.len());
                     for (f, n) in pairs {
-                        out.push(f.clone());
-                        out.push(n.to_string());
+                        push(f);
+                        push(itoa_buf(*n).as_str());
                     }
                 }
                 Write::IncrBy { key, amount } => {
-                    op(&mut out, "incrby", key, 1);
-                    out.push(amount.to_string());
+                    op(&mut push, "incrby", key, 1);
+                    push(itoa_buf(*amount).as_str());
                 }
                 Write::ExpireAt { key, at } => {
-                    op(&mut out, "expireat", key, 1);
-                    out.push(at.to_string());
+                    op(&mut push, "expireat", key, 1);
+                    push(itoa_buf(*at).as_str());
                 }
             }
         }
-        out
     }
 }
 
-fn op(out: &mut Vec<String>, name: &str, key: &str, n: usize) {
-    out.push(name.to_owned());
-    out.push(key.to_owned());
-    out.push(n.to_string());
+/// Decimal text of an integer on the stack.
+struct Itoa {
+    buf: [u8; 24],
+    start: usize,
+}
+
+impl Itoa {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[self.start..]).unwrap_or("0")
+    }
+}
+
+fn itoa_buf(n: i64) -> Itoa {
+    let mut buf = [0u8; 24];
+    let mut i = buf.len();
+    let mut v = n.unsigned_abs();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if n < 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    Itoa { buf, start: i }
+}
+
+/// The hash fields a plan writes, to plan the next batch before this one's
+/// script has run: the next batch's reads may come before that script, and
+/// the overlay makes them as if after it. Safe either way: if the script
+/// does not write (conflict), the next plan's checks fail too and it is
+/// re-planned from fresh reads.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    /// Key → field → value after the plan (`None`: deleted).
+    fields: HashMap<String, HashMap<String, Option<String>>>,
+    /// Keys the plan deletes whole (truncates): fields not rewritten are gone.
+    deleted: HashSet<String>,
+}
+
+impl Overlay {
+    /// What `plan` leaves in the hashes it writes.
+    pub fn of(plan: &Plan) -> Overlay {
+        let mut o = Overlay::default();
+        for w in &plan.writes {
+            match w {
+                Write::Del { key } => {
+                    o.fields.remove(key);
+                    o.deleted.insert(key.clone());
+                }
+                Write::HSet { key, pairs } => {
+                    let f = o.fields.entry(key.clone()).or_default();
+                    for (field, value) in pairs {
+                        f.insert(field.clone(), Some(value.clone()));
+                    }
+                }
+                Write::HDel { key, fields } => {
+                    let f = o.fields.entry(key.clone()).or_default();
+                    for field in fields {
+                        f.insert(field.clone(), None);
+                    }
+                }
+                // Counters are added to, never read by a plan.
+                Write::HIncrBy { .. } | Write::IncrBy { .. } | Write::ExpireAt { .. } => {}
+            }
+        }
+        o
+    }
+
+    /// The value after the plan, if the plan decides it.
+    fn get(&self, key: &str, field: &str) -> Option<Option<&String>> {
+        match self.fields.get(key).and_then(|f| f.get(field)) {
+            Some(v) => Some(v.as_ref()),
+            None if self.deleted.contains(key) => Some(None),
+            None => None,
+        }
+    }
+
+    /// Replaces the values read by those the plan writes.
+    pub fn apply(&self, snap: &mut Snapshot, batch: &Batch, prefix: &str) {
+        let offsets = format!("{prefix}offsets");
+        for ((topic, partition), value) in batch.tps().iter().zip(snap.offsets.iter_mut()) {
+            if let Some(v) = self.get(&offsets, &tp_field(topic, *partition)) {
+                *value = v.cloned();
+            }
+        }
+        for ((table, id), value) in &mut snap.rows {
+            if let Some(v) = self.get(&rows_key(prefix, *table), id) {
+                *value = v.cloned();
+            }
+        }
+        for (table, all) in &mut snap.tables {
+            let key = rows_key(prefix, *table);
+            if self.deleted.contains(&key) {
+                all.clear();
+            }
+            if let Some(fields) = self.fields.get(&key) {
+                all.retain(|(id, _)| !fields.contains_key(id));
+                for (id, v) in fields {
+                    if let Some(v) = v {
+                        all.push((id.clone(), v.clone()));
+                    }
+                }
+            }
+        }
+        let gmv = format!("{prefix}join:product_gmv_cents");
+        for (pid, value) in &mut snap.product_gmv {
+            if let Some(v) = self.get(&gmv, pid) {
+                *value = v.cloned();
+            }
+        }
+        let cat = format!("{prefix}join:product_category");
+        for (pid, value) in &mut snap.product_category {
+            if let Some(v) = self.get(&cat, pid) {
+                *value = v.cloned();
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1015,5 +1156,67 @@ mod tests {
             })
             .collect();
         assert_eq!(absent, vec![CHUNK, 1]);
+    }
+
+    #[test]
+    fn overlay_makes_the_next_plan_see_this_one() {
+        let mut first = Batch::default();
+        first.push(
+            "t",
+            0,
+            0,
+            row(Table::Transaction, "1", tx("completed", 250, 10)),
+        );
+        let plan1 = build(&first, &empty_snapshot(&first), P, 0).unwrap();
+        let mut second = Batch::default();
+        second.push(
+            "t",
+            0,
+            1,
+            row(Table::Transaction, "1", tx("refunded", 250, 20)),
+        );
+        // Read before the first script ran: nothing stored yet.
+        let mut snap = empty_snapshot(&second);
+        Overlay::of(&plan1).apply(&mut snap, &second, P);
+        assert_eq!(snap.offsets, vec![Some("1".to_owned())]);
+        assert_eq!(
+            snap.rows.get(&(Table::Transaction, "1".to_owned())),
+            Some(&Some(encode_state(&tx("completed", 250, 10))))
+        );
+        let plan2 = build(&second, &snap, P, 0).unwrap();
+        assert_eq!(incr(&plan2, "m:revenue:total_cents"), Some(-250));
+        assert!(plan2.checks.contains(&Check::Equal {
+            key: "m:offsets".into(),
+            pairs: vec![("t/0".into(), "1".into())]
+        }));
+        // A truncate deletes every row the overlay does not rewrite.
+        let mut third = Batch::default();
+        third.push(
+            "t",
+            0,
+            2,
+            Some(Change::Truncate {
+                table: Table::Transaction,
+                ts_ms: None,
+            }),
+        );
+        let mut snap = empty_snapshot(&third);
+        snap.tables.insert(
+            Table::Transaction,
+            vec![("1".into(), "stale".into()), ("9".into(), "stale".into())],
+        );
+        let overlay = Overlay {
+            deleted: HashSet::from(["m:rows:instashop.transaction".to_owned()]),
+            ..Overlay::default()
+        };
+        overlay.apply(&mut snap, &third, P);
+        assert!(snap.tables[&Table::Transaction].is_empty());
+    }
+
+    #[test]
+    fn integers_as_text() {
+        for n in [0, 7, -7, 1_795_000_020, i64::MIN, i64::MAX] {
+            assert_eq!(itoa_buf(n).as_str(), n.to_string());
+        }
     }
 }

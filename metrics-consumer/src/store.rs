@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::Error;
 pub use crate::batch::{Applied, Batch, Entry, tp_field};
-use crate::plan::{self, Plan, Snapshot};
+use crate::plan::{self, Overlay, Plan, Snapshot};
 
 /// The compare-and-write script.
 pub const APPLY_LUA: &str = include_str!("store.lua");
@@ -89,8 +89,7 @@ impl Store {
             return Ok(Applied::default());
         }
         for attempt in 1..=MAX_ATTEMPTS {
-            let snapshot = self.read(batch).map_err(Error::Apply)?;
-            let plan = plan::build(batch, &snapshot, &self.prefix, now_ms)?;
+            let plan = self.plan(batch, now_ms, None)?;
             if self.write(&plan)? {
                 return Ok(plan.counts);
             }
@@ -105,12 +104,57 @@ impl Store {
         })
     }
 
+    /// Writes a plan made ahead by a [`Planner`]; if its inputs changed
+    /// (or there is none), applies the batch from fresh reads instead.
+    pub fn apply_planned(
+        &mut self,
+        batch: &Batch,
+        plan: Option<&Plan>,
+        now_ms: i64,
+    ) -> Result<Applied, Error> {
+        if batch.is_empty() {
+            return Ok(Applied::default());
+        }
+        if let Some(plan) = plan {
+            if self.write(plan)? {
+                return Ok(plan.counts);
+            }
+            self.conflicts += 1;
+        }
+        self.apply(batch, now_ms)
+    }
+
+    /// Reads the batch's inputs (as after `overlay`'s plan) and plans it.
+    pub fn plan(
+        &mut self,
+        batch: &Batch,
+        now_ms: i64,
+        overlay: Option<&Overlay>,
+    ) -> Result<Plan, Error> {
+        let snapshot = self.read(batch, overlay).map_err(Error::Apply)?;
+        plan::build(batch, &snapshot, &self.prefix, now_ms)
+    }
+
     /// Runs the compare-and-write script: `false` (nothing written) when a
     /// value the plan was built from has changed since it was read.
     pub fn write(&mut self, plan: &Plan) -> Result<bool, Error> {
-        let args = plan.script_args();
+        // EVALSHA built by hand: the values go straight into the command
+        // buffer (the invocation helper copies each into its own Vec).
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(0);
+        plan.emit_args(|a| {
+            cmd.arg(a);
+        });
         let written: i64 = self
-            .with_con(|con, script, _| script.prepare_invoke().arg(&args).invoke(con))
+            .with_con(|con, script, _| match cmd.query(con) {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    script.load(con)?;
+                    cmd.query(con)
+                }
+                other => other,
+            })
             .map_err(Error::Apply)?;
         Ok(written == 1)
     }
@@ -124,7 +168,11 @@ impl Store {
     /// Reads what the batch's plan depends on: stored offsets, prior row
     /// states, whole hashes of truncated tables, then the join inputs of the
     /// products in the new and the prior states.
-    pub fn read(&mut self, batch: &Batch) -> Result<Snapshot, redis::RedisError> {
+    pub fn read(
+        &mut self,
+        batch: &Batch,
+        overlay: Option<&Overlay>,
+    ) -> Result<Snapshot, redis::RedisError> {
         let ids = batch.row_ids();
         let truncated = batch.truncated_tables();
         let products: Vec<String> = batch
@@ -165,6 +213,9 @@ impl Store {
                 snap.tables.insert(*table, all);
             }
             store_join(&mut snap, &products, &mut next)?;
+            if let Some(o) = overlay {
+                o.apply(&mut snap, batch, p);
+            }
             // Prior states may join on products the new ones do not (a
             // deleted detail, a changed product id): read those too.
             let more = snap.missing_products(batch);
@@ -178,6 +229,9 @@ impl Store {
                     })
                 };
                 store_join(&mut snap, &more, &mut next)?;
+                if let Some(o) = overlay {
+                    o.apply(&mut snap, batch, p);
+                }
             }
             Ok(())
         })?;
@@ -291,4 +345,30 @@ fn store_join(
         snap.product_category.insert(p.clone(), c);
     }
     Ok(())
+}
+
+/// Plans batch N+1 while batch N's script runs (on another connection): its
+/// reads are overlaid with N's planned writes, so they look as after N.
+#[derive(Debug)]
+pub struct Planner {
+    store: Store,
+    previous: Option<Overlay>,
+}
+
+impl Planner {
+    /// A planner with its own connection.
+    pub fn new(url: &str, prefix: &str) -> Result<Planner, redis::RedisError> {
+        Ok(Planner {
+            store: Store::new(url, prefix)?,
+            previous: None,
+        })
+    }
+
+    /// Plans `batch` as if the previously planned batch had been applied.
+    /// The plan goes to [`Store::apply_planned`], in planning order.
+    pub fn plan(&mut self, batch: &Batch, now_ms: i64) -> Result<Plan, Error> {
+        let result = self.store.plan(batch, now_ms, self.previous.as_ref());
+        self.previous = result.as_ref().ok().map(Overlay::of);
+        result
+    }
 }

@@ -10,6 +10,9 @@ use crate::fold::Table;
 /// Upper bounds (ms) of the apply-latency histogram buckets.
 const LATENCY_BUCKETS_MS: [u64; 11] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000];
 
+/// Upper bounds (ms) of the end-to-end histogram (source commit to applied).
+const E2E_BUCKETS_MS: [u64; 13] = [5, 10, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000];
+
 /// Process-wide counters.
 #[derive(Debug, Default)]
 pub struct Telemetry {
@@ -25,6 +28,9 @@ pub struct Telemetry {
     latency_sum_us: AtomicU64,
     consumer_lag: AtomicI64,
     e2e_lag_ms: AtomicI64,
+    e2e_buckets: [AtomicU64; 13],
+    e2e_count: AtomicU64,
+    e2e_sum_ms: AtomicU64,
     apply_errors: AtomicU64,
     redis_ok: AtomicBool,
     consuming: AtomicBool,
@@ -72,6 +78,28 @@ impl Telemetry {
     /// Sets the consumer lag (messages behind the high watermarks).
     pub fn set_consumer_lag(&self, lag: i64) {
         self.consumer_lag.store(lag, Ordering::Relaxed);
+    }
+
+    /// Records, per event of an applied batch, the time from its source
+    /// commit (`source.ts_ms`) to `now_ms`, when the apply returned.
+    pub fn end_to_end(&self, now_ms: i64, commits_ms: impl Iterator<Item = i64>) {
+        let mut counts = [0u64; 13];
+        let (mut n, mut sum) = (0u64, 0u64);
+        for ts in commits_ms {
+            let ms = (now_ms - ts).max(0) as u64;
+            for (c, bound) in counts.iter_mut().zip(E2E_BUCKETS_MS) {
+                if ms <= bound {
+                    *c += 1;
+                }
+            }
+            n += 1;
+            sum += ms;
+        }
+        for (bucket, c) in self.e2e_buckets.iter().zip(counts) {
+            bucket.fetch_add(c, Ordering::Relaxed);
+        }
+        self.e2e_count.fetch_add(n, Ordering::Relaxed);
+        self.e2e_sum_ms.fetch_add(sum, Ordering::Relaxed);
     }
 
     /// Sets the end-to-end lag of the newest applied event (ms).
@@ -186,11 +214,51 @@ impl Telemetry {
             "# HELP metrics_consumer_lag_messages Messages behind the partitions' high watermarks.\n# TYPE metrics_consumer_lag_messages gauge\nmetrics_consumer_lag_messages {}",
             self.consumer_lag.load(Ordering::Relaxed)
         );
+        out.push_str("# HELP metrics_consumer_end_to_end_seconds Per applied event: source commit (source.ts_ms) to its batch applied in Redis.\n");
+        out.push_str("# TYPE metrics_consumer_end_to_end_seconds histogram\n");
+        for (bucket, bound) in self.e2e_buckets.iter().zip(E2E_BUCKETS_MS) {
+            let _ = writeln!(
+                out,
+                "metrics_consumer_end_to_end_seconds_bucket{{le=\"{}\"}} {}",
+                bound as f64 / 1000.0,
+                get(bucket)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "metrics_consumer_end_to_end_seconds_bucket{{le=\"+Inf\"}} {}\nmetrics_consumer_end_to_end_seconds_sum {}\nmetrics_consumer_end_to_end_seconds_count {}",
+            get(&self.e2e_count),
+            get(&self.e2e_sum_ms) as f64 / 1000.0,
+            get(&self.e2e_count)
+        );
         let _ = writeln!(
             out,
             "# HELP metrics_consumer_end_to_end_lag_ms Source commit to applied, newest event.\n# TYPE metrics_consumer_end_to_end_lag_ms gauge\nmetrics_consumer_end_to_end_lag_ms {}",
             self.e2e_lag_ms.load(Ordering::Relaxed)
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_to_end_histogram_is_cumulative() {
+        let t = Telemetry::default();
+        t.end_to_end(10_000, [9_997, 9_940, 4_000].into_iter());
+        let text = t.render();
+        for line in [
+            "metrics_consumer_end_to_end_seconds_bucket{le=\"0.005\"} 1",
+            "metrics_consumer_end_to_end_seconds_bucket{le=\"0.05\"} 1",
+            "metrics_consumer_end_to_end_seconds_bucket{le=\"0.075\"} 2",
+            "metrics_consumer_end_to_end_seconds_bucket{le=\"5\"} 2",
+            "metrics_consumer_end_to_end_seconds_bucket{le=\"+Inf\"} 3",
+            "metrics_consumer_end_to_end_seconds_count 3",
+            "metrics_consumer_end_to_end_seconds_sum 6.063",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
     }
 }

@@ -207,7 +207,7 @@ fn two_appliers_racing_on_the_same_rows_stay_exact() {
     let mut b = Store::new(&s.redis, &prefix).unwrap();
     let batch_a = batch_of(0, 0, &[tx(1, "completed", 700, 10)]);
     let batch_b = batch_of(1, 0, &[tx(1, "refunded", 700, 20)]);
-    let snapshot = a.read(&batch_a).unwrap();
+    let snapshot = a.read(&batch_a, None).unwrap();
     let stale = plan::build(&batch_a, &snapshot, &prefix, now_ms()).unwrap();
     assert_eq!(b.apply(&batch_b, now_ms()).unwrap().applied, 1);
     assert!(!a.write(&stale).unwrap(), "a stale plan was written");
