@@ -9,9 +9,10 @@
 //! consumer's own ceiling, apart from the brokers. Decoding, planning and
 //! the compare-and-write script run on three threads, as in the consumer.
 //!
-//! `bench mock <topic> <events> <partitions>`: starts a librdkafka mock
-//! cluster (one broker, in this process), creates the topic, fills it like
-//! `fill`, prints `bootstrap <servers>` and serves until killed. The mock
+//! `bench mock <events> <partitions> <topic>...`: starts a librdkafka mock
+//! cluster (one broker, in this process), creates the topics, fills the
+//! first with `events` events like `fill` (0: none), prints `bootstrap
+//! <servers>` and serves until killed. The mock
 //! keeps at most 5 MiB / 100,000 messages per partition (older ones are
 //! dropped), so a 1,000,000-event backlog (~450 bytes each) needs over 100
 //! partitions; `fill` fails if the broker dropped any.
@@ -188,12 +189,16 @@ fn backlog(kafka: &str, topic: &str) -> anyhow::Result<i64> {
     Ok(total)
 }
 
-fn mock(topic: &str, events: u64, partitions: i32) -> anyhow::Result<()> {
+fn mock(events: u64, partitions: i32, topics: &[String]) -> anyhow::Result<()> {
     let mock = MockCluster::new(1).context("cannot start the mock cluster")?;
-    mock.create_topic(topic, partitions, 1)
-        .with_context(|| format!("cannot create {topic} on the mock cluster"))?;
+    for topic in topics {
+        mock.create_topic(topic, partitions, 1)
+            .with_context(|| format!("cannot create {topic} on the mock cluster"))?;
+    }
     let bootstrap = mock.bootstrap_servers();
-    fill(&bootstrap, topic, events)?;
+    if let (Some(topic), true) = (topics.first(), events > 0) {
+        fill(&bootstrap, topic, events)?;
+    }
     let mut out = std::io::stdout();
     writeln!(out, "bootstrap {bootstrap}")?;
     out.flush()?;
@@ -278,10 +283,10 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(create(&kafka, &args[2]))?;
             fill(&kafka, &args[2], events)
         }
-        Some("mock") if args.len() == 5 => mock(&args[2], args[3].parse()?, args[4].parse()?),
+        Some("mock") if args.len() >= 5 => mock(args[2].parse()?, args[3].parse()?, &args[4..]),
         Some("apply") if args.len() == 3 => apply(args[2].parse()?),
         _ => bail!(
-            "usage: bench fill <topic> <events> | bench apply <events> | bench mock <topic> <events> <partitions>"
+            "usage: bench fill <topic> <events> | bench apply <events> | bench mock <events> <partitions> <topic>..."
         ),
     }
 }

@@ -161,6 +161,9 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
         .set("session.timeout.ms", config.session_timeout_ms.to_string())
         .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
         .set("topic.metadata.refresh.interval.ms", "10000");
+    if !config.instance_id.is_empty() {
+        c.set("group.instance.id", &config.instance_id);
+    }
     if let Ok(debug) = std::env::var("KAFKA_DEBUG") {
         // librdkafka's debug contexts, e.g. `consumer,fetch` (troubleshooting).
         c.set("debug", debug);
@@ -277,6 +280,7 @@ fn poll_loop(
     let mut batch = Batch::default();
     let mut dead = Vec::new();
     let mut logged_kinds: HashSet<&'static str> = HashSet::new();
+    let renames = config.renames()?;
     let send = |batch: &mut Batch, dead: &mut Vec<DeadLetter>| -> Result<(), Error> {
         if batch.is_empty() {
             return Ok(());
@@ -315,7 +319,7 @@ fn poll_loop(
                 let topic = message.topic();
                 let partition = message.partition();
                 let offset = message.offset();
-                match fold::decode(message.key(), message.payload()) {
+                match fold::decode_renamed(message.key(), message.payload(), &renames) {
                     Ok(change) => batch.push(topic, partition, offset, Some(change)),
                     Err(bad) => {
                         log_bad(&mut logged_kinds, &bad, topic, partition, offset);

@@ -347,6 +347,17 @@ struct Row<'a> {
 
 /// Decodes one Kafka message (key and value bytes) into a [`Change`].
 pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Change, BadInput> {
+    decode_renamed(key, value, &[])
+}
+
+/// [`decode`], reading `source.db` through `renames`: (database name as
+/// captured, logical database) pairs, for sources that run under another
+/// name (a benchmark's scratch databases).
+pub fn decode_renamed(
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    renames: &[(String, String)],
+) -> Result<Change, BadInput> {
     let Some(value) = value else {
         return Ok(Change::Tombstone);
     };
@@ -379,6 +390,10 @@ pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Change, BadInp
         .table
         .as_deref()
         .ok_or(BadInput::MissingField("source.table"))?;
+    let db = renames
+        .iter()
+        .find(|(captured, _)| captured == db)
+        .map_or(db, |(_, logical)| logical.as_str());
     let table = Table::from_source(db, table_name)
         .ok_or_else(|| BadInput::UnknownTable(format!("{db}.{table_name}")))?;
     let ts_ms = source.ts_ms;
@@ -1139,6 +1154,25 @@ mod tests {
             decode(k, Some(nan.as_bytes())),
             Err(BadInput::BadValue("after.total_amount"))
         );
+    }
+
+    #[test]
+    fn renamed_databases_map_to_the_logical_ones() {
+        let value = event(
+            "scratch_7",
+            "transaction",
+            "c",
+            r#"{"id":1,"total_amount":"1.00","status":"pending","created_at":"2026-11-22T10:00:00Z"}"#,
+            1,
+        );
+        let k = Some(&b"{\"id\":1}"[..]);
+        assert_eq!(
+            decode(k, Some(value.as_bytes())).map_err(|e| e.kind()),
+            Err("unknown_table")
+        );
+        let renames = [("scratch_7".to_owned(), "instashop".to_owned())];
+        let change = decode_renamed(k, Some(value.as_bytes()), &renames).expect("decodes");
+        assert_eq!(change.table(), Some(Table::Transaction));
     }
 
     #[test]

@@ -67,6 +67,12 @@ pub struct Config {
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9473")]
     pub metrics_addr: SocketAddr,
 
+    /// Static group membership (`group.instance.id`): a process restarted
+    /// with the same id takes its partitions back at once instead of waiting
+    /// for the old member's session to time out. One id per running process.
+    #[arg(long, env = "METRICS_INSTANCE_ID", default_value = "")]
+    pub instance_id: String,
+
     /// Kafka group session timeout (ms); a first join waits about half of it.
     #[arg(long, env = "METRICS_SESSION_TIMEOUT_MS", default_value_t = 6000)]
     pub session_timeout_ms: u64,
@@ -74,6 +80,12 @@ pub struct Config {
     /// Longest time the broker may hold a fetch (ms); lower cuts latency.
     #[arg(long, env = "METRICS_FETCH_WAIT_MAX_MS", default_value_t = 50)]
     pub fetch_wait_max_ms: u64,
+
+    /// Source databases captured under other names, as `LOGICAL=NAME`
+    /// comma list (e.g. `instashop=scratch_instashop`): events whose
+    /// `source.db` is NAME count as LOGICAL's.
+    #[arg(long, env = "METRICS_SOURCE_DBS", default_value = "")]
+    pub source_dbs: String,
 
     /// How often the `dashboard` JSON summary is rewritten (ms).
     #[arg(long, env = "METRICS_DASHBOARD_INTERVAL_MS", default_value_t = 1000)]
@@ -90,7 +102,25 @@ impl Config {
             .collect()
     }
 
+    /// `(captured name, logical database)` pairs from `--source-dbs`.
+    pub fn renames(&self) -> Result<Vec<(String, String)>, Error> {
+        self.source_dbs
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(|e| match e.split_once('=') {
+                Some((logical, name)) if !logical.is_empty() && !name.is_empty() => {
+                    Ok((name.trim().to_owned(), logical.trim().to_owned()))
+                }
+                _ => Err(Error::Config(format!(
+                    "--source-dbs entry `{e}` is not LOGICAL=NAME"
+                ))),
+            })
+            .collect()
+    }
+
     fn validate(&self) -> Result<(), Error> {
+        self.renames()?;
         if self.topic_list().is_empty() {
             return Err(Error::Config(
                 "no topics: set --topics / METRICS_TOPICS".into(),
