@@ -152,6 +152,7 @@ fn free_port() -> u16 {
         .port()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_binary(
     s: &Stack,
     topics: &Topics,
@@ -160,6 +161,7 @@ fn spawn_binary(
     dlq: &str,
     port: u16,
     log: &str,
+    instance_id: &str,
 ) -> tokio::process::Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -182,6 +184,7 @@ fn spawn_binary(
         ])
         .args(["--topics", &topics.all().join(",")])
         .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
+        .args(["--instance-id", instance_id])
         .stdout(Stdio::null())
         .stderr(log)
         .kill_on_drop(true)
@@ -235,67 +238,105 @@ async fn wait_http(port: u16) {
     }
 }
 
+fn events_applied(s: &Stack, prefix: &str) -> i64 {
+    pipeline_hash(s, prefix)
+        .get("events_applied")
+        .copied()
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_under_load_stays_exact() {
+    const KILLS: usize = 12;
     let (s, topics, prefix, group, dlq) = setup("kill").await;
     let log = std::env::temp_dir().join(format!("{}.log", topics.base));
     let log = log.to_str().unwrap().to_owned();
-    let mut model = Model::new(11, topics.clone());
-    // The load: chunks of events produced while the consumer is killed.
-    let mut chunks = Vec::new();
-    for i in 0..30 {
-        let mut chunk = model.step(600);
-        if i == 10 {
-            chunk.extend(model.malformed());
-        }
-        if i == 20 {
-            chunk.extend(model.snapshot());
-        }
-        chunks.push(chunk);
-    }
-    let total: usize = chunks.iter().map(Vec::len).sum();
+    // The load: a chunk of events every 1.5 s until the kills are done (and
+    // at least 21 chunks, for the malformed messages and the snapshot).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let kafka = s.kafka.clone();
+    let load_stop = std::sync::Arc::clone(&stop);
+    let load_topics = topics.clone();
     let load = tokio::spawn(async move {
+        let mut model = Model::new(11, load_topics);
         let producer = producer(&kafka);
-        for chunk in chunks {
+        let mut total = 0;
+        let mut i = 0;
+        while i <= 20 || !load_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut chunk = model.step(400);
+            if i == 10 {
+                chunk.extend(model.malformed());
+            }
+            if i == 20 {
+                chunk.extend(model.snapshot());
+            }
+            total += chunk.len();
             produce(&producer, &chunk).await;
-            tokio::time::sleep(Duration::from_millis(3000)).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            i += 1;
         }
+        (model, total)
     });
 
+    // Static membership (one fixed group.instance.id): each restarted
+    // process takes the partitions back from its killed predecessor at once,
+    // instead of waiting for that member's session to time out. Every kill
+    // must hit a process that holds partitions: it is killed only after the
+    // events applied (counted in Redis, atomically with the metrics) grew
+    // since its start, i.e. it applied batches itself, the one before it
+    // being dead.
     let mut rng = rand::rngs::StdRng::seed_from_u64(99);
     let mut kills = 0;
-    while kills < 12 {
+    while kills < KILLS {
+        let before = events_applied(&s, &prefix);
         let port = free_port();
-        let mut child = spawn_binary(&s, &topics, &prefix, &group, &dlq, port, &log);
-        // A killed member holds its partitions until its session times out
-        // (6 s): only some restarts get partitions before the next kill.
-        let wait = rng.random_range(3000..9000);
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+        let mut child = spawn_binary(
+            &s,
+            &topics,
+            &prefix,
+            &group,
+            &dlq,
+            port,
+            &log,
+            "kill-slot-0",
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while events_applied(&s, &prefix) <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "restart {} applied nothing within 60 s; see {log}",
+                kills + 1
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Then a random moment while it works through the load.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..2500))).await;
         child.start_kill().unwrap(); // SIGKILL
         child.wait().await.unwrap();
         kills += 1;
     }
-    load.await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (model, total) = load.await.unwrap();
     let assigned = std::fs::read_to_string(&log)
         .unwrap()
         .matches("partitions assigned")
         .count();
     assert!(
-        assigned >= 3,
-        "only {assigned} of 12 killed processes got partitions; see {log}"
-    );
-    let applied_before = pipeline_hash(&s, &prefix)
-        .get("events_applied")
-        .copied()
-        .unwrap_or(0);
-    assert!(
-        applied_before > 0,
-        "nothing was applied between the kills; see {log}"
+        assigned >= KILLS,
+        "only {assigned} of {KILLS} killed processes logged an assignment; see {log}"
     );
 
     let port = free_port();
-    let mut child = spawn_binary(&s, &topics, &prefix, &group, &dlq, port, &log);
+    let mut child = spawn_binary(
+        &s,
+        &topics,
+        &prefix,
+        &group,
+        &dlq,
+        port,
+        &log,
+        "kill-slot-0",
+    );
     caught_up(&s, &prefix, &topics, 240).await;
     wait_http(port).await;
     let metrics = http_get(port, "/metrics").await;
@@ -318,8 +359,8 @@ async fn two_consumer_processes_in_one_group_split_partitions_and_stay_exact() {
     let log = std::env::temp_dir().join(format!("{}.log", topics.base));
     let log = log.to_str().unwrap().to_owned();
     let (port_a, port_b) = (free_port(), free_port());
-    let mut a = spawn_binary(&s, &topics, &prefix, &group, &dlq, port_a, &log);
-    let mut b = spawn_binary(&s, &topics, &prefix, &group, &dlq, port_b, &log);
+    let mut a = spawn_binary(&s, &topics, &prefix, &group, &dlq, port_a, &log, "");
+    let mut b = spawn_binary(&s, &topics, &prefix, &group, &dlq, port_b, &log, "");
     let mut model = Model::new(23, topics.clone());
     let producer = producer(&s.kafka);
     for _ in 0..10 {
