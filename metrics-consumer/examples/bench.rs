@@ -4,6 +4,8 @@
 //! it with a realistic mix of synthetic Debezium events (new purchases with
 //! their details, status changes, stock and interaction changes).
 //!
+//! `bench create <topic>...`: creates topics (3 partitions) on the brokers.
+//!
 //! `bench apply <events>`: decodes and applies the same kind of events
 //! straight to Redis in batches (no Kafka), under a throw-away prefix: the
 //! consumer's own ceiling, apart from the brokers. Decoding, planning and
@@ -119,13 +121,16 @@ fn env(name: &str) -> anyhow::Result<String> {
     std::env::var(name).with_context(|| format!("{name} is not set: run scripts/up"))
 }
 
-async fn create(kafka: &str, topic: &str) -> anyhow::Result<()> {
+async fn create(kafka: &str, topics: &[String]) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka)
         .set("enable.metrics.push", "false")
         .create()?;
-    let new = NewTopic::new(topic, 3, TopicReplication::Fixed(1));
-    for r in admin.create_topics([&new], &AdminOptions::new()).await? {
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(1)))
+        .collect();
+    for r in admin.create_topics(&new, &AdminOptions::new()).await? {
         r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
     }
     Ok(())
@@ -280,13 +285,17 @@ fn main() -> anyhow::Result<()> {
         Some("fill") if args.len() == 4 => {
             let events = args[3].parse()?;
             let kafka = env("KAFKA_BOOTSTRAP_SERVERS")?;
-            tokio::runtime::Runtime::new()?.block_on(create(&kafka, &args[2]))?;
+            tokio::runtime::Runtime::new()?.block_on(create(&kafka, &args[2..3]))?;
             fill(&kafka, &args[2], events)
+        }
+        Some("create") if args.len() >= 3 => {
+            let kafka = env("KAFKA_BOOTSTRAP_SERVERS")?;
+            tokio::runtime::Runtime::new()?.block_on(create(&kafka, &args[2..]))
         }
         Some("mock") if args.len() >= 5 => mock(args[2].parse()?, args[3].parse()?, &args[4..]),
         Some("apply") if args.len() == 3 => apply(args[2].parse()?),
         _ => bail!(
-            "usage: bench fill <topic> <events> | bench apply <events> | bench mock <events> <partitions> <topic>..."
+            "usage: bench fill <topic> <events> | bench create <topic>... | bench apply <events> | bench mock <events> <partitions> <topic>..."
         ),
     }
 }

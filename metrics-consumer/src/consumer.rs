@@ -248,7 +248,9 @@ pub fn run_blocking(
         .map_err(|e| Error::Internal(format!("cannot start the lag thread: {e}")))?;
 
     telemetry.set_consuming(true);
-    let result = poll_loop(config, &consumer, &work_tx, &done_rx, &positions, shutdown);
+    let result = poll_loop(
+        config, &consumer, &work_tx, &done_rx, &positions, telemetry, shutdown,
+    );
     drop(work_tx);
     if plans.join().is_err() {
         return Err(Error::Internal("the plan thread panicked".into()));
@@ -275,6 +277,7 @@ fn poll_loop(
     work_tx: &SyncSender<Work>,
     done_rx: &Receiver<HashMap<(String, i32), i64>>,
     positions: &Mutex<HashMap<(String, i32), i64>>,
+    telemetry: &Telemetry,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
     let mut batch = Batch::default();
@@ -320,7 +323,10 @@ fn poll_loop(
                 let partition = message.partition();
                 let offset = message.offset();
                 match fold::decode_renamed(message.key(), message.payload(), &renames) {
-                    Ok(change) => batch.push(topic, partition, offset, Some(change)),
+                    Ok(change) => {
+                        telemetry.received(now_ms(), change.ts_ms().into_iter());
+                        batch.push(topic, partition, offset, Some(change));
+                    }
                     Err(bad) => {
                         log_bad(&mut logged_kinds, &bad, topic, partition, offset);
                         dead.push(DeadLetter {

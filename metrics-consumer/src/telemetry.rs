@@ -13,6 +13,56 @@ const LATENCY_BUCKETS_MS: [u64; 11] = [1, 2, 5, 10, 25, 50, 100, 250, 500, 1000,
 /// Upper bounds (ms) of the end-to-end histogram (source commit to applied).
 const E2E_BUCKETS_MS: [u64; 13] = [5, 10, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000];
 
+/// A latency histogram over [`E2E_BUCKETS_MS`].
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; 13],
+    count: AtomicU64,
+    sum_ms: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, now_ms: i64, commits_ms: impl Iterator<Item = i64>) {
+        let mut counts = [0u64; 13];
+        let (mut n, mut sum) = (0u64, 0u64);
+        for ts in commits_ms {
+            let ms = (now_ms - ts).max(0) as u64;
+            for (c, bound) in counts.iter_mut().zip(E2E_BUCKETS_MS) {
+                if ms <= bound {
+                    *c += 1;
+                }
+            }
+            n += 1;
+            sum += ms;
+        }
+        for (bucket, c) in self.buckets.iter().zip(counts) {
+            bucket.fetch_add(c, Ordering::Relaxed);
+        }
+        self.count.fetch_add(n, Ordering::Relaxed);
+        self.sum_ms.fetch_add(sum, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bucket, bound) in self.buckets.iter().zip(E2E_BUCKETS_MS) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{}\"}} {}",
+                bound as f64 / 1000.0,
+                get(bucket)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            get(&self.count),
+            get(&self.sum_ms) as f64 / 1000.0,
+            get(&self.count)
+        );
+    }
+}
+
 /// Process-wide counters.
 #[derive(Debug, Default)]
 pub struct Telemetry {
@@ -28,9 +78,8 @@ pub struct Telemetry {
     latency_sum_us: AtomicU64,
     consumer_lag: AtomicI64,
     e2e_lag_ms: AtomicI64,
-    e2e_buckets: [AtomicU64; 13],
-    e2e_count: AtomicU64,
-    e2e_sum_ms: AtomicU64,
+    e2e: Histogram,
+    received: Histogram,
     apply_errors: AtomicU64,
     redis_ok: AtomicBool,
     consuming: AtomicBool,
@@ -83,23 +132,14 @@ impl Telemetry {
     /// Records, per event of an applied batch, the time from its source
     /// commit (`source.ts_ms`) to `now_ms`, when the apply returned.
     pub fn end_to_end(&self, now_ms: i64, commits_ms: impl Iterator<Item = i64>) {
-        let mut counts = [0u64; 13];
-        let (mut n, mut sum) = (0u64, 0u64);
-        for ts in commits_ms {
-            let ms = (now_ms - ts).max(0) as u64;
-            for (c, bound) in counts.iter_mut().zip(E2E_BUCKETS_MS) {
-                if ms <= bound {
-                    *c += 1;
-                }
-            }
-            n += 1;
-            sum += ms;
-        }
-        for (bucket, c) in self.e2e_buckets.iter().zip(counts) {
-            bucket.fetch_add(c, Ordering::Relaxed);
-        }
-        self.e2e_count.fetch_add(n, Ordering::Relaxed);
-        self.e2e_sum_ms.fetch_add(sum, Ordering::Relaxed);
+        self.e2e.observe(now_ms, commits_ms);
+    }
+
+    /// Records, per message polled from Kafka, the time from its source
+    /// commit to `now_ms`: the part of the end-to-end time spent before the
+    /// consumer (reader, broker, fetch).
+    pub fn received(&self, now_ms: i64, commits_ms: impl Iterator<Item = i64>) {
+        self.received.observe(now_ms, commits_ms);
     }
 
     /// Sets the end-to-end lag of the newest applied event (ms).
@@ -214,22 +254,15 @@ impl Telemetry {
             "# HELP metrics_consumer_lag_messages Messages behind the partitions' high watermarks.\n# TYPE metrics_consumer_lag_messages gauge\nmetrics_consumer_lag_messages {}",
             self.consumer_lag.load(Ordering::Relaxed)
         );
-        out.push_str("# HELP metrics_consumer_end_to_end_seconds Per applied event: source commit (source.ts_ms) to its batch applied in Redis.\n");
-        out.push_str("# TYPE metrics_consumer_end_to_end_seconds histogram\n");
-        for (bucket, bound) in self.e2e_buckets.iter().zip(E2E_BUCKETS_MS) {
-            let _ = writeln!(
-                out,
-                "metrics_consumer_end_to_end_seconds_bucket{{le=\"{}\"}} {}",
-                bound as f64 / 1000.0,
-                get(bucket)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "metrics_consumer_end_to_end_seconds_bucket{{le=\"+Inf\"}} {}\nmetrics_consumer_end_to_end_seconds_sum {}\nmetrics_consumer_end_to_end_seconds_count {}",
-            get(&self.e2e_count),
-            get(&self.e2e_sum_ms) as f64 / 1000.0,
-            get(&self.e2e_count)
+        self.e2e.render(
+            &mut out,
+            "metrics_consumer_end_to_end_seconds",
+            "Per applied event: source commit (source.ts_ms) to its batch applied in Redis.",
+        );
+        self.received.render(
+            &mut out,
+            "metrics_consumer_received_seconds",
+            "Per polled message: source commit (source.ts_ms) to the consumer polling it from Kafka.",
         );
         let _ = writeln!(
             out,
@@ -248,6 +281,7 @@ mod tests {
     fn end_to_end_histogram_is_cumulative() {
         let t = Telemetry::default();
         t.end_to_end(10_000, [9_997, 9_940, 4_000].into_iter());
+        t.received(10_000, [9_999].into_iter());
         let text = t.render();
         for line in [
             "metrics_consumer_end_to_end_seconds_bucket{le=\"0.005\"} 1",
@@ -257,6 +291,8 @@ mod tests {
             "metrics_consumer_end_to_end_seconds_bucket{le=\"+Inf\"} 3",
             "metrics_consumer_end_to_end_seconds_count 3",
             "metrics_consumer_end_to_end_seconds_sum 6.063",
+            "metrics_consumer_received_seconds_bucket{le=\"0.005\"} 1",
+            "metrics_consumer_received_seconds_count 1",
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
