@@ -476,6 +476,7 @@ impl Sink {
             encoder: Encoder::new(self.inner.config.envelope),
             records: Vec::with_capacity(4),
             ensured: None,
+            producer: None,
         }
     }
 
@@ -504,6 +505,12 @@ pub struct SourceSink {
     records: Vec<Record>,
     /// Last topic known to exist (skips the topic-set lookup per record).
     ensured: Option<Arc<str>>,
+    /// The producer this tracker enqueued to. Once it is replaced after a
+    /// fatal error, this tracker must not switch to the new one: its records
+    /// still queued in the old producer fail, and a later record landing
+    /// through the new producer would step over them (a key's version N+1
+    /// in Kafka before the resent N).
+    producer: Option<Arc<KafkaProducer>>,
 }
 
 impl std::fmt::Debug for SourceSink {
@@ -630,7 +637,7 @@ impl SourceSink {
             base = base.payload(value.as_slice());
         }
         loop {
-            let producer = match self.sink.producer() {
+            let producer = match self.bound_producer() {
                 Ok(p) => p,
                 Err(e) => {
                     self.shared.failed(seq, Error::KafkaFatal(e.to_string()));
@@ -700,8 +707,7 @@ impl SourceSink {
             base = base.payload(value.as_slice());
         }
         let result = self
-            .sink
-            .producer()
+            .bound_producer()
             .map(|p| p.send(base).map_err(|(e, _)| e));
         match result {
             Ok(Ok(())) => {}
@@ -710,6 +716,24 @@ impl SourceSink {
                 Error::Kafka(format!("enqueue to {}: {e}", record.topic)),
             ),
             Err(e) => self.shared.failed(seq, e),
+        }
+    }
+
+    /// The sink's producer, as long as it is the one this tracker started
+    /// with; `KafkaFatal` once that one was replaced (the source must resend
+    /// from its last confirmed LSN with a new tracker).
+    fn bound_producer(&mut self) -> Result<Arc<KafkaProducer>, Error> {
+        let current = self.sink.producer()?;
+        match &self.producer {
+            Some(mine) if !Arc::ptr_eq(mine, &current) => Err(Error::KafkaFatal(format!(
+                "source {}: the kafka producer was re-created after a fatal error; resend from the last confirmed lsn",
+                self.shared.name
+            ))),
+            Some(_) => Ok(current),
+            None => {
+                self.producer = Some(current.clone());
+                Ok(current)
+            }
         }
     }
 
