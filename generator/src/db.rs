@@ -211,13 +211,26 @@ impl Conn {
     /// commit is not applied twice.
     pub async fn write(&mut self, groups: &[Planned]) -> Result<Vec<u64>, tokio_postgres::Error> {
         if let Some(xid) = self.in_flight {
-            // The previous attempt broke off; did its COMMIT land?
-            let row = self
-                .client()
-                .await?
-                .query_one("SELECT txid_status($1)::text", &[&xid])
-                .await?;
-            let status: Option<String> = row.get(0);
+            // The previous attempt broke off; did its COMMIT land? A backend
+            // that lost its client (or was terminated) may still be finishing
+            // that transaction, and until it has, the status is "in
+            // progress": retrying then could apply the batch twice. Wait for
+            // the outcome; the backend is on its way out, so it comes soon.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            let status = loop {
+                let row = self
+                    .client()
+                    .await?
+                    .query_one("SELECT txid_status($1)::text", &[&xid])
+                    .await?;
+                let status: Option<String> = row.get(0);
+                if status.as_deref() != Some("in progress")
+                    || tokio::time::Instant::now() > deadline
+                {
+                    break status;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
             self.in_flight = None;
             if status.as_deref() == Some("committed") {
                 return Ok(groups.iter().map(|g| g.rows).collect());
