@@ -106,10 +106,7 @@ pub fn producer_config(cfg: &SinkConfig) -> ClientConfig {
             cfg.max_queue_kbytes.to_string(),
         )
         .set("queue.buffering.max.messages", "100000")
-        .set("allow.auto.create.topics", "false")
-        // nisshi never answers KIP-714's GetTelemetrySubscriptions, and every
-        // later request on that connection then waits behind it.
-        .set("enable.metrics.push", "false");
+        .set("allow.auto.create.topics", "false");
     for (k, v) in &cfg.extra {
         c.set(k, v);
     }

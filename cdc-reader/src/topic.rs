@@ -2,11 +2,12 @@
 //!
 //! Names follow Debezium: `<prefix>.<schema>.<table>` for tables (see
 //! [`TableName::topic`](crate::change::TableName::topic)) and
-//! `<prefix>.transaction` for transaction metadata. Brokers here do not
-//! auto-create topics, so the sink makes sure each topic exists before its
-//! first record: a metadata lookup, then CreateTopics with the configured
-//! partition count when it is missing. Topics are never deleted (on the local
-//! nisshi brokers DeleteTopics removes every topic).
+//! `<prefix>.transaction` for transaction metadata. The sink never relies on
+//! broker-side auto-creation (often disabled in production): it makes sure
+//! each topic exists before its first record, with a metadata lookup, then
+//! CreateTopics with the configured partition count when it is missing. The
+//! replication factor and `min.insync.replicas` are left to the cluster's
+//! defaults (`-1`), so a three-broker cluster gives RF 3 without a flag here.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -32,7 +33,8 @@ pub struct TopicSettings {
     pub create: bool,
     /// Partitions of created topics.
     pub partitions: i32,
-    /// Replication factor of created topics.
+    /// Replication factor of created topics (-1: the broker's
+    /// `default.replication.factor`).
     pub replication_factor: i32,
     /// How long metadata lookups and creation may take.
     pub timeout: Duration,
@@ -43,7 +45,7 @@ impl Default for TopicSettings {
         TopicSettings {
             create: true,
             partitions: 3,
-            replication_factor: 1,
+            replication_factor: -1,
             timeout: Duration::from_secs(30),
         }
     }
@@ -76,7 +78,6 @@ impl Topics {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", bootstrap_servers)
             .set("allow.auto.create.topics", "false")
-            .set("enable.metrics.push", "false")
             .create()
             .map_err(|e| Error::Config(format!("kafka admin client: {e}")))?;
         Ok(Topics {

@@ -1,4 +1,4 @@
-//! The sink against the local stack's real brokers (three nisshi processes,
+//! The sink against the local stack's real brokers (three Apache Kafka nodes,
 //! `KAFKA_BOOTSTRAP_SERVERS` from `.local/env`): CreateTopics for a missing
 //! topic, then idempotent `acks=all` produce of many transactions, every
 //! transaction confirmed, and every record in Kafka exactly once in per-key
@@ -130,7 +130,6 @@ fn read_topic(bootstrap: &str, topic: &str, expected: usize) -> Vec<(i32, u64, u
         .set("group.id", format!("{topic}-check"))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "50")
-        .set("enable.metrics.push", "false")
         .create()
         .expect("consumer created");
     let metadata = consumer
@@ -262,7 +261,6 @@ fn read_json(bootstrap: &str, topic: &str, expected: usize) -> Vec<serde_json::V
         .set("group.id", format!("{topic}-check"))
         .set("enable.auto.commit", "false")
         .set("fetch.wait.max.ms", "50")
-        .set("enable.metrics.push", "false")
         .create()
         .expect("consumer created");
     let mut tpl = TopicPartitionList::new();

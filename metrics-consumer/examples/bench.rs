@@ -124,7 +124,6 @@ fn env(name: &str) -> anyhow::Result<String> {
 async fn create(kafka: &str, topics: &[String]) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka)
-        .set("enable.metrics.push", "false")
         .create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
@@ -139,7 +138,6 @@ async fn create(kafka: &str, topics: &[String]) -> anyhow::Result<()> {
 fn fill(kafka: &str, topic: &str, events: u64) -> anyhow::Result<()> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka)
-        .set("enable.metrics.push", "false")
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("batch.size", "4000000")
@@ -181,7 +179,6 @@ fn fill(kafka: &str, topic: &str, events: u64) -> anyhow::Result<()> {
 fn backlog(kafka: &str, topic: &str) -> anyhow::Result<i64> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka)
-        .set("enable.metrics.push", "false")
         .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
     let mut total = 0;

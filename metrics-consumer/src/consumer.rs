@@ -151,9 +151,6 @@ fn now_ms() -> i64 {
 pub fn consumer_config(config: &Config) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &config.bootstrap_servers)
-        // nisshi stalls a connection that sent GetTelemetrySubscriptions
-        // (KIP-714): every later request on it waits forever.
-        .set("enable.metrics.push", "false")
         .set("group.id", &config.group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -190,7 +187,6 @@ pub fn run_blocking(
 
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap_servers)
-        .set("enable.metrics.push", "false")
         .set("message.timeout.ms", "300000")
         .set("linger.ms", "5")
         .create()
@@ -236,7 +232,6 @@ pub fn run_blocking(
     let positions = Arc::new(Mutex::new(HashMap::new()));
     let watermarks: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap_servers)
-        .set("enable.metrics.push", "false")
         .create()
         .map_err(Error::Kafka)?;
     let lag_positions = Arc::clone(&positions);

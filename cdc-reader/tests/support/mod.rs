@@ -459,16 +459,7 @@ pub fn consume_all(topics: &[String]) -> Vec<Event> {
 }
 
 /// Like [`consume_all`] but hands each event to `f` instead of keeping them.
-pub fn consume_fold(topics: &[String], f: impl FnMut(Event)) {
-    consume_fold_waiting(topics, 50, f);
-}
-
-/// [`consume_fold`] with the consumer's `fetch.wait.max.ms`. The local
-/// brokers (nisshi over SQLite) stop filling a fetch response once that much
-/// time has passed since the request started, and each fetch starts with an
-/// expensive query on a big backlog: 50 ms (quick on small topics) reads a
-/// million records at under 10k/s, 500 ms at about 40k/s.
-pub fn consume_fold_waiting(topics: &[String], fetch_wait_ms: u32, mut f: impl FnMut(Event)) {
+pub fn consume_fold(topics: &[String], mut f: impl FnMut(Event)) {
     let bootstrap = kafka_bootstrap();
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
@@ -476,8 +467,7 @@ pub fn consume_fold_waiting(topics: &[String], fetch_wait_ms: u32, mut f: impl F
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest")
-        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
-        .set("enable.metrics.push", "false")
+        .set("fetch.wait.max.ms", "50")
         .set("queued.min.messages", "100000")
         .create()
         .unwrap();
@@ -639,23 +629,12 @@ pub async fn assert_replay_equals_db(db: &TestDb, tables: &[&str]) -> Vec<Event>
 
 /// Replays and compares; keeps the events only when `keep` (big backlogs don't).
 pub async fn replay_equals_db(db: &TestDb, tables: &[&str], keep: bool) -> Vec<Event> {
-    replay_equals_db_waiting(db, tables, keep, 50).await
-}
-
-/// [`replay_equals_db`] with the replay consumer's `fetch.wait.max.ms` (see
-/// [`consume_fold_waiting`]; 500 for a million records).
-pub async fn replay_equals_db_waiting(
-    db: &TestDb,
-    tables: &[&str],
-    keep: bool,
-    fetch_wait_ms: u32,
-) -> Vec<Event> {
     let topics: Vec<String> = tables.iter().map(|t| topic(db, t)).collect();
     let t2 = topics.clone();
     let (events, replayed) = tokio::task::spawn_blocking(move || {
         let mut events = Vec::new();
         let mut replayed = Tables::new();
-        consume_fold_waiting(&t2, fetch_wait_ms, |e| {
+        consume_fold(&t2, |e| {
             apply_one(&mut replayed, &e);
             if keep {
                 events.push(e);

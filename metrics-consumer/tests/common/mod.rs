@@ -62,16 +62,15 @@ pub fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// Creates topics (never deletes: DeleteTopics deletes every topic on nisshi).
+/// Creates topics with the cluster's default replication factor.
 pub async fn create_topics(kafka: &str, names: &[String], partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", kafka)
-        .set("enable.metrics.push", "false")
         .create()
         .unwrap();
     let topics: Vec<NewTopic<'_>> = names
         .iter()
-        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(-1)))
         .collect();
     let results = tokio::time::timeout(
         Duration::from_secs(30),
@@ -95,7 +94,6 @@ pub async fn create_topics(kafka: &str, names: &[String], partitions: i32) {
 pub fn producer(kafka: &str) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", kafka)
-        .set("enable.metrics.push", "false")
         .set("linger.ms", "5")
         .set("message.timeout.ms", "120000")
         .set("queue.buffering.max.messages", "1000000")
@@ -138,7 +136,6 @@ pub async fn produce(producer: &FutureProducer, msgs: &[Msg]) {
 pub fn high_watermarks(kafka: &str, topics: &[String], partitions: i32) -> BTreeMap<String, i64> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka)
-        .set("enable.metrics.push", "false")
         .create()
         .unwrap();
     let mut out = BTreeMap::new();
