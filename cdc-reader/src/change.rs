@@ -130,6 +130,28 @@ pub struct Source {
     /// LSN of the last commit before this transaction, the first element of
     /// `source.sequence`; `None` when not known.
     pub last_commit_lsn: Option<Lsn>,
+    /// Our own `source.commit_lsn`: the LSN of the commit record of the
+    /// change's transaction (pgoutput Begin's `final_lsn`); for snapshot rows
+    /// the slot's consistent point minus one. See [`crate::envelope`] for the
+    /// contract.
+    pub commit_lsn: Lsn,
+}
+
+impl Source {
+    /// The `source` facts of a snapshot row: `lsn` is the slot's consistent
+    /// point and `commit_lsn` one below it, so every streamed transaction,
+    /// even one whose commit record starts exactly at the consistent point,
+    /// orders after the row (see [`crate::envelope`]).
+    pub fn snapshot_row(consistent_point: Lsn, taken_ms: i64) -> Source {
+        Source {
+            commit_ts_ms: taken_ms,
+            snapshot: SnapshotMarker::InProgress,
+            tx_id: None,
+            lsn: consistent_point,
+            last_commit_lsn: None,
+            commit_lsn: consistent_point.saturating_sub(1),
+        }
+    }
 }
 
 /// One change of one row (or one truncated table).

@@ -14,6 +14,39 @@
 //! - transaction metadata (optional): a `transaction` block in each event and
 //!   BEGIN/END records on `<prefix>.transaction`. The transaction id is
 //!   `"<txId>:<lsn of its first change>"`.
+//!
+//! # `source.commit_lsn`: the ordering position (our field, not Debezium's)
+//!
+//! Every event's `source` ends with `"commit_lsn": <JSON number>`, added after
+//! Debezium's fields, whose meaning is unchanged (`lsn` is still the change's
+//! own WAL position, `sequence` and `txId` as before). Consumers order the
+//! events of one key by the pair **`(source.commit_lsn, source.lsn)`**:
+//!
+//! - streamed change (`c`, `u`, `d`, `t`): the LSN of the commit record of
+//!   the change's transaction, i.e. pgoutput Begin's `final_lsn`. The reader
+//!   uses pgoutput protocol version 1, where the server sends a transaction
+//!   only once it committed, so Begin always carries it before the first
+//!   change; there are no in-progress (streamed) transactions whose commit
+//!   is unknown when their events are sent.
+//! - snapshot row (`r`): `consistent point - 1`, with `source.lsn` = the
+//!   consistent point C as before. Why not C itself: the snapshot holds
+//!   exactly the transactions whose commit record starts before C, and the
+//!   stream sends every transaction whose commit record starts at or after
+//!   C, including one committing exactly at C whose changes all lie below C.
+//!   With `(C, C)` such a change `(C, lsn < C)` would sort before the row it
+//!   updates; with `(C - 1, C)` every streamed event sorts after every
+//!   snapshot row, and every transaction the snapshot already contains
+//!   (re-sent after an interrupted snapshot) sorts before it.
+//!
+//! Why a new field: a transaction that was open at the consistent point and
+//! commits after it is streamed in full, including changes whose `lsn` is
+//! below C. Ordered by `lsn` alone those changes look older than the snapshot
+//! row and a consumer drops them; ordered by `(commit_lsn, lsn)` they come
+//! after it. Within one transaction `lsn` orders the changes; across
+//! transactions `commit_lsn` is the commit order. A re-sent duplicate (after
+//! a crash) has the same pair, so consumers may drop events at or below the
+//! last pair applied to a key. A truncate carries the pair too and is sent to
+//! every partition of the table's topic (see `crate::sink`).
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -341,7 +374,10 @@ impl Encoder {
         }
         out.extend_from_slice(b",\"lsn\":");
         write_u64(&mut out, src.lsn);
-        out.extend_from_slice(b",\"xmin\":null},\"op\":\"");
+        // Our own field, after Debezium's: the ordering position (see the module doc).
+        out.extend_from_slice(b",\"xmin\":null,\"commit_lsn\":");
+        write_u64(&mut out, src.commit_lsn);
+        out.extend_from_slice(b"},\"op\":\"");
         out.extend_from_slice(op.code().as_bytes());
         out.extend_from_slice(b"\",");
         write_times(&mut out, now_us);
@@ -525,6 +561,7 @@ mod tests {
             tx_id,
             lsn,
             last_commit_lsn: Some(24_023_000),
+            commit_lsn: 24_023_000,
         }
     }
 
@@ -585,7 +622,8 @@ mod tests {
                     "table": "customer",
                     "txId": 555,
                     "lsn": 24_023_128,
-                    "xmin": null
+                    "xmin": null,
+                    "commit_lsn": 24_023_000
                 },
                 "op": "c",
                 "ts_ms": 1_559_033_904_986i64,
@@ -762,6 +800,56 @@ mod tests {
         c.source.snapshot = SnapshotMarker::InProgress;
         let v = json_of(&encode(EnvelopeConfig::default(), &c)[0].value);
         assert_eq!(v["source"]["snapshot"], "true");
+    }
+
+    #[test]
+    fn every_event_carries_the_commit_position_as_a_number() {
+        // A change made before the snapshot's consistent point (lsn 900) by a
+        // transaction that committed after it (commit 1_200).
+        let mut streamed = change(Op::Update, None, Some(row("1", None, "t")));
+        streamed.source.lsn = 900;
+        streamed.source.last_commit_lsn = Some(1_200);
+        streamed.source.commit_lsn = 1_200;
+        let v = json_of(&encode(EnvelopeConfig::default(), &streamed)[0].value);
+        assert_eq!(v["source"]["commit_lsn"], json!(1_200));
+        // Debezium's own fields keep their meaning.
+        assert_eq!(v["source"]["lsn"], json!(900));
+        assert_eq!(v["source"]["sequence"], "[\"1200\",\"900\"]");
+        assert_eq!(v["source"]["txId"], json!(555));
+
+        let mut snap = change(Op::Read, None, Some(row("1", None, "f")));
+        snap.source = Source::snapshot_row(1_000, snap.source.commit_ts_ms);
+        let r = json_of(&encode(EnvelopeConfig::default(), &snap)[0].value);
+        assert_eq!(r["source"]["lsn"], json!(1_000));
+        assert_eq!(r["source"]["snapshot"], "true");
+
+        // Ordered by (commit_lsn, lsn) the update comes after the snapshot
+        // row; ordered by lsn alone it would come first and be dropped.
+        let position = |v: &Value| {
+            (
+                v["source"]["commit_lsn"].as_u64(),
+                v["source"]["lsn"].as_u64(),
+            )
+        };
+        assert!(position(&r) < position(&v));
+        assert!(v["source"]["lsn"].as_u64() < r["source"]["lsn"].as_u64());
+
+        // A transaction whose commit record starts exactly at the consistent
+        // point is streamed, not in the snapshot: it still orders after.
+        streamed.source.commit_lsn = 1_000;
+        let tie = json_of(&encode(EnvelopeConfig::default(), &streamed)[0].value);
+        assert!(position(&r) < position(&tie));
+        // A transaction the snapshot already holds (re-sent after an
+        // interrupted snapshot) orders before.
+        streamed.source.commit_lsn = 992;
+        let older = json_of(&encode(EnvelopeConfig::default(), &streamed)[0].value);
+        assert!(position(&older) < position(&r));
+
+        // Truncates carry it too.
+        let mut t = change(Op::Truncate, None, None);
+        t.source.commit_lsn = 1_300;
+        let tv = json_of(&encode(EnvelopeConfig::default(), &t)[0].value);
+        assert_eq!(tv["source"]["commit_lsn"], json!(1_300));
     }
 
     #[test]

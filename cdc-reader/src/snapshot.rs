@@ -304,15 +304,12 @@ pub async fn run(
         Error::Replication("CREATE_REPLICATION_SLOT returned no snapshot name".to_owned())
     })?;
     let started = Instant::now();
-    let base = Source {
-        commit_ts_ms: std::time::SystemTime::now()
+    let base = Source::snapshot_row(
+        created.consistent_point,
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64),
-        snapshot: SnapshotMarker::InProgress,
-        tx_id: None,
-        lsn: created.consistent_point,
-        last_commit_lsn: None,
-    };
+    );
     let estimated: HashMap<String, i64> = tables
         .iter()
         .map(|t| (t.display(), t.estimated_rows.max(0)))

@@ -683,6 +683,7 @@ fn source_of(tx: Option<&Tx>, lsn: Lsn) -> Result<Source, Error> {
         tx_id: Some(tx.xid),
         lsn,
         last_commit_lsn: Some(tx.final_lsn),
+        commit_lsn: tx.final_lsn,
     })
 }
 

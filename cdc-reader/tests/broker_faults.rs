@@ -144,6 +144,7 @@ fn workload(prefix: &str, transactions: u32) -> (Vec<Tx>, u64) {
                     tx_id: Some(i),
                     lsn: base + u64::from(j),
                     last_commit_lsn: Some(base - 1),
+                    commit_lsn: base - 1,
                 },
             });
             total += 1;

@@ -77,6 +77,7 @@ fn source(ts_ms: i64, tx_id: u32, last: u64, lsn: u64) -> Source {
         tx_id: Some(tx_id),
         lsn,
         last_commit_lsn: Some(last),
+        commit_lsn: last,
     }
 }
 
@@ -95,8 +96,18 @@ fn expected_source(ts_ms: i64, tx_id: u32, sequence: &str, lsn: u64) -> Value {
         "table": "customers",
         "txId": tx_id,
         "lsn": lsn,
-        "xmin": null
+        "xmin": null,
+        "commit_lsn": commit_lsn_of(sequence)
     })
+}
+
+/// Our own `source.commit_lsn`: the commit position, the first element of
+/// `sequence` for streamed changes in these examples.
+fn commit_lsn_of(sequence: &str) -> u64 {
+    let parsed: Vec<Option<String>> = serde_json::from_str(sequence).expect("sequence is JSON");
+    parsed[0]
+        .as_deref()
+        .map_or(0, |s| s.parse().expect("numeric lsn"))
 }
 
 // `json!` serialises its arguments by reference.

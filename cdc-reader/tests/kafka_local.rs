@@ -77,6 +77,7 @@ async fn creates_topic_and_produces_idempotently_with_acks_all() {
                     tx_id: Some(i as u32),
                     lsn: i * 100 + j,
                     last_commit_lsn: Some(i * 100 - 1),
+                    commit_lsn: i * 100 - 1,
                 },
             };
             src.send(&change).await.expect("enqueued");
@@ -207,6 +208,7 @@ async fn transaction_metadata_begin_end_records_reach_kafka() {
                     tx_id: Some(tx as u32),
                     lsn: tx * 100 + row,
                     last_commit_lsn: Some(tx * 100 - 1),
+                    commit_lsn: tx * 100 - 1,
                 },
             };
             src.send(&change).await.expect("enqueued");
