@@ -18,11 +18,22 @@
 //! product arrives. [`MemStore`] is the reference implementation of those
 //! rules; `store.lua` applies the same rules inside Redis.
 //!
-//! The encoded form ([`encode_state`]) is what Redis stores per row and what
-//! the Lua script reads: `<lsn>` then tokens `<code><field>\x1f<amount>`,
-//! separated by `\x1e`.
+//! Order: an event's [`Position`] is `(source.commit_lsn, source.lsn)`, the
+//! commit of its source transaction and then the change within it. The LSN
+//! of the change alone does not order across the reader's snapshot point C: a
+//! transaction already running at C and committing after it is streamed with
+//! changes below C, yet it is newer than the snapshot rows (whose position is
+//! `(C, C)`). `commit_lsn` is a field of our reader, not Debezium's; events
+//! without it (older readers, Debezium itself) are ordered by `source.lsn`
+//! alone, and for them a change of such a transaction is still skipped as
+//! older than the snapshot row.
+//!
+//! The encoded form ([`encode_state`]) is what Redis stores per row:
+//! `<position>` then tokens `<code><field>\x1f<amount>`, separated by
+//! `\x1e`. The script only compares stored states as strings.
 
 use std::borrow::Cow;
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -116,12 +127,51 @@ impl Contribution {
     }
 }
 
-/// What the store keeps per source row: the LSN of the last event applied
-/// (to skip older re-sends) and the row's contributions (empty once deleted).
+/// Where an event sits in its source's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Position {
+    /// `source.commit_lsn`: the commit of the event's transaction (for a
+    /// snapshot row, the snapshot's consistent point). `None` for events of
+    /// older readers and of Debezium.
+    pub commit_lsn: Option<u64>,
+    /// `source.lsn`: the change itself.
+    pub lsn: u64,
+}
+
+impl Position {
+    /// A position known only by the change's LSN.
+    pub fn lsn(lsn: u64) -> Position {
+        Position {
+            commit_lsn: None,
+            lsn,
+        }
+    }
+
+    /// A position with its transaction's commit LSN.
+    pub fn at(commit_lsn: u64, lsn: u64) -> Position {
+        Position {
+            commit_lsn: Some(commit_lsn),
+            lsn,
+        }
+    }
+
+    /// Order of two positions: by `(commit_lsn, lsn)` when both know their
+    /// commit, else by `lsn` alone (the documented fallback).
+    pub fn order(&self, other: &Position) -> Ordering {
+        match (self.commit_lsn, other.commit_lsn) {
+            (Some(a), Some(b)) => (a, self.lsn).cmp(&(b, other.lsn)),
+            _ => self.lsn.cmp(&other.lsn),
+        }
+    }
+}
+
+/// What the store keeps per source row: the position of the last event
+/// applied (to skip older re-sends) and the row's contributions (empty once
+/// deleted).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RowState {
-    /// LSN of the last applied event, when the event carried one.
-    pub lsn: Option<u64>,
+    /// Position of the last applied event, when the event carried one.
+    pub position: Option<Position>,
     /// The row's current contributions; empty for a deleted row.
     pub contributions: Vec<Contribution>,
 }
@@ -140,10 +190,13 @@ pub enum Change {
         /// `source.ts_ms`: commit time in ms.
         ts_ms: Option<i64>,
     },
-    /// `op: "t"`: every row of the table is gone.
+    /// `op: "t"`: every row of the table changed before it is gone.
     Truncate {
         /// Source table.
         table: Table,
+        /// Where the truncate happened; `None` from sources without
+        /// `source.lsn`: then it retracts every row applied before it.
+        position: Option<Position>,
         /// `source.ts_ms`.
         ts_ms: Option<i64>,
     },
@@ -229,6 +282,8 @@ struct Source<'a> {
     ts_ms: Option<i64>,
     #[serde(default)]
     lsn: Option<u64>,
+    #[serde(default)]
+    commit_lsn: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -305,9 +360,16 @@ pub fn decode_renamed(
     let table = Table::from_source(db, table_name)
         .ok_or_else(|| BadInput::UnknownTable(format!("{db}.{table_name}")))?;
     let ts_ms = source.ts_ms;
-    let lsn = source.lsn;
+    let position = source.lsn.map(|lsn| Position {
+        commit_lsn: source.commit_lsn,
+        lsn,
+    });
     match op {
-        "t" => Ok(Change::Truncate { table, ts_ms }),
+        "t" => Ok(Change::Truncate {
+            table,
+            position,
+            ts_ms,
+        }),
         "c" | "u" | "r" => {
             let after = envelope
                 .after
@@ -318,7 +380,10 @@ pub fn decode_renamed(
             Ok(Change::Row {
                 table,
                 id,
-                state: RowState { lsn, contributions },
+                state: RowState {
+                    position,
+                    contributions,
+                },
                 ts_ms,
             })
         }
@@ -329,7 +394,7 @@ pub fn decode_renamed(
                 table,
                 id,
                 state: RowState {
-                    lsn,
+                    position,
                     contributions: Vec::new(),
                 },
                 ts_ms,
@@ -594,15 +659,36 @@ fn contributions(table: Table, id: &str, after: &Row<'_>) -> Result<Vec<Contribu
     Ok(out)
 }
 
-/// Fixed-width decimal LSN, so Lua compares LSNs as strings without losing
-/// precision to doubles. Empty when unknown.
-pub fn encode_lsn(lsn: Option<u64>) -> String {
-    lsn.map(|l| format!("{l:020}")).unwrap_or_default()
+/// A position as stored: `<lsn>` without a commit LSN (the form written
+/// before commit LSNs existed, still read), else `<commit_lsn>/<lsn>`; both
+/// fixed-width decimals. Empty when unknown.
+pub fn encode_position(position: Option<Position>) -> String {
+    match position {
+        None => String::new(),
+        Some(Position {
+            commit_lsn: None,
+            lsn,
+        }) => format!("{lsn:020}"),
+        Some(Position {
+            commit_lsn: Some(commit),
+            lsn,
+        }) => format!("{commit:020}/{lsn:020}"),
+    }
 }
 
-/// The row state as stored in Redis and read by the Lua script.
+fn decode_position(text: &str) -> Option<Option<Position>> {
+    if text.is_empty() {
+        return Some(None);
+    }
+    Some(Some(match text.split_once('/') {
+        None => Position::lsn(text.parse().ok()?),
+        Some((commit, lsn)) => Position::at(commit.parse().ok()?, lsn.parse().ok()?),
+    }))
+}
+
+/// The row state as stored in Redis and compared by the Lua script.
 pub fn encode_state(state: &RowState) -> String {
-    let mut out = encode_lsn(state.lsn);
+    let mut out = encode_position(state.position);
     for c in &state.contributions {
         out.push('\x1e');
         out.push(c.code.as_char());
@@ -616,17 +702,17 @@ pub fn encode_state(state: &RowState) -> String {
 /// Inverse of [`encode_state`]; `None` for text it did not write.
 pub fn decode_state(text: &str) -> Option<RowState> {
     let mut parts = text.split('\x1e');
-    let lsn = match parts.next()? {
-        "" => None,
-        l => Some(l.parse().ok()?),
-    };
+    let position = decode_position(parts.next()?)?;
     let mut contributions = Vec::new();
     for token in parts {
         let code = Code::from_char(token.chars().next()?)?;
         let (field, amount) = token[1..].rsplit_once('\x1f')?;
         contributions.push(Contribution::new(code, field, amount.parse().ok()?));
     }
-    Some(RowState { lsn, contributions })
+    Some(RowState {
+        position,
+        contributions,
+    })
 }
 
 /// The outcome of folding one row event into its prior state.
@@ -641,12 +727,16 @@ pub struct Folded {
 }
 
 /// Folds a row event into the row's prior state: retract the old
-/// contribution, add the new. An event with an LSN older than the stored
+/// contribution, add the new. An event at a position older than the stored
 /// one is a re-send and changes nothing; so does the same event again.
 pub fn fold(prior: Option<&RowState>, new: &RowState) -> Folded {
     if let Some(prior) = prior
-        && let (Some(old), Some(next)) = (prior.lsn, new.lsn)
-        && (next < old || (next == old && prior.contributions == new.contributions))
+        && let (Some(old), Some(next)) = (prior.position, new.position)
+        && match next.order(&old) {
+            Ordering::Less => true,
+            Ordering::Equal => prior.contributions == new.contributions,
+            Ordering::Greater => false,
+        }
     {
         return Folded {
             state: prior.clone(),
@@ -668,6 +758,39 @@ pub fn fold(prior: Option<&RowState>, new: &RowState) -> Folded {
         deltas,
         duplicate: false,
     }
+}
+
+/// Folds a truncate at `at` into one row's prior state: a row last changed
+/// before the truncate is retracted and kept as deleted *at the truncate's
+/// position*, so an older event of it that arrives later is skipped; a row
+/// changed after the truncate (an insert on a partition whose copy of the
+/// truncate comes later) is left alone. `None` when nothing changes.
+///
+/// Why this is enough: the reader writes the truncate to every partition of
+/// the table's topic, after that partition's earlier events. Each copy
+/// retracts every row older than the truncate, whatever its partition; a row
+/// of a partition that lags behind is applied after the first copy and
+/// retracted by its own partition's copy. A second copy finds nothing older
+/// left, so copies and replays change nothing.
+pub fn fold_truncate(prior: &RowState, at: Position) -> Option<Folded> {
+    let older = prior
+        .position
+        .is_none_or(|p| p.order(&at) == Ordering::Less);
+    if !older || prior.contributions.is_empty() {
+        return None;
+    }
+    Some(Folded {
+        state: RowState {
+            position: Some(at),
+            contributions: Vec::new(),
+        },
+        deltas: prior
+            .contributions
+            .iter()
+            .map(|c| Contribution::new(c.code, c.field.clone(), -c.amount))
+            .collect(),
+        duplicate: false,
+    })
 }
 
 /// In-memory reference store: the rules `store.lua` applies in Redis, used
@@ -705,27 +828,57 @@ impl MemStore {
                 }
                 self.rows.insert(key, folded.state);
             }
-            Change::Truncate { table, .. } => {
-                let keys: Vec<_> = self
-                    .rows
-                    .keys()
-                    .filter(|(t, _)| t == table)
-                    .cloned()
-                    .collect();
-                for key in keys {
-                    if let Some(state) = self.rows.remove(&key) {
-                        for c in &state.contributions {
-                            self.apply_delta(&Contribution::new(
-                                c.code,
-                                c.field.clone(),
-                                -c.amount,
-                            ));
-                        }
-                    }
-                }
+            Change::Truncate {
+                table, position, ..
+            } => {
+                self.truncate(*table, *position);
             }
             Change::Tombstone | Change::Ignored => {}
         }
+    }
+
+    /// Applies a truncate of `table` at `position` ([`fold_truncate`]) and
+    /// returns the ids whose state changed. Without a position every row
+    /// state of the table is retracted and forgotten.
+    pub fn truncate(&mut self, table: Table, position: Option<Position>) -> Vec<String> {
+        let ids: Vec<String> = self
+            .rows
+            .range((table, String::new())..)
+            .take_while(|((t, _), _)| *t == table)
+            .map(|((_, id), _)| id.clone())
+            .collect();
+        let mut changed = Vec::new();
+        for id in ids {
+            let key = (table, id);
+            let Some(prior) = self.rows.get(&key) else {
+                continue;
+            };
+            let folded = match position {
+                Some(at) => fold_truncate(prior, at),
+                None => Some(Folded {
+                    state: RowState::default(),
+                    deltas: prior
+                        .contributions
+                        .iter()
+                        .map(|c| Contribution::new(c.code, c.field.clone(), -c.amount))
+                        .collect(),
+                    duplicate: false,
+                }),
+            };
+            let Some(folded) = folded else {
+                continue;
+            };
+            for delta in &folded.deltas {
+                self.apply_delta(delta);
+            }
+            if position.is_some() {
+                self.rows.insert(key.clone(), folded.state);
+            } else {
+                self.rows.remove(&key);
+            }
+            changed.push(key.1);
+        }
+        changed
     }
 
     fn add(&mut self, name: String, amount: i64) {
@@ -792,6 +945,20 @@ mod tests {
         format!(
             r#"{{"before":null,"after":{after},"source":{{"version":"2.7.0","connector":"postgresql","name":"{db}","ts_ms":1795000000000,"snapshot":"false","db":"{db}","sequence":"[\"1\",\"{lsn}\"]","schema":"public","table":"{table}","txId":7,"lsn":{lsn},"xmin":null}},"op":"{op}","ts_ms":1795000000100}}"#
         )
+    }
+
+    /// A transaction event as a reader with `source.commit_lsn` writes it.
+    fn tx_event_at(op: &str, id: i64, status: &str, cents: i64, commit: u64, lsn: u64) -> String {
+        let mut value: serde_json::Value = serde_json::from_str(&tx_event(
+            op,
+            id,
+            status,
+            &format!("\"{}.{:02}\"", cents / 100, cents % 100),
+            lsn,
+        ))
+        .expect("test event is json");
+        value["source"]["commit_lsn"] = commit.into();
+        value.to_string()
     }
 
     fn key(id: i64) -> String {
@@ -897,6 +1064,132 @@ mod tests {
         apply(&mut s, 2, &tx_event("u", 2, "completed", r#""1.00""#, 600));
         apply(&mut s, 2, &tx_event("r", 2, "pending", r#""1.00""#, 500));
         assert_eq!(s.get("revenue:total_cents"), 800);
+    }
+
+    #[test]
+    fn a_transaction_open_across_the_snapshot_point_applies_after_the_snapshot_row() {
+        // Snapshot at consistent point C = 1000: the row is read as completed, 7.00.
+        let mut s = MemStore::default();
+        apply(
+            &mut s,
+            1,
+            &tx_event_at("r", 1, "completed", 700, 1000, 1000),
+        );
+        assert_eq!(s.get("revenue:total_cents"), 700);
+        // A transaction that began before C updated the row at LSN 900 and
+        // committed at 1100, after C: it is streamed, and it is newer.
+        apply(&mut s, 1, &tx_event_at("u", 1, "completed", 800, 1100, 900));
+        assert_eq!(s.get("revenue:total_cents"), 800);
+        // Re-sent, it changes nothing; nor does the snapshot row again.
+        apply(&mut s, 1, &tx_event_at("u", 1, "completed", 800, 1100, 900));
+        apply(
+            &mut s,
+            1,
+            &tx_event_at("r", 1, "completed", 700, 1000, 1000),
+        );
+        assert_eq!(s.get("revenue:total_cents"), 800);
+        // A delete in another such transaction retracts the row.
+        apply(
+            &mut s,
+            2,
+            &tx_event_at("r", 2, "completed", 100, 1000, 1000),
+        );
+        apply(&mut s, 2, &tx_event_at("d", 2, "", 0, 1200, 950));
+        assert_eq!(s.get("revenue:total_cents"), 800);
+        assert_eq!(s.get("count:instashop.transaction"), 1);
+    }
+
+    #[test]
+    fn events_without_commit_lsn_order_by_lsn_alone() {
+        // Older readers and Debezium: the snapshot-boundary limitation stays.
+        let mut s = MemStore::default();
+        apply(&mut s, 1, &tx_event("r", 1, "completed", r#""7.00""#, 1000));
+        apply(&mut s, 1, &tx_event("u", 1, "completed", r#""8.00""#, 900));
+        assert_eq!(s.get("revenue:total_cents"), 700);
+        apply(&mut s, 1, &tx_event("u", 1, "completed", r#""9.00""#, 1001));
+        assert_eq!(s.get("revenue:total_cents"), 900);
+    }
+
+    /// One row's history as the reader streams it across a snapshot at
+    /// `snapshot`: transactions commit in order; changes of a transaction
+    /// that began before the snapshot point have LSNs below it.
+    fn history(rng: &mut rand::rngs::StdRng, rows: i64, snapshot: u64) -> Vec<(i64, String)> {
+        use rand::RngExt;
+        let mut out = Vec::new();
+        let mut commit = snapshot;
+        for id in 1..=rows {
+            out.push((
+                id,
+                tx_event_at("r", id, "completed", 100 * id, snapshot, snapshot),
+            ));
+        }
+        for _ in 0..rng.random_range(1..40) {
+            commit += rng.random_range(10..100);
+            // Began before the snapshot point about half of the time.
+            let first = if rng.random_bool(0.5) {
+                snapshot - rng.random_range(1..500)
+            } else {
+                commit - 9
+            };
+            for lsn in first..first + rng.random_range(1..4) {
+                let id = rng.random_range(1..=rows);
+                let status = ["pending", "completed", "refunded"][rng.random_range(0..3)];
+                let op = if rng.random_bool(0.1) { "d" } else { "u" };
+                out.push((
+                    id,
+                    tx_event_at(op, id, status, rng.random_range(1..10_000), commit, lsn),
+                ));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn any_interleaving_of_duplicates_and_replays_equals_one_clean_pass() {
+        use rand::{RngExt, SeedableRng};
+        for seed in 0..200 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let events = history(&mut rng, 4, 10_000);
+            // The expected result: the last event of each row, in commit order.
+            let mut last: BTreeMap<i64, &str> = BTreeMap::new();
+            for (id, e) in &events {
+                last.insert(*id, e);
+            }
+            let mut expected = MemStore::default();
+            for (id, e) in &last {
+                apply(&mut expected, *id, e);
+            }
+            let mut clean = MemStore::default();
+            for (id, e) in &events {
+                apply(&mut clean, *id, e);
+            }
+            let nonzero = |m: &MemStore| {
+                let mut metrics = m.metrics.clone();
+                metrics.retain(|_, v| *v != 0);
+                metrics
+            };
+            assert_eq!(
+                nonzero(&clean),
+                nonzero(&expected),
+                "seed {seed}: clean pass"
+            );
+            // The same stream with re-sent events and replayed prefixes.
+            let mut noisy = MemStore::default();
+            for (i, (id, e)) in events.iter().enumerate() {
+                apply(&mut noisy, *id, e);
+                if rng.random_bool(0.3) {
+                    let from = rng.random_range(0..=i);
+                    for (id, e) in &events[from..=i] {
+                        apply(&mut noisy, *id, e);
+                    }
+                }
+            }
+            assert_eq!(
+                nonzero(&noisy),
+                nonzero(&expected),
+                "seed {seed}: with replays"
+            );
+        }
     }
 
     #[test]
@@ -1092,7 +1385,7 @@ mod tests {
         };
         assert_eq!(decode_state(&encode_state(&state)), Some(state.clone()));
         let deleted = RowState {
-            lsn: None,
+            position: None,
             contributions: vec![],
         };
         assert_eq!(decode_state(&encode_state(&deleted)), Some(deleted));

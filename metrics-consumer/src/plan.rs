@@ -296,10 +296,19 @@ pub fn build(batch: &Batch, snap: &Snapshot, prefix: &str, now_ms: i64) -> Resul
                     last_ts = ts_ms.or(last_ts);
                 }
             }
-            Some(change @ Change::Truncate { table, ts_ms }) => {
-                mem.apply(change);
-                written.retain(|(t, _)| t != table);
-                truncated.insert(*table);
+            Some(Change::Truncate {
+                table,
+                position,
+                ts_ms,
+            }) => {
+                let changed = mem.truncate(*table, *position);
+                if position.is_some() {
+                    // Retracted rows stay, deleted at the truncate's position.
+                    written.extend(changed.into_iter().map(|id| (*table, id)));
+                } else {
+                    written.retain(|(t, _)| t != table);
+                    truncated.insert(*table);
+                }
                 counts.applied += 1;
                 last_ts = ts_ms.or(last_ts);
             }
@@ -680,7 +689,7 @@ impl Overlay {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::fold::{Code, Contribution};
+    use crate::fold::{Code, Contribution, Position};
 
     const P: &str = "m:";
 
@@ -703,7 +712,7 @@ mod tests {
             contributions.push(c(Code::WindowRevenue, "1795000020", cents));
         }
         RowState {
-            lsn: Some(lsn),
+            position: Some(Position::lsn(lsn)),
             contributions,
         }
     }
@@ -920,7 +929,7 @@ mod tests {
     #[test]
     fn join_moves_gmv_and_reads_prior_products() {
         let detail = |product: &str, cents: i64, lsn: u64| RowState {
-            lsn: Some(lsn),
+            position: Some(Position::lsn(lsn)),
             contributions: vec![
                 c(Code::Count, "instashop.transactiondetail", 1),
                 c(Code::ProductGmv, product, cents),
@@ -973,7 +982,7 @@ mod tests {
                 Table::Product,
                 "8",
                 RowState {
-                    lsn: Some(30),
+                    position: Some(Position::lsn(30)),
                     contributions: vec![],
                 },
             ),
@@ -982,7 +991,7 @@ mod tests {
         snap.rows.insert(
             (Table::Product, "8".into()),
             Some(encode_state(&RowState {
-                lsn: Some(1),
+                position: Some(Position::lsn(1)),
                 contributions: vec![
                     c(Code::Count, "instashop.product", 1),
                     c(Code::ProductCategory, "8\x1dtoys", 1),
@@ -1012,6 +1021,7 @@ mod tests {
             0,
             Some(Change::Truncate {
                 table: Table::Transaction,
+                position: None,
                 ts_ms: None,
             }),
         );
@@ -1167,6 +1177,7 @@ mod tests {
             2,
             Some(Change::Truncate {
                 table: Table::Transaction,
+                position: None,
                 ts_ms: None,
             }),
         );

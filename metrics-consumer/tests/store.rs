@@ -10,7 +10,9 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use metrics_consumer::fold::{Change, Code, Contribution, MemStore, RowState, Table, decode};
+use metrics_consumer::fold::{
+    Change, Code, Contribution, MemStore, Position, RowState, Table, decode,
+};
 use metrics_consumer::plan;
 use metrics_consumer::store::{Batch, Store};
 use rand::{RngExt, SeedableRng};
@@ -113,7 +115,7 @@ fn row(table: Table, id: i64, lsn: u64, contributions: Vec<Contribution>) -> Cha
         table,
         id: id.to_string(),
         state: RowState {
-            lsn: Some(lsn),
+            position: Some(Position::lsn(lsn)),
             contributions,
         },
         ts_ms: Some(now_ms()),
@@ -283,6 +285,7 @@ fn truncate_retracts_the_stored_rows() {
     let tail = vec![
         Change::Truncate {
             table: Table::Transaction,
+            position: None,
             ts_ms: Some(now_ms()),
         },
         tx(3, "completed", 40, 5),
