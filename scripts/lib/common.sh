@@ -4,9 +4,12 @@
 # Layout of the state directory (default: .local/ in the repository root):
 #   env          KEY=value lines read by the binaries and tests
 #   pg/          PostgreSQL data directory      pgsock/  its unix socket
-#   redis/       Redis data (AOF + RDB)         kafka/   nisshi's SQLite store
-#   venv/        Python venv with confluent-kafka (topic admin, console consumer)
+#   redis/       Redis data (AOF + RDB)
+#   kafka/       cluster-id, log4j2 settings, broker-N/{server.properties,data/}
+#   kafka-dist/  Apache Kafka's jars from Maven (libs/), fetched once per version
+#   venv/        Python venv with confluent-kafka (Admin API helpers, pipeline checks)
 #   run/*.pid    one PID file per service       log/*.log one log per service
+#                                               log/broker-N/ each broker's own logs
 
 # Ports chosen to stay clear of system services on 5432/6379/9092. The
 # INSTASHOP_*_PORT(S) variables move them, e.g. for a second, throwaway stack
@@ -14,8 +17,21 @@
 PG_PORT="${INSTASHOP_PG_PORT:-54329}"
 REDIS_PORT="${INSTASHOP_REDIS_PORT:-63790}"
 read -r -a BROKER_PORTS <<<"${INSTASHOP_BROKER_PORTS:-19092 19093 19094}"
-NISSHI_VERSION=0.7.0-pre.2
-# PyPI wheel with a librdkafka new enough for nisshi (Debian's kcat is not).
+# The KRaft controller listeners of the same three nodes.
+read -r -a CONTROLLER_PORTS <<<"${INSTASHOP_CONTROLLER_PORTS:-19192 19193 19194}"
+# The one Apache Kafka version of the project: the local cluster, the
+# docker-compose.yml image and Kafka Connect. scripts/lib/kafka/pom.xml has
+# the same default; scripts/test checks that the three agree.
+KAFKA_VERSION=4.3.1
+# Each broker's JVM heap. Three brokers, PostgreSQL and the binaries share two
+# cores: a fixed, modest heap keeps GC work small and RSS predictable.
+KAFKA_HEAP="${INSTASHOP_KAFKA_HEAP:-512m}"
+# Largest record batch the brokers and topics accept (17 MiB): events up to
+# 16 MiB (a wide REPLICA IDENTITY FULL row with big TOASTed values) plus
+# headroom for the batch header.
+KAFKA_MAX_MESSAGE_BYTES=17825792
+# Python's confluent-kafka (a current librdkafka): the Admin API helpers of
+# the scripts and the pipeline checks.
 CONFLUENT_KAFKA_VERSION=2.16.1
 PG_BIN=/usr/lib/postgresql/15/bin
 DATABASES=(instashop crm erp ecommerce)
@@ -71,6 +87,7 @@ init_state() {
     VENV="$STATE/venv"
     PY="$VENV/bin/python"
     KAFKA_TOOL="$REPO_ROOT/scripts/lib/kafka_tool.py"
+    KAFKA_LIBS="$STATE/kafka-dist/libs"
     BOOTSTRAP="$(IFS=,; echo "${BROKER_PORTS[*]/#/127.0.0.1:}")"
     if ((create)); then
         mkdir -p "$RUN" "$LOG"
@@ -132,8 +149,8 @@ stack_dir_of_pid() {
         cat "${BASH_REMATCH[1]}/state-dir" 2>/dev/null || echo "${BASH_REMATCH[1]}"
     elif [[ "$cmd" == *redis-server* && "$cwd" == */redis ]]; then
         echo "${cwd%/redis}"
-    elif [[ "$cmd" == *nisshi* && "$cwd" == */kafka ]]; then
-        echo "${cwd%/kafka}"
+    elif [[ "$cmd" =~ kafka\.Kafka\ ([^ ]+)/kafka/broker-[0-9]+/server\.properties ]]; then
+        echo "${BASH_REMATCH[1]}"
     fi
 }
 
@@ -163,6 +180,7 @@ service_port() {
     postgres) echo "$PG_PORT" ;;
     redis) echo "$REDIS_PORT" ;;
     broker-[123]) echo "${BROKER_PORTS[${1#broker-} - 1]}" ;;
+    controller-[123]) echo "${CONTROLLER_PORTS[${1#controller-} - 1]}" ;;
     *) return 1 ;;
     esac
 }
@@ -186,6 +204,14 @@ apt_install() {
     say "installing Debian packages: $*"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >>"$LOG/apt.log" 2>&1 ||
         die "apt-get install $* failed; see $LOG/apt.log"
+}
+
+# The classpath of Apache Kafka's jars, or a one-line error when scripts/up
+# has not fetched them yet.
+kafka_classpath() {
+    [[ -f "$KAFKA_LIBS/.fetched" ]] ||
+        die "Apache Kafka's jars are not in $KAFKA_LIBS yet; run scripts/up first"
+    echo "$KAFKA_LIBS/*"
 }
 
 psql_super() {

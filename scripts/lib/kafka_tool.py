@@ -1,10 +1,11 @@
-"""Kafka helpers for the local-stack scripts, on confluent-kafka (librdkafka).
-
-Debian's kcat (librdkafka 2.0) cannot talk to the nisshi brokers; the PyPI
-wheel's newer librdkafka can. Run with the venv's python that scripts/up makes.
+"""Kafka helpers for the local-stack scripts, on the Admin API of
+confluent-kafka (librdkafka). They start in a fraction of a second, where each
+of Kafka's own JVM tools (scripts/kafka) takes one to two. Run with the venv's
+python that scripts/up makes.
 
 Subcommands:
   ping            one metadata request; exit 0 when the broker answers
+  ready           exit 0 when --brokers brokers are registered and a controller is known
   create-topics   create the named topics that do not exist yet (never deletes)
   list            topic names, one per line
   offsets         end offsets per topic (and per partition with --partitions)
@@ -43,13 +44,12 @@ def quiet_logger():
 
 
 def admin(bootstrap):
-    return AdminClient({"bootstrap.servers": bootstrap, "enable.metrics.push": False, "logger": quiet_logger()})
+    return AdminClient({"bootstrap.servers": bootstrap, "logger": quiet_logger()})
 
 
 def consumer(bootstrap, group=None, **extra):
     config = {
         "bootstrap.servers": bootstrap,
-        "enable.metrics.push": False,
         "group.id": group or f"instashop-console-{uuid.uuid4()}",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -75,6 +75,21 @@ def cmd_ping(args):
         admin(args.bootstrap).list_topics(timeout=args.timeout)
     except KafkaException as e:
         fail(f"no metadata from {args.bootstrap}: {e}")
+
+
+def cmd_ready(args):
+    """All brokers registered (unfenced, in the metadata) and a controller known."""
+    client = admin(args.bootstrap)  # kept alive until the result arrives
+    try:
+        cluster = client.describe_cluster(request_timeout=args.timeout).result(timeout=args.timeout)
+    except KafkaException as e:
+        fail(f"no cluster description from {args.bootstrap}: {e}")
+    ids = sorted({node.id for node in cluster.nodes})
+    if len(ids) < args.brokers:
+        fail(f"{len(ids)} of {args.brokers} brokers registered (ids {ids})")
+    if cluster.controller is None:
+        fail("no active controller")
+    print(f"brokers {ids}, controller {cluster.controller.id}")
 
 
 def cmd_create_topics(args):
@@ -147,7 +162,17 @@ def cmd_lag(args):
         topics = user_topics(c, args.timeout)
         names = args.topics or sorted(topics)
         partitions = [TopicPartition(t, p) for t in names if t in topics for p in topics[t]]
-        committed = c.committed(partitions, timeout=args.timeout)
+        # The group coordinator may still be moving (the offsets topic is
+        # created on first use, or a broker just restarted): retriable.
+        deadline = time.monotonic() + args.timeout
+        while True:
+            try:
+                committed = c.committed(partitions, timeout=args.timeout)
+                break
+            except KafkaException as e:
+                if not e.args[0].retriable() or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         rows = {}
         for tp in committed:
             _, high = c.get_watermark_offsets(TopicPartition(tp.topic, tp.partition), timeout=args.timeout)
@@ -246,6 +271,12 @@ def main():
     p.set_defaults(func=cmd_ping)
     p.add_argument("--bootstrap", default=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=3.0)
+
+    p = sub.add_parser("ready")
+    p.set_defaults(func=cmd_ready)
+    p.add_argument("--bootstrap", default=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=float, default=3.0)
+    p.add_argument("--brokers", type=int, default=3)
 
     p = sub.add_parser("create-topics")
     p.set_defaults(func=cmd_create_topics)

@@ -118,14 +118,9 @@ def consume_topic(bootstrap: str, topic: str, timeout_s: float):
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "enable.metrics.push": False,
             "group.id": f"pipeline-check-{os.getpid()}-{time.time_ns()}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            # A drain, not a tail: nisshi stops reading a fetch after
-            # fetch.wait.max.ms, so a short wait returns few records per
-            # round trip (~8k msg/s at 50 ms, 30-45k at 500; NISSHI.md).
-            "fetch.wait.max.ms": 500,
         }
     )
     try:
@@ -378,7 +373,7 @@ def check_dlq(bootstrap: str, topic: str, timeout_s: float) -> list[str]:
     dead-letter topic is a dropped change (its metric contribution is lost)."""
     from confluent_kafka import Consumer
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "enable.metrics.push": False, "group.id": f"pipeline-check-dlq-{os.getpid()}",
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"pipeline-check-dlq-{os.getpid()}",
                          "enable.auto.commit": False})
     try:
         meta = consumer.list_topics(topic, timeout=timeout_s)
