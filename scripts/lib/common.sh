@@ -206,6 +206,60 @@ apt_install() {
         die "apt-get install $* failed; see $LOG/apt.log"
 }
 
+# Properties of node N of the three (scripts/up writes them; scripts/test
+# checks that docker-compose.yml sets the same): broker and KRaft controller in one process, as the
+# Kafka quickstart runs it. Settings beyond the defaults protect the
+# pipeline's guarantees (replication 3, two in-sync copies for acks=all, no
+# unclean election) or size the node for a two-core development machine.
+node_properties() {
+    local n="$1" voters="" i
+    for i in 1 2 3; do
+        voters+="${voters:+,}$i@127.0.0.1:${CONTROLLER_PORTS[i - 1]}"
+    done
+    cat <<PROPS
+# Written by scripts/up; re-running it overwrites this file.
+process.roles=broker,controller
+node.id=$n
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://127.0.0.1:${BROKER_PORTS[n - 1]},CONTROLLER://127.0.0.1:${CONTROLLER_PORTS[n - 1]}
+advertised.listeners=PLAINTEXT://127.0.0.1:${BROKER_PORTS[n - 1]}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$STATE/kafka/broker-$n/data
+
+# Replication: every topic on all three nodes, a write acknowledged (acks=all)
+# once two copies have it, and never a leader that missed acknowledged writes.
+num.partitions=$TOPIC_PARTITIONS
+default.replication.factor=3
+min.insync.replicas=2
+unclean.leader.election.enable=false
+offsets.topic.replication.factor=3
+transaction.state.log.replication.factor=3
+transaction.state.log.min.isr=2
+share.coordinator.state.topic.replication.factor=3
+share.coordinator.state.topic.min.isr=2
+# Topics are created explicitly (scripts/up, the reader), never by a typo.
+auto.create.topics.enable=false
+
+# Events up to 16 MiB (wide REPLICA IDENTITY FULL rows).
+message.max.bytes=$KAFKA_MAX_MESSAGE_BYTES
+replica.fetch.max.bytes=$KAFKA_MAX_MESSAGE_BYTES
+replica.fetch.response.max.bytes=$((KAFKA_MAX_MESSAGE_BYTES * 3))
+
+# Two cores for three nodes and the rest of the stack.
+num.network.threads=2
+num.io.threads=2
+num.replica.fetchers=1
+background.threads=2
+num.recovery.threads.per.data.dir=1
+# A consumer group of one starts consuming at once.
+group.initial.rebalance.delay.ms=0
+log.retention.hours=168
+log.segment.bytes=268435456
+PROPS
+}
+
 # The classpath of Apache Kafka's jars, or a one-line error when scripts/up
 # has not fetched them yet.
 kafka_classpath() {

@@ -57,6 +57,8 @@ def main():
     parser.add_argument("--topics", nargs="+", required=True)
     parser.add_argument("--partitions", required=True)
     parser.add_argument("--env-file-vars", default="", help="comma-separated names from .local/env")
+    parser.add_argument("--kafka-version", help="the Kafka version scripts/up runs")
+    parser.add_argument("--broker-properties", help="scripts/up's server.properties of node 1")
     parser.add_argument("--rust-root", help="workspace root: every app env variable must appear in its Rust code")
     args = parser.parse_args()
 
@@ -92,6 +94,35 @@ def main():
             problems.append(f"{name}: CLUSTER_ID must be a url-safe base64 16-byte UUID (22 chars)")
         if not services.get(name, {}).get("image", "").startswith("apache/kafka:"):
             problems.append(f"{name}: image must be apache/kafka")
+
+    if args.kafka_version:
+        for name in [*BROKERS, "kafka-init"]:
+            image = services.get(name, {}).get("image", "")
+            if image != f"apache/kafka:{args.kafka_version}":
+                problems.append(f"{name}: image is {image}, scripts/up runs apache/kafka:{args.kafka_version}")
+
+    if args.broker_properties:
+        # Listener, node and path settings differ by design (container names,
+        # ports, volumes); every other broker setting must be the same.
+        per_node = {
+            "node.id", "controller.quorum.voters", "listeners", "advertised.listeners",
+            "inter.broker.listener.name", "listener.security.protocol.map", "log.dirs",
+            "controller.listener.names", "process.roles",
+        }
+        with open(args.broker_properties, encoding="utf-8") as f:
+            props = dict(
+                line.strip().split("=", 1)
+                for line in f
+                if "=" in line and not line.lstrip().startswith("#")
+            )
+        for name in BROKERS:
+            env = env_of(services.get(name, {}))
+            for key, value in sorted(props.items()):
+                if key in per_node:
+                    continue
+                var = "KAFKA_" + key.upper().replace(".", "_")
+                if env.get(var) != value:
+                    problems.append(f"{name}: {var} is {env.get(var)!r}, scripts/up sets {key}={value}")
 
     init_env = env_of(services.get("kafka-init", {}))
     compose_topics = init_env.get("TOPICS", "").split()
