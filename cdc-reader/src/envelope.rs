@@ -10,7 +10,8 @@
 //! - delete: the event, then a tombstone (same key, null value) when enabled;
 //! - update that changes the key: delete (+ tombstone) of the old key, then a
 //!   create of the new key, as Debezium does;
-//! - truncate: `op: "t"` with a null key, only when enabled;
+//! - truncate: `op: "t"` with a null key, only when enabled, routed to every
+//!   partition of the table's topic ([`Route::EveryPartition`]);
 //! - transaction metadata (optional): a `transaction` block in each event and
 //!   BEGIN/END records on `<prefix>.transaction`. The transaction id is
 //!   `"<txId>:<lsn of its first change>"`.
@@ -82,6 +83,26 @@ impl Default for EnvelopeConfig {
     }
 }
 
+/// Which partitions of its topic a record goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The partition the key hashes to (the producer's partitioner).
+    ByKey,
+    /// One copy to every partition of the topic: a truncate concerns every
+    /// key, so a consumer of any partition must see it in order with that
+    /// partition's other events.
+    EveryPartition,
+}
+
+/// The partitions to produce a record to, given its topic's partition count:
+/// `None` lets the partitioner hash the key.
+pub fn partitions(route: Route, partition_count: i32) -> Vec<Option<i32>> {
+    match route {
+        Route::ByKey => vec![None],
+        Route::EveryPartition => (0..partition_count.max(1)).map(Some).collect(),
+    }
+}
+
 /// One Kafka record, ready to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -91,6 +112,8 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     /// Value bytes (JSON); `None` for a tombstone.
     pub value: Option<Vec<u8>>,
+    /// Where it goes.
+    pub route: Route,
 }
 
 /// A value that could not be encoded: which table and column, never the value.
@@ -228,6 +251,7 @@ impl Encoder {
                 topic: tx_topic.clone(),
                 key: Some(tx_key(&id)),
                 value: Some(tx_value("BEGIN", &id, now_us, None)),
+                route: Route::ByKey,
             });
             self.transaction = Some(OpenTransaction {
                 tx_id,
@@ -283,7 +307,10 @@ impl Encoder {
             }
             Op::Truncate => {
                 let value = self.event(change, Op::Truncate, None, None, now_us)?;
-                out.push(record(topic, None, Some(value)));
+                out.push(Record {
+                    route: Route::EveryPartition,
+                    ..record(topic, None, Some(value))
+                });
             }
         }
         Ok(())
@@ -306,6 +333,7 @@ impl Encoder {
         collections.push(b']');
         Some(Record {
             topic: tx.topic,
+            route: Route::ByKey,
             key: Some(tx_key(&tx.id)),
             value: Some(tx_value(
                 "END",
@@ -417,6 +445,7 @@ fn record(topic: &Arc<str>, key: Option<Vec<u8>>, value: Option<Vec<u8>>) -> Rec
         topic: topic.clone(),
         key,
         value,
+        route: Route::ByKey,
     }
 }
 
@@ -781,6 +810,24 @@ mod tests {
             ..EnvelopeConfig::default()
         };
         assert!(encode(off, &c).is_empty());
+    }
+
+    #[test]
+    fn truncate_goes_to_every_partition_other_records_by_key() {
+        let t = encode(EnvelopeConfig::default(), &change(Op::Truncate, None, None));
+        assert_eq!(t[0].route, Route::EveryPartition);
+        assert_eq!(partitions(t[0].route, 3), vec![Some(0), Some(1), Some(2)]);
+        let d = encode(
+            EnvelopeConfig::default(),
+            &change(Op::Delete, Some(row("1", None, "t")), None),
+        );
+        assert!(
+            d.iter().all(|r| r.route == Route::ByKey),
+            "delete and tombstone"
+        );
+        assert_eq!(partitions(Route::ByKey, 3), vec![None]);
+        // A topic whose partition count is unknown still gets one copy.
+        assert_eq!(partitions(Route::EveryPartition, 0), vec![Some(0)]);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! unconfirmed transaction.
 //!
 //! Ordering per key: keys are hashed like the Java client (`murmur2_random`),
-//! so one key always lands in one partition; the idempotent producer keeps a
+//! so one key always lands in one partition; a truncate (null key) is
+//! produced once to every partition of its topic, so each partition carries
+//! it in order with its own events; the idempotent producer keeps a
 //! partition's records in order across retries, and with
 //! `enable.gapless.guarantee` a permanently failed batch can never be skipped
 //! by a later one (the producer turns fatal instead).
@@ -42,7 +44,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::watch;
 
 use crate::change::{Change, Lsn};
-use crate::envelope::{Encoder, EnvelopeConfig, Record};
+use crate::envelope::{Encoder, EnvelopeConfig, Record, Route, partitions};
 use crate::error::Error;
 use crate::topic::{TopicSettings, Topics};
 
@@ -613,6 +615,20 @@ impl SourceSink {
             self.sink.topics.ensure(&record.topic).await?;
             self.ensured = Some(record.topic.clone());
         }
+        let count = match record.route {
+            Route::ByKey => 1,
+            // Looked up each time: truncates are rare and partitions may
+            // have been added since the topic was first seen.
+            Route::EveryPartition => self.sink.topics.partition_count(&record.topic).await?,
+        };
+        for partition in partitions(record.route, count) {
+            self.produce_to(record, partition).await?;
+        }
+        Ok(())
+    }
+
+    /// Enqueues one copy of `record` (to `partition`, or by key when `None`).
+    async fn produce_to(&mut self, record: &Record, partition: Option<i32>) -> Result<(), Error> {
         let seq = match self.shared.tracker.lock() {
             Ok(mut t) => t.sent(),
             Err(_) => return Err(Error::KafkaFatal("tracker lock poisoned".into())),
@@ -632,6 +648,9 @@ impl SourceSink {
         }
         if let Some(value) = &record.value {
             base = base.payload(value.as_slice());
+        }
+        if let Some(partition) = partition {
+            base = base.partition(partition);
         }
         loop {
             let producer = match self.bound_producer() {

@@ -100,7 +100,8 @@ impl Topics {
         }
     }
 
-    async fn lookup(&self, topic: &str) -> Result<Lookup, Error> {
+    /// Partitions of `topic` in a fresh metadata lookup (0: missing).
+    async fn fetch_partitions(&self, topic: &str) -> Result<usize, Error> {
         let admin = self.admin.clone();
         let name = topic.to_owned();
         let timeout = self.settings.timeout;
@@ -109,15 +110,30 @@ impl Topics {
                 .await
                 .map_err(|e| Error::Kafka(format!("metadata lookup task: {e}")))?
                 .map_err(|e| Error::Kafka(format!("metadata for topic {topic}: {e}")))?;
-        let exists = metadata
+        Ok(metadata
             .topics()
             .iter()
-            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-        Ok(if exists {
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map_or(0, |t| t.partitions().len()))
+    }
+
+    async fn lookup(&self, topic: &str) -> Result<Lookup, Error> {
+        Ok(if self.fetch_partitions(topic).await? > 0 {
             Lookup::Exists
         } else {
             Lookup::Missing
         })
+    }
+
+    /// The number of partitions of `topic` (fresh metadata, not cached).
+    pub async fn partition_count(&self, topic: &str) -> Result<i32, Error> {
+        let count = self.fetch_partitions(topic).await?;
+        if count == 0 {
+            return Err(Error::Kafka(format!(
+                "metadata for topic {topic}: no partitions"
+            )));
+        }
+        i32::try_from(count).map_err(|_| Error::Kafka(format!("topic {topic}: {count} partitions")))
     }
 
     /// Makes sure `topic` exists, creating it when missing and allowed.
