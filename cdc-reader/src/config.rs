@@ -165,6 +165,8 @@ pub struct SourceConfig {
     pub status_interval: Duration,
     /// Heartbeat interval (`None` = off).
     pub heartbeat: Option<Duration>,
+    /// How long shutdown waits for Kafka acknowledgements (`--shutdown-timeout-secs`).
+    pub shutdown_timeout: Duration,
 }
 
 impl SourceConfig {
@@ -288,6 +290,7 @@ impl Config {
                 status_interval: Duration::from_millis(self.status_interval_ms.max(10)),
                 heartbeat: (self.heartbeat_secs > 0)
                     .then(|| Duration::from_secs(self.heartbeat_secs)),
+                shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             });
         }
         let mut slots: Vec<&str> = out.iter().map(|s| s.slot.as_str()).collect();
@@ -381,6 +384,23 @@ mod tests {
         let help = Config::command().render_long_help().to_string();
         assert!(help.contains("CDC_SOURCES"));
         assert!(!help.contains("CDC_SOURCES=postgres"));
+    }
+
+    #[test]
+    fn every_source_gets_the_shutdown_timeout() {
+        let c = parse(&[
+            "--source",
+            "a=postgres://u@h/db",
+            "--shutdown-timeout-secs",
+            "7",
+        ]);
+        let s = c.source_configs().unwrap();
+        assert_eq!(s[0].shutdown_timeout, Duration::from_secs(7));
+        let d = parse(&["--source", "a=postgres://u@h/db"]);
+        assert_eq!(
+            d.source_configs().unwrap()[0].shutdown_timeout,
+            Duration::from_secs(30)
+        );
     }
 
     #[test]

@@ -101,6 +101,79 @@ impl RelationCache {
     }
 }
 
+/// What the catalog says, when a Relation message arrives, about the
+/// relation's primary key. The catalog is the present, the message may
+/// describe the past: the server decodes changes long after they were made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatalogKey {
+    /// No relation with that OID any more: dropped since.
+    Gone,
+    /// The relation exists; its primary-key columns (empty: none).
+    Columns(Vec<String>),
+}
+
+/// The last known key columns per relation OID, kept across reconnects.
+///
+/// Why: with REPLICA IDENTITY FULL pgoutput marks every column as key, so
+/// the key comes from the catalog, which may no longer have the table (or
+/// its key) when its last changes are decoded. Sending those changes with a
+/// null key would put them on random partitions, out of order with the
+/// key's earlier events.
+#[derive(Debug, Default)]
+pub struct KnownKeys {
+    keys: HashMap<u32, Vec<String>>,
+}
+
+impl KnownKeys {
+    /// Nothing known yet.
+    pub fn new() -> Self {
+        KnownKeys::default()
+    }
+
+    /// Sets `is_key` on `columns` (a Relation message's) and remembers the
+    /// choice. In order: the catalog's primary key when the message has all
+    /// its columns; else the last key known for `oid`; else, unless the
+    /// identity is FULL, the message's own key flags (its replica identity
+    /// at the time). A table that exists without a primary key is keyless
+    /// (null keys, as Debezium). Returns `false`, leaving `columns` alone,
+    /// when no key can be known: the table is gone (or its key changed) and
+    /// none was ever seen.
+    pub fn resolve(
+        &mut self,
+        oid: u32,
+        replica_identity: u8,
+        columns: &mut [RelationColumn],
+        catalog: &CatalogKey,
+    ) -> bool {
+        let present = |names: &[String]| names.iter().all(|n| columns.iter().any(|c| c.name == *n));
+        let flagged: Vec<String> = columns
+            .iter()
+            .filter(|c| c.is_key)
+            .map(|c| c.name.clone())
+            .collect();
+        let chosen = match catalog {
+            CatalogKey::Columns(pk) if !pk.is_empty() && present(pk) => Some(pk.clone()),
+            _ => match self.keys.get(&oid) {
+                Some(known) if present(known) => Some(known.clone()),
+                _ if replica_identity != b'f' && !flagged.is_empty() => Some(flagged),
+                _ => match catalog {
+                    // Exists, no primary key: a keyless table.
+                    CatalogKey::Columns(pk) if pk.is_empty() => Some(Vec::new()),
+                    _ => None,
+                },
+            },
+        };
+        let Some(key) = chosen else {
+            return false;
+        };
+        for c in columns.iter_mut() {
+            c.is_key = key.contains(&c.name);
+        }
+        self.keys.insert(oid, key);
+        true
+    }
+}
+
 /// Converts a tuple to a row of `columns.len()` values.
 pub fn to_row(columns: &[Column], tuple: Tuple) -> Result<Row, Error> {
     if tuple.len() != columns.len() {
@@ -166,6 +239,97 @@ mod tests {
                 type_modifier: -1,
             },
         ]
+    }
+
+    fn full(names: &[&str]) -> Vec<RelationColumn> {
+        names
+            .iter()
+            .map(|n| RelationColumn {
+                is_key: true,
+                name: (*n).into(),
+                type_oid: 23,
+                type_modifier: -1,
+            })
+            .collect()
+    }
+
+    fn keys_of(columns: &[RelationColumn]) -> Vec<&str> {
+        columns
+            .iter()
+            .filter(|c| c.is_key)
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn full_identity_takes_the_catalogs_primary_key() {
+        let mut known = KnownKeys::new();
+        let mut c = full(&["id", "v"]);
+        assert!(known.resolve(1, b'f', &mut c, &CatalogKey::Columns(vec!["id".into()])));
+        assert_eq!(keys_of(&c), ["id"]);
+    }
+
+    #[test]
+    fn a_dropped_table_keeps_its_last_known_key() {
+        let mut known = KnownKeys::new();
+        let mut c = full(&["id", "v"]);
+        assert!(known.resolve(1, b'f', &mut c, &CatalogKey::Columns(vec!["id".into()])));
+        // Altered (a column added), then dropped before decoding.
+        let mut altered = full(&["id", "v", "extra"]);
+        assert!(known.resolve(1, b'f', &mut altered, &CatalogKey::Gone));
+        assert_eq!(keys_of(&altered), ["id"]);
+        // Key changed in the catalog to a column the message does not have yet.
+        let mut old = full(&["id", "v"]);
+        assert!(known.resolve(1, b'f', &mut old, &CatalogKey::Columns(vec!["nid".into()])));
+        assert_eq!(keys_of(&old), ["id"]);
+    }
+
+    #[test]
+    fn a_changed_key_is_refreshed_from_the_catalog() {
+        let mut known = KnownKeys::new();
+        let mut c = full(&["id", "code"]);
+        assert!(known.resolve(1, b'f', &mut c, &CatalogKey::Columns(vec!["id".into()])));
+        let mut c = full(&["id", "code"]);
+        assert!(known.resolve(1, b'f', &mut c, &CatalogKey::Columns(vec!["code".into()])));
+        assert_eq!(keys_of(&c), ["code"]);
+        let mut c = full(&["id", "code"]);
+        assert!(known.resolve(1, b'f', &mut c, &CatalogKey::Gone));
+        assert_eq!(keys_of(&c), ["code"]);
+    }
+
+    #[test]
+    fn no_key_ever_known_for_a_dropped_full_identity_table() {
+        let mut known = KnownKeys::new();
+        let mut c = full(&["id", "v"]);
+        assert!(!known.resolve(7, b'f', &mut c, &CatalogKey::Gone));
+        // Another relation's key does not count.
+        assert!(known.resolve(
+            8,
+            b'f',
+            &mut full(&["id"]),
+            &CatalogKey::Columns(vec!["id".into()])
+        ));
+        assert!(!known.resolve(7, b'f', &mut c, &CatalogKey::Gone));
+    }
+
+    #[test]
+    fn default_identity_flags_describe_the_key_at_the_time() {
+        let mut known = KnownKeys::new();
+        let mut c = cols();
+        assert!(known.resolve(3, b'd', &mut c, &CatalogKey::Gone));
+        assert_eq!(keys_of(&c), ["id"]);
+    }
+
+    #[test]
+    fn an_existing_table_without_primary_key_is_keyless() {
+        let mut known = KnownKeys::new();
+        let mut c = full(&["a", "b"]);
+        assert!(known.resolve(4, b'f', &mut c, &CatalogKey::Columns(Vec::new())));
+        assert!(keys_of(&c).is_empty());
+        // Known keyless, then dropped: still keyless, not an error.
+        let mut c = full(&["a", "b"]);
+        assert!(known.resolve(4, b'f', &mut c, &CatalogKey::Gone));
+        assert!(keys_of(&c).is_empty());
     }
 
     fn name() -> TableName {

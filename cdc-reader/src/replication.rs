@@ -133,6 +133,8 @@ impl std::fmt::Display for ServerError {
     }
 }
 
+impl std::error::Error for ServerError {}
+
 fn parse_error_fields(mut body: Bytes) -> ServerError {
     let mut e = ServerError::default();
     while body.has_remaining() {
@@ -187,10 +189,14 @@ impl From<Error> for QueryError {
 }
 
 impl QueryError {
-    /// Converts to the crate error, mapping server errors to `Replication`.
+    /// Converts to the crate error; a server error keeps its SQLSTATE, which
+    /// decides whether it is retried.
     pub fn into_error(self, what: &str) -> Error {
         match self {
-            QueryError::Server(e) => Error::Replication(format!("{what}: {e}")),
+            QueryError::Server(source) => Error::Server {
+                context: what.to_owned(),
+                source,
+            },
             QueryError::Connection(e) => e,
         }
     }
@@ -570,10 +576,10 @@ pub struct ReplicationStream {
 fn stream_frame(tag: u8, body: Bytes) -> Result<Option<ReplicationFrame>, Error> {
     match tag {
         b'd' => ReplicationFrame::parse(body).map(Some),
-        b'E' => Err(Error::Replication(format!(
-            "server: {}",
-            parse_error_fields(body)
-        ))),
+        b'E' => Err(Error::Server {
+            context: "replication stream".to_owned(),
+            source: parse_error_fields(body),
+        }),
         b'c' => Err(Error::Replication(
             "server ended the replication stream (CopyDone)".to_owned(),
         )),
@@ -687,5 +693,29 @@ mod tests {
         let e = parse_error_fields(Bytes::from(b));
         assert_eq!(e.code, "55006");
         assert!(e.message.contains("PID 42"));
+    }
+
+    fn error_response(code: &str, message: &str) -> Bytes {
+        let mut b = Vec::new();
+        for (k, v) in [(b'S', "ERROR"), (b'C', code), (b'M', message)] {
+            b.push(k);
+            b.extend_from_slice(v.as_bytes());
+            b.push(0);
+        }
+        b.push(0);
+        Bytes::from(b)
+    }
+
+    #[test]
+    fn an_error_in_the_stream_is_retried_only_when_transient() {
+        let denied = stream_frame(b'E', error_response("42501", "permission denied"))
+            .expect_err("an ErrorResponse ends the stream");
+        assert!(!denied.is_retryable(), "missing privilege: {denied}");
+        let shutdown = stream_frame(b'E', error_response("57P01", "terminating connection"))
+            .expect_err("an ErrorResponse ends the stream");
+        assert!(shutdown.is_retryable(), "server shutdown: {shutdown}");
+        let refused = QueryError::Server(parse_error_fields(error_response("42P01", "no table")))
+            .into_error("START_REPLICATION");
+        assert!(!refused.is_retryable());
     }
 }

@@ -53,6 +53,7 @@ use crate::change::{Change, Column, Datum, Op, Row, SnapshotMarker, Source, Tabl
 use crate::config::SourceConfig;
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::relation::CatalogKey;
 use crate::replication::{quote_ident, quote_literal};
 use crate::sink::SourceSink;
 use crate::slot::{CreatedSlot, TableInfo, connect_sql};
@@ -81,17 +82,19 @@ pub async fn table_columns(client: &Client, oid: u32) -> Result<Vec<Column>, Err
         .collect())
 }
 
-/// Primary-key column names of a relation (empty when it has none).
-pub async fn primary_key(client: &Client, oid: u32) -> Result<Vec<String>, Error> {
-    let rows = client
-        .query(
-            "SELECT a.attname::text FROM pg_index i \
+/// The relation's primary key as the catalog has it now ([`CatalogKey::Gone`]
+/// when no relation has that OID any more).
+pub async fn catalog_key(client: &Client, oid: u32) -> Result<CatalogKey, Error> {
+    let row = client
+        .query_opt(
+            "SELECT ARRAY(SELECT a.attname::text FROM pg_index i \
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
-             WHERE i.indrelid = $1 AND i.indisprimary",
+             WHERE i.indrelid = c.oid AND i.indisprimary) \
+             FROM pg_class c WHERE c.oid = $1",
             &[&oid],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(row.map_or(CatalogKey::Gone, |r| CatalogKey::Columns(r.get(0))))
 }
 
 /// Splits one COPY text-format line (without its newline) into a row.

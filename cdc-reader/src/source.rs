@@ -44,11 +44,11 @@ use crate::config::{SnapshotMode, SourceConfig};
 use crate::error::Error;
 use crate::metrics::{Metrics, SourceState};
 use crate::pgoutput::{Message, PG_EPOCH_OFFSET_US, ReplicationFrame};
-use crate::relation::{RelationCache, to_row, update_rows};
+use crate::relation::{KnownKeys, RelationCache, to_row, update_rows};
 use crate::replication::{QueryError, ReplicationConnection, StatusWriter};
 use crate::sink::{Sink, SourceSink};
 use crate::slot::{self, Preflight};
-use crate::snapshot::{self, SnapshotOutcome, primary_key};
+use crate::snapshot::{self, SnapshotOutcome, catalog_key};
 
 /// How long a slot held by another walsender is retried before giving up.
 const SLOT_BUSY_GRACE: Duration = Duration::from_secs(10);
@@ -62,13 +62,24 @@ pub async fn run(
 ) -> Result<(), Error> {
     let mut backoff = Duration::from_secs(1);
     metrics.set_state(&cfg.name, SourceState::Connecting);
+    // Outlives reconnects: a table dropped while the reader was reconnecting
+    // still has its key.
+    let mut known_keys = KnownKeys::new();
     loop {
         let mut streamed_ok = false;
-        let result = run_once(&cfg, &sink, &metrics, &shutdown, &mut streamed_ok).await;
+        let result = run_once(
+            &cfg,
+            &sink,
+            &metrics,
+            &shutdown,
+            &mut streamed_ok,
+            &mut known_keys,
+        )
+        .await;
         match result {
             Ok(()) => return Ok(()),
             Err(e) if shutdown.is_cancelled() => {
-                tracing::debug!(source = %cfg.name, error = %e, "error during shutdown");
+                tracing::debug!(source = %cfg.name, error = %local_stack::one_line(&e), "error during shutdown");
                 return Ok(());
             }
             Err(e) if e.is_retryable() => {
@@ -77,7 +88,7 @@ pub async fn run(
                 }
                 metrics.set_state(&cfg.name, SourceState::Connecting);
                 metrics.reconnected(&cfg.name);
-                tracing::warn!(source = %cfg.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "source failed, reconnecting");
+                tracing::warn!(source = %cfg.name, error = %local_stack::one_line(&e), retry_in_ms = backoff.as_millis() as u64, "source failed, reconnecting");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
                     () = shutdown.cancelled() => return Ok(()),
@@ -98,6 +109,7 @@ async fn run_once(
     metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
     streamed_ok: &mut bool,
+    known_keys: &mut KnownKeys,
 ) -> Result<(), Error> {
     let client = slot::connect_sql(cfg).await?;
     let will_snapshot = cfg.snapshot_mode != SnapshotMode::Never;
@@ -195,7 +207,23 @@ async fn run_once(
         pre.slot = slot::slot_info(&client, cfg).await?;
     }
     let start = pre.slot.as_ref().map_or(0, |s| s.confirmed_flush);
-    stream(cfg, &client, start, sink, metrics, shutdown, streamed_ok).await
+    let session = Session {
+        cfg,
+        client: &client,
+        sink,
+        metrics,
+        shutdown,
+    };
+    stream(&session, start, streamed_ok, known_keys).await
+}
+
+/// What one streaming session works with.
+struct Session<'a> {
+    cfg: &'a Arc<SourceConfig>,
+    client: &'a Client,
+    sink: &'a Sink,
+    metrics: &'a Arc<Metrics>,
+    shutdown: &'a CancellationToken,
 }
 
 /// Waits until the tracker confirmed `lsn` (every snapshot row acknowledged).
@@ -289,6 +317,7 @@ fn now_us() -> i64 {
 #[allow(clippy::too_many_arguments)]
 async fn status_task(
     name: String,
+    failed: tokio::sync::mpsc::Sender<Error>,
     mut writer: StatusWriter,
     progress: Arc<Progress>,
     mut confirmed: tokio::sync::watch::Receiver<Lsn>,
@@ -338,7 +367,13 @@ async fn status_task(
         let due = last_sent.is_none_or(|(lsn, at)| lsn != ack || at.elapsed() >= interval);
         if due || stopping {
             if let Err(e) = writer.send_status(ack).await {
-                tracing::debug!(source = %name, error = %e, "status update failed");
+                // Without status updates the server drops the connection at
+                // wal_sender_timeout and the slot stops advancing: end the
+                // session (retried when transient) rather than stream on.
+                if !stopping {
+                    tracing::warn!(source = %name, error = %local_stack::one_line(&e), "standby status update failed");
+                    let _ = failed.try_send(e);
+                }
                 return;
             }
             tracing::trace!(source = %name, lsn = %lsn_to_string(ack), "status update");
@@ -410,14 +445,18 @@ struct Tx {
 
 #[allow(clippy::too_many_lines)]
 async fn stream(
-    cfg: &Arc<SourceConfig>,
-    client: &Client,
+    session: &Session<'_>,
     start: Lsn,
-    sink: &Sink,
-    metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
     streamed_ok: &mut bool,
+    known_keys: &mut KnownKeys,
 ) -> Result<(), Error> {
+    let Session {
+        cfg,
+        client,
+        sink,
+        metrics,
+        shutdown,
+    } = *session;
     let (mut stream, writer) = start_with_grace(cfg, start).await?;
     // Read-ahead: a task drains the socket into a bounded queue of frame
     // batches, so the walsender keeps decoding while this loop waits on Kafka.
@@ -443,8 +482,11 @@ async fn stream(
     progress.ack.store(start, Ordering::SeqCst);
     let stop = CancellationToken::new();
     let notify = Arc::new(tokio::sync::Notify::new());
+    // Helper tasks report an error that must end this session here.
+    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<Error>(2);
     let status = tokio::spawn(status_task(
         cfg.name.clone(),
+        failed_tx.clone(),
         writer,
         progress.clone(),
         out.confirmed(),
@@ -459,11 +501,11 @@ async fn stream(
     let heartbeat = cfg.heartbeat.map(|every| {
         let cfg = cfg.clone();
         let stop = stop.clone();
-        tokio::spawn(async move { heartbeat_task(cfg, every, stop).await })
+        let failed = failed_tx.clone();
+        tokio::spawn(async move { heartbeat_task(cfg, every, failed, stop).await })
     });
 
     let mut relations = RelationCache::new();
-    let mut keys: HashMap<u32, Vec<String>> = HashMap::new();
     let mut tx: Option<Tx> = None;
     let mut counts = Counts::default();
     let confirmed_rx = out.confirmed();
@@ -477,6 +519,7 @@ async fn stream(
                 None => {
                     let batch = tokio::select! {
                         b = frames_rx.recv() => b.ok_or_else(|| Error::Replication("replication reader task ended".to_owned()))??,
+                        Some(e) = failed_rx.recv() => return Err(e),
                         () = shutdown.cancelled() => return Ok(()),
                     };
                     pending_frames = batch.into_iter();
@@ -550,16 +593,19 @@ async fn stream(
                             replica_identity,
                             mut columns,
                         } => {
+                            let included = cfg.includes(&namespace, &name);
                             // pgoutput flags every column as key under REPLICA IDENTITY FULL;
-                            // Debezium's key is the primary key, so take it from the catalog.
-                            let pk = primary_key(client, oid).await?;
-                            if !pk.is_empty() || replica_identity == b'f' {
-                                for c in &mut columns {
-                                    c.is_key = pk.contains(&c.name);
+                            // Debezium's key is the primary key (see `KnownKeys`).
+                            if included {
+                                let catalog = catalog_key(client, oid).await?;
+                                if !known_keys.resolve(oid, replica_identity, &mut columns, &catalog) {
+                                    return Err(Error::MissingKey {
+                                        table: format!("{namespace}.{name}"),
+                                        oid,
+                                        slot: cfg.slot.clone(),
+                                    });
                                 }
                             }
-                            keys.insert(oid, pk);
-                            let included = cfg.includes(&namespace, &name);
                             let table = TableName {
                                 prefix: cfg.prefix.clone(),
                                 database: cfg.params.dbname.clone(),
@@ -652,13 +698,13 @@ async fn stream(
     counts.flush(metrics, true);
 
     if result.is_ok() {
-        // Shutdown: flush Kafka, let the tracker catch up, confirm, stop.
-        let timeout = Duration::from_secs(30);
-        if let Err(e) = sink.flush(timeout).await {
-            tracing::warn!(source = %cfg.name, error = %e, "kafka flush on shutdown failed");
+        // Shutdown: flush Kafka, let the tracker catch up, confirm, stop,
+        // all within --shutdown-timeout-secs.
+        let deadline = Instant::now() + cfg.shutdown_timeout;
+        if let Err(e) = sink.flush(cfg.shutdown_timeout).await {
+            tracing::warn!(source = %cfg.name, error = %local_stack::one_line(&e), "kafka flush on shutdown failed");
         }
         let mut rx = out.confirmed();
-        let deadline = Instant::now() + Duration::from_secs(5);
         while out.in_flight() > 0 && Instant::now() < deadline {
             tokio::select! {
                 _ = rx.changed() => {}
@@ -687,7 +733,12 @@ fn source_of(tx: Option<&Tx>, lsn: Lsn) -> Result<Source, Error> {
     })
 }
 
-async fn heartbeat_task(cfg: Arc<SourceConfig>, every: Duration, stop: CancellationToken) {
+async fn heartbeat_task(
+    cfg: Arc<SourceConfig>,
+    every: Duration,
+    failed: tokio::sync::mpsc::Sender<Error>,
+    stop: CancellationToken,
+) {
     let mut client: Option<Client> = None;
     let mut tick = tokio::time::interval(every);
     loop {
@@ -706,7 +757,12 @@ async fn heartbeat_task(cfg: Arc<SourceConfig>, every: Duration, stop: Cancellat
                 )
                 .await
         {
-            tracing::warn!(source = %cfg.name, error = %e, "heartbeat failed");
+            let e = Error::postgres("heartbeat (pg_logical_emit_message)", e);
+            if !e.is_retryable() {
+                let _ = failed.try_send(e);
+                return;
+            }
+            tracing::warn!(source = %cfg.name, error = %local_stack::one_line(&e), "heartbeat failed");
         }
     }
 }
