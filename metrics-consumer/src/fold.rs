@@ -1277,6 +1277,90 @@ mod tests {
         assert_eq!(s.get("count:instashop.product"), 1);
     }
 
+    fn truncate_at(commit: u64, lsn: u64) -> Change {
+        let mut value: serde_json::Value =
+            serde_json::from_str(&event("instashop", "transaction", "t", "null", lsn))
+                .expect("test event is json");
+        value["source"]["commit_lsn"] = commit.into();
+        decode(None, Some(value.to_string().as_bytes())).expect("decodes")
+    }
+
+    #[test]
+    fn truncate_retracts_only_rows_older_than_itself() {
+        let mut s = MemStore::default();
+        apply(&mut s, 1, &tx_event_at("c", 1, "completed", 100, 10, 9));
+        // Inserted after the truncate; its partition was read first.
+        apply(&mut s, 2, &tx_event_at("c", 2, "completed", 200, 30, 29));
+        s.apply(&truncate_at(20, 19));
+        assert_eq!(s.get("revenue:total_cents"), 200);
+        assert_eq!(s.get("count:instashop.transaction"), 1);
+        // Row 1's partition lags: an older update of it arrives after the
+        // first copy of the truncate and is skipped; its own copy changes nothing.
+        apply(&mut s, 1, &tx_event_at("u", 1, "completed", 150, 15, 14));
+        s.apply(&truncate_at(20, 19));
+        assert_eq!(s.get("revenue:total_cents"), 200);
+        assert_eq!(s.get("count:instashop.transaction"), 1);
+    }
+
+    #[test]
+    fn truncate_copies_on_every_partition_in_any_interleaving_equal_one_truncate() {
+        use rand::{RngExt, SeedableRng};
+        // Three partitions, each in its own order: rows of that partition
+        // before the truncate, its copy of the truncate, rows after it.
+        for seed in 0..200 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut parts: Vec<Vec<Change>> = vec![Vec::new(); 3];
+            let mut lsn = 100;
+            let mut expected = MemStore::default();
+            let truncate_commit = 1000;
+            for id in 1..=24_i64 {
+                let part = (id % 3) as usize;
+                let before = rng.random_bool(0.5);
+                lsn += 5;
+                let commit = if before { lsn } else { truncate_commit + lsn };
+                let value = tx_event_at("c", id, "completed", 100 * id, commit, lsn);
+                let change =
+                    decode(Some(key(id).as_bytes()), Some(value.as_bytes())).expect("decodes");
+                if !before {
+                    expected.apply(&change);
+                }
+                parts[part].push(change);
+            }
+            let trunc = truncate_at(truncate_commit, truncate_commit - 1);
+            for part in &mut parts {
+                // Keep each partition in commit order around its copy.
+                part.sort_by_key(|c| match c {
+                    Change::Row { state, .. } => state.position.map(|p| p.commit_lsn),
+                    _ => None,
+                });
+                let at = part
+                    .iter()
+                    .position(|c| matches!(c, Change::Row { state, .. } if state.position.and_then(|p| p.commit_lsn) > Some(truncate_commit)))
+                    .unwrap_or(part.len());
+                part.insert(at, trunc.clone());
+            }
+            let mut s = MemStore::default();
+            let mut next = [0_usize; 3];
+            while next.iter().zip(&parts).any(|(n, p)| *n < p.len()) {
+                let p = rng.random_range(0..3);
+                if next[p] < parts[p].len() {
+                    s.apply(&parts[p][next[p]]);
+                    // Now and then a re-delivery of what came before.
+                    if rng.random_bool(0.2) {
+                        s.apply(&parts[p][rng.random_range(0..=next[p])]);
+                    }
+                    next[p] += 1;
+                }
+            }
+            let nonzero = |m: &MemStore| {
+                let mut metrics = m.metrics.clone();
+                metrics.retain(|_, v| *v != 0);
+                metrics
+            };
+            assert_eq!(nonzero(&s), nonzero(&expected), "seed {seed}");
+        }
+    }
+
     #[test]
     fn every_table_counts_and_sums() {
         let mut s = MemStore::default();

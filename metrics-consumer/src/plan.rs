@@ -1065,6 +1065,51 @@ mod tests {
     }
 
     #[test]
+    fn positioned_truncate_rewrites_older_rows_and_keeps_newer_ones() {
+        let at = |commit: u64, lsn: u64, state: RowState| RowState {
+            position: Some(Position::at(commit, lsn)),
+            ..state
+        };
+        let mut b = Batch::default();
+        b.push(
+            "t",
+            1,
+            0,
+            Some(Change::Truncate {
+                table: Table::Transaction,
+                position: Some(Position::at(20, 19)),
+                ts_ms: None,
+            }),
+        );
+        let mut snap = empty_snapshot(&b);
+        let old = encode_state(&at(10, 9, tx("completed", 40, 0)));
+        let newer = encode_state(&at(30, 29, tx("completed", 7, 0)));
+        snap.tables.insert(
+            Table::Transaction,
+            vec![("1".into(), old.clone()), ("2".into(), newer.clone())],
+        );
+        let plan = build(&b, &snap, P, 0).unwrap();
+        let key = "m:rows:instashop.transaction".to_owned();
+        assert!(!plan.writes.contains(&Write::Del { key: key.clone() }));
+        assert!(plan.writes.contains(&Write::HSet {
+            key: key.clone(),
+            pairs: vec![(
+                "1".into(),
+                encode_state(&RowState {
+                    position: Some(Position::at(20, 19)),
+                    contributions: vec![],
+                })
+            )]
+        }));
+        assert!(plan.checks.contains(&Check::Equal {
+            key,
+            pairs: vec![("1".into(), old), ("2".into(), newer)]
+        }));
+        assert_eq!(incr(&plan, "m:revenue:total_cents"), Some(-40));
+        assert_eq!(incr(&plan, "m:count:instashop.transaction"), Some(-1));
+    }
+
+    #[test]
     fn unreadable_stored_state_is_an_error() {
         let mut b = Batch::default();
         b.push("t", 0, 0, row(Table::Transaction, "1", tx("pending", 1, 5)));

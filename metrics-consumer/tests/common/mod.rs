@@ -18,6 +18,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
+pub mod reader;
+
 /// Addresses of the local stack (from `.local/env`).
 pub struct Stack {
     pub kafka: String,
