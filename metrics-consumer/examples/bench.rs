@@ -1,10 +1,15 @@
 //! Benchmark helper for `scripts/bench-consumer`.
 //!
-//! `bench fill <topic> <events>`: creates the topic (3 partitions) and fills
+//! `bench fill <topic> <events>`: creates the topic (as `create`) and fills
 //! it with a realistic mix of synthetic Debezium events (new purchases with
 //! their details, status changes, stock and interaction changes).
 //!
-//! `bench create <topic>...`: creates topics (3 partitions) on the brokers.
+//! `bench create <topic>...`: creates topics (3 partitions, the cluster's
+//! default replication factor: 3 on the local stack) on the brokers.
+//!
+//! `bench delete <topic>... [--groups <group>...]`: deletes the named topics
+//! (those that exist) and the named consumer groups: a benchmark's scratch
+//! names, nothing else.
 //!
 //! `bench apply <events>`: decodes and applies the same kind of events
 //! straight to Redis in batches (no Kafka), under a throw-away prefix: the
@@ -127,10 +132,40 @@ async fn create(kafka: &str, topics: &[String]) -> anyhow::Result<()> {
         .create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(1)))
+        // -1: the broker's default.replication.factor (3 with min ISR 2 on the
+        // local stack; a topic of one replica could not take acks=all writes).
+        .map(|t| NewTopic::new(t, 3, TopicReplication::Fixed(-1)))
         .collect();
     for r in admin.create_topics(&new, &AdminOptions::new()).await? {
         r.map_err(|(t, e)| anyhow::anyhow!("cannot create topic {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Deletes the topics and consumer groups named; a missing one is no error.
+async fn delete(kafka: &str, topics: &[String], groups: &[String]) -> anyhow::Result<()> {
+    use rdkafka::types::RDKafkaErrorCode::{GroupIdNotFound, UnknownTopicOrPartition};
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    if !topics.is_empty() {
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        for r in admin.delete_topics(&names, &options).await? {
+            match r {
+                Ok(_) | Err((_, UnknownTopicOrPartition)) => {}
+                Err((t, e)) => bail!("cannot delete topic {t}: {e}"),
+            }
+        }
+    }
+    if !groups.is_empty() {
+        let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+        for r in admin.delete_groups(&names, &options).await? {
+            match r {
+                Ok(_) | Err((_, GroupIdNotFound)) => {}
+                Err((g, e)) => bail!("cannot delete consumer group {g}: {e}"),
+            }
+        }
     }
     Ok(())
 }
@@ -289,10 +324,19 @@ fn main() -> anyhow::Result<()> {
             let kafka = env("KAFKA_BOOTSTRAP_SERVERS")?;
             tokio::runtime::Runtime::new()?.block_on(create(&kafka, &args[2..]))
         }
+        Some("delete") if args.len() >= 3 => {
+            let kafka = env("KAFKA_BOOTSTRAP_SERVERS")?;
+            let rest = &args[2..];
+            let (topics, groups) = match rest.iter().position(|a| a == "--groups") {
+                Some(i) => (&rest[..i], &rest[i + 1..]),
+                None => (rest, &[][..]),
+            };
+            tokio::runtime::Runtime::new()?.block_on(delete(&kafka, topics, groups))
+        }
         Some("mock") if args.len() >= 5 => mock(args[2].parse()?, args[3].parse()?, &args[4..]),
         Some("apply") if args.len() == 3 => apply(args[2].parse()?),
         _ => bail!(
-            "usage: bench fill <topic> <events> | bench create <topic>... | bench apply <events> | bench mock <events> <partitions> <topic>..."
+            "usage: bench fill <topic> <events> | bench create <topic>... | bench delete <topic>... [--groups <group>...] | bench apply <events> | bench mock <events> <partitions> <topic>..."
         ),
     }
 }
