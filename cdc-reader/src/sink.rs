@@ -83,8 +83,67 @@ impl SinkConfig {
     }
 }
 
-/// The librdkafka properties of the producer (pure, for review and tests).
-pub fn producer_config(cfg: &SinkConfig) -> ClientConfig {
+/// The producer's `message.max.bytes`: events up to 16 MiB plus the record
+/// and batch framing, the same 17 MiB (17825792 bytes) the brokers' and
+/// topics' `message.max.bytes` / `max.message.bytes` are set to.
+pub const MESSAGE_MAX_BYTES: usize = 17_825_792;
+
+/// Why the idempotent producer's ordering needs few requests in flight.
+const IN_FLIGHT_WHY: &str =
+    "the idempotent producer keeps a partition in order only with at most 5 requests in flight";
+/// Why acknowledgements must come from all in-sync replicas.
+const ACKS_WHY: &str = "an event Kafka acknowledged must survive a broker failure before its LSN is confirmed to Postgres";
+
+/// Settings the guarantees rest on: a user override of one of them is
+/// rejected unless it asks for the same (`None`: any value from 1 to 5).
+const PROTECTED: [(&str, Option<&str>, &str); 7] = [
+    ("acks", Some("all"), ACKS_WHY),
+    ("request.required.acks", Some("all"), ACKS_WHY),
+    (
+        "enable.idempotence",
+        Some("true"),
+        "retries must neither duplicate nor reorder a key's events",
+    ),
+    (
+        "enable.gapless.guarantee",
+        Some("true"),
+        "a failed batch must not be skipped by a later one of the same partition",
+    ),
+    (
+        "partitioner",
+        Some("murmur2_random"),
+        "all events of a key must land in the partition Java clients and Kafka Streams expect",
+    ),
+    ("max.in.flight.requests.per.connection", None, IN_FLIGHT_WHY),
+    ("max.in.flight", None, IN_FLIGHT_WHY),
+];
+
+/// Checks one user-given producer property against the protected settings.
+pub fn check_override(key: &str, value: &str) -> Result<(), Error> {
+    let Some((_, required, why)) = PROTECTED.iter().find(|(k, _, _)| *k == key) else {
+        return Ok(());
+    };
+    let allowed = match required {
+        Some("all") => matches!(value, "all" | "-1"),
+        Some(required) => value == *required,
+        None => value.parse::<u32>().is_ok_and(|n| (1..=5).contains(&n)),
+    };
+    if allowed {
+        return Ok(());
+    }
+    let wanted = required.unwrap_or("1 to 5");
+    Err(Error::Config(format!(
+        "--kafka-property {key}={value} is not allowed: the reader needs {key}={wanted} because {why}"
+    )))
+}
+
+/// The librdkafka properties of the producer (pure, for review and tests):
+/// the reader's settings, then the user's `extra` properties, of which those
+/// the delivery guarantees rest on are rejected ([`check_override`]).
+pub fn producer_config(cfg: &SinkConfig) -> Result<ClientConfig, Error> {
+    for (k, v) in &cfg.extra {
+        check_override(k.trim(), v.trim())?;
+    }
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.bootstrap_servers)
         .set("enable.idempotence", "true")
@@ -98,6 +157,9 @@ pub fn producer_config(cfg: &SinkConfig) -> ClientConfig {
         // Java client's key hashing, so keys land where Kafka Streams etc. expect.
         .set("partitioner", "murmur2_random")
         .set("compression.type", "none")
+        // Large rows (a 1.4 MB TOASTed value updated under REPLICA IDENTITY
+        // FULL is a 2.9 MB event) must go through, not stall the source.
+        .set("message.max.bytes", MESSAGE_MAX_BYTES.to_string())
         .set(
             "message.timeout.ms",
             cfg.message_timeout.as_millis().to_string(),
@@ -112,7 +174,43 @@ pub fn producer_config(cfg: &SinkConfig) -> ClientConfig {
     for (k, v) in &cfg.extra {
         c.set(k, v);
     }
-    c
+    Ok(c)
+}
+
+/// What a failed enqueue or delivery means for the source (pure): an event
+/// too large for Kafka is definite (it would fail again on every resend);
+/// anything else is retried, re-creating the producer when it is fatal.
+pub fn produce_failure(
+    source: &str,
+    error: &KafkaError,
+    producer_fatal: bool,
+    topic: &str,
+    key: Option<&[u8]>,
+    bytes: usize,
+) -> Error {
+    let code = error.rdkafka_error_code();
+    if matches!(
+        code,
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+    ) {
+        return Error::TooLarge {
+            table: topic.to_owned(),
+            key: key.map_or_else(
+                || "null".to_owned(),
+                |k| String::from_utf8_lossy(k).into_owned(),
+            ),
+            bytes,
+            limit: format!(
+                "producer message.max.bytes {MESSAGE_MAX_BYTES}, or the topic's max.message.bytes: {error}"
+            ),
+        };
+    }
+    let message = format!("source {source}: delivery to {topic} failed: {error}");
+    if producer_fatal || matches!(code, Some(RDKafkaErrorCode::Fatal)) {
+        Error::KafkaFatal(message)
+    } else {
+        Error::Kafka(message)
+    }
 }
 
 /// Counters the sink reports; every method defaults to doing nothing.
@@ -269,9 +367,14 @@ impl SourceShared {
         }
     }
 
+    /// Keeps the first error, unless a later one is definite: after one
+    /// permanent failure the rest of the partition's records fail too, and
+    /// which report comes first must not decide whether the source retries.
     fn set_fatal(&self, error: Error) {
         if let Ok(mut fatal) = self.fatal.lock()
-            && fatal.is_none()
+            && fatal
+                .as_ref()
+                .is_none_or(|first| first.is_retryable() && !error.is_retryable())
         {
             *fatal = Some(error);
         }
@@ -335,24 +438,22 @@ impl ProducerContext for SinkContext {
             }
             Err((error, message)) => {
                 self.metrics.record_delivery_error(message.topic());
-                let fatal = matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal))
-                    || self.fatal.load(Ordering::SeqCst);
-                tracing::warn!(
-                    source = %delivery.source.name,
-                    topic = message.topic(),
-                    error = %error,
-                    "kafka delivery failed; the source will resend from its last confirmed lsn"
+                let error = produce_failure(
+                    &delivery.source.name,
+                    error,
+                    self.fatal.load(Ordering::SeqCst),
+                    message.topic(),
+                    message.key(),
+                    delivery.bytes,
                 );
-                let message = format!(
-                    "source {}: delivery to {} failed: {error}",
-                    delivery.source.name,
-                    message.topic()
-                );
-                let error = if fatal {
-                    Error::KafkaFatal(message)
-                } else {
-                    Error::Kafka(message)
-                };
+                if error.is_retryable() {
+                    tracing::warn!(
+                        source = %delivery.source.name,
+                        topic = message.topic(),
+                        error = %error,
+                        "kafka delivery failed; the source will resend from its last confirmed lsn"
+                    );
+                }
                 delivery.source.failed(delivery.seq, error);
             }
         }
@@ -380,7 +481,7 @@ impl SinkInner {
             metrics,
             fatal: AtomicBool::new(false),
         };
-        producer_config(config)
+        producer_config(config)?
             .create_with_context(context)
             .map_err(|e| Error::Config(format!("kafka producer: {e}")))
     }
@@ -668,19 +769,18 @@ impl SourceSink {
                 }
                 Err((error, returned)) => {
                     drop(returned);
-                    let fatal = matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal));
-                    let message = format!("enqueue to {}: {error}", record.topic);
-                    let err = if fatal {
-                        Error::KafkaFatal(message.clone())
-                    } else {
-                        Error::Kafka(message.clone())
+                    let failure = || {
+                        produce_failure(
+                            &self.shared.name,
+                            &error,
+                            false,
+                            &record.topic,
+                            record.key.as_deref(),
+                            bytes,
+                        )
                     };
-                    self.shared.failed(seq, err);
-                    return Err(if fatal {
-                        Error::KafkaFatal(message)
-                    } else {
-                        Error::Kafka(message)
-                    });
+                    self.shared.failed(seq, failure());
+                    return Err(failure());
                 }
             }
         }
@@ -912,12 +1012,92 @@ mod tests {
     fn producer_settings() {
         let mut cfg = SinkConfig::new("127.0.0.1:9092");
         cfg.extra.push(("linger.ms".into(), "0".into()));
-        let c = producer_config(&cfg);
+        let c = producer_config(&cfg).expect("allowed");
         assert_eq!(c.get("enable.idempotence"), Some("true"));
         assert_eq!(c.get("acks"), Some("all"));
         assert_eq!(c.get("partitioner"), Some("murmur2_random"));
         assert_eq!(c.get("compression.type"), Some("none"));
         assert_eq!(c.get("message.timeout.ms"), Some("300000"));
         assert_eq!(c.get("linger.ms"), Some("0"), "extra settings win");
+    }
+
+    #[test]
+    fn events_up_to_16_mib_fit_the_producer() {
+        let c = producer_config(&SinkConfig::new("b:9092")).expect("defaults");
+        let max: usize = c
+            .get("message.max.bytes")
+            .and_then(|v| v.parse().ok())
+            .expect("set");
+        assert!(max >= 16 * 1024 * 1024 + 64 * 1024, "{max}");
+        assert_eq!(max, 17_825_792, "the brokers' and topics' limit");
+    }
+
+    #[test]
+    fn overrides_of_the_guarantees_are_rejected_with_the_reason() {
+        for (key, value, why) in [
+            ("acks", "1", "survive a broker failure"),
+            ("request.required.acks", "0", "survive a broker failure"),
+            ("enable.idempotence", "false", "duplicate nor reorder"),
+            ("max.in.flight.requests.per.connection", "6", "at most 5"),
+            ("max.in.flight", "100", "at most 5"),
+            ("partitioner", "random", "the partition Java clients"),
+            ("enable.gapless.guarantee", "false", "skipped"),
+        ] {
+            let mut cfg = SinkConfig::new("b:9092");
+            cfg.extra.push((key.into(), value.into()));
+            let err = producer_config(&cfg).expect_err(key);
+            assert!(!err.is_retryable());
+            let line = err.to_string();
+            assert!(line.contains(&format!("{key}={value}")), "{line}");
+            assert!(line.contains(why), "{line} lacks {why:?}");
+            assert!(!line.contains('\n'));
+        }
+        // Asking for what the reader sets anyway, or fewer requests in flight, is fine.
+        for (key, value) in [
+            ("acks", "all"),
+            ("acks", "-1"),
+            ("enable.idempotence", "true"),
+            ("max.in.flight.requests.per.connection", "1"),
+            ("partitioner", "murmur2_random"),
+            ("message.max.bytes", "1000000"),
+        ] {
+            let mut cfg = SinkConfig::new("b:9092");
+            cfg.extra.push((key.into(), value.into()));
+            assert!(producer_config(&cfg).is_ok(), "{key}={value}");
+        }
+    }
+
+    #[test]
+    fn a_too_large_event_is_definite_other_failures_retry() {
+        let too_large = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        let e = produce_failure(
+            "shop",
+            &too_large,
+            false,
+            "shop.public.doc",
+            Some(br#"{"id":2}"#),
+            20_971_800,
+        );
+        assert!(!e.is_retryable());
+        let line = e.to_string();
+        for needle in [
+            "shop.public.doc",
+            r#"{"id":2}"#,
+            "20971800 bytes",
+            "message.max.bytes",
+        ] {
+            assert!(line.contains(needle), "{line} lacks {needle}");
+        }
+        let batch = KafkaError::MessageProduction(RDKafkaErrorCode::MessageBatchTooLarge);
+        assert!(!produce_failure("s", &batch, false, "t", None, 1).is_retryable());
+        let timed_out = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert!(matches!(
+            produce_failure("s", &timed_out, false, "t", None, 1),
+            Error::Kafka(_)
+        ));
+        assert!(matches!(
+            produce_failure("s", &timed_out, true, "t", None, 1),
+            Error::KafkaFatal(_)
+        ));
     }
 }
