@@ -6,6 +6,7 @@ python that scripts/up makes.
 Subcommands:
   ping            one metadata request; exit 0 when the broker answers
   ready           exit 0 when --brokers brokers are registered and a controller is known
+  leader          node id of the leader of a topic's partition
   create-topics   create the named topics that do not exist yet (never deletes)
   list            topic names, one per line
   offsets         end offsets per topic (and per partition with --partitions)
@@ -90,6 +91,22 @@ def cmd_ready(args):
     if cluster.controller is None:
         fail("no active controller")
     print(f"brokers {ids}, controller {cluster.controller.id}")
+
+
+def cmd_leader(args):
+    """Node id of the leader of one partition."""
+    client = admin(args.bootstrap)
+    try:
+        meta = client.list_topics(args.topic, timeout=args.timeout)
+    except KafkaException as e:
+        fail(f"no metadata for {args.topic} from {args.bootstrap}: {e}")
+    topic = meta.topics.get(args.topic)
+    if topic is None or topic.error is not None or args.partition not in topic.partitions:
+        fail(f"{args.topic}[{args.partition}] does not exist")
+    leader = topic.partitions[args.partition].leader
+    if leader < 0:
+        fail(f"{args.topic}[{args.partition}] has no leader")
+    print(leader)
 
 
 def cmd_create_topics(args):
@@ -277,6 +294,12 @@ def main():
     p.add_argument("--bootstrap", default=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--brokers", type=int, default=3)
+
+    p = sub.add_parser("leader")
+    p.set_defaults(func=cmd_leader)
+    p.add_argument("--bootstrap", default=argparse.SUPPRESS)
+    p.add_argument("topic")
+    p.add_argument("--partition", type=int, default=0)
 
     p = sub.add_parser("create-topics")
     p.set_defaults(func=cmd_create_topics)
