@@ -86,7 +86,10 @@ def cmd_ready(args):
     except KafkaException as e:
         fail(f"no cluster description from {args.bootstrap}: {e}")
     ids = sorted({node.id for node in cluster.nodes})
-    if len(ids) < args.brokers:
+    if args.node is not None:
+        if args.node not in ids:
+            fail(f"broker {args.node} is not registered (registered: {ids})")
+    elif len(ids) < args.brokers:
         fail(f"{len(ids)} of {args.brokers} brokers registered (ids {ids})")
     if cluster.controller is None:
         fail("no active controller")
@@ -294,6 +297,7 @@ def main():
     p.add_argument("--bootstrap", default=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=3.0)
     p.add_argument("--brokers", type=int, default=3)
+    p.add_argument("--node", type=int, help="only this broker must be registered")
 
     p = sub.add_parser("leader")
     p.set_defaults(func=cmd_leader)
