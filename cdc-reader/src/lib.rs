@@ -16,7 +16,7 @@ pub mod replication;
 pub mod slot;
 pub mod snapshot;
 pub mod source;
-// Kafka side (engineer K).
+// Kafka side: value rendering, envelope, topics, producer.
 pub mod envelope;
 pub mod sink;
 pub mod topic;

@@ -2,7 +2,7 @@
 //! running, reconnects with backoff, resumes from the slot, and the replay of
 //! every topic still equals the tables.
 //!
-//! The shared instance must not restart under other engineers' tests, so
+//! The shared instance must not restart under other tests, so
 //! this runs on a scratch cluster of its own (`support::scratch_pg`), with
 //! the instashop schema, the roles of `sql/roles.sql` and the local brokers.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
