@@ -40,6 +40,70 @@ use crate::store::{Batch, Planner, Store};
 use crate::telemetry::Telemetry;
 use crate::{Config, Error};
 
+/// How the threads learn to stop. `shutdown` asks for a clean stop: polling
+/// ends and the batch in hand is still applied (also cancelled by a thread
+/// that met a definite error, so the others wind down). `abandon` is
+/// cancelled once the shutdown timeout has passed: every retry gives up.
+#[derive(Debug, Clone)]
+pub struct Stop {
+    /// A clean stop was asked for.
+    pub shutdown: CancellationToken,
+    /// The shutdown timeout passed: give up.
+    pub abandon: CancellationToken,
+    /// `--shutdown-timeout-secs`.
+    pub timeout_secs: u64,
+}
+
+impl Stop {
+    /// A stop signalled by `shutdown`, abandoned by whoever runs the timer.
+    pub fn new(shutdown: CancellationToken, timeout_secs: u64) -> Stop {
+        Stop {
+            shutdown,
+            abandon: CancellationToken::new(),
+            timeout_secs,
+        }
+    }
+
+    /// Waits `delay` before a retry; `Err` at once when abandoned.
+    fn backoff(&self, delay: Duration) -> Result<(), Error> {
+        let until = Instant::now() + delay;
+        loop {
+            if self.abandon.is_cancelled() {
+                return Err(self.timed_out());
+            }
+            let now = Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(20)));
+        }
+    }
+
+    fn timed_out(&self) -> Error {
+        Error::ShutdownTimeout {
+            secs: self.timeout_secs,
+        }
+    }
+
+    /// Joins a worker thread, unless the shutdown timeout passes first (a
+    /// thread stuck in a blocking call is left behind).
+    fn join(
+        &self,
+        handle: std::thread::JoinHandle<Result<(), Error>>,
+        name: &str,
+    ) -> Result<(), Error> {
+        while !handle.is_finished() {
+            if self.abandon.is_cancelled() {
+                return Err(self.timed_out());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        handle
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal(format!("the {name} thread panicked"))))
+    }
+}
+
 /// A message that could not be decoded, kept for the dead-letter topic.
 #[derive(Debug)]
 struct DeadLetter {
@@ -60,7 +124,9 @@ struct Work {
 /// Seeks every newly assigned partition to the offset stored in Redis.
 struct Rebalancer {
     store: Mutex<Store>,
-    shutdown: CancellationToken,
+    stop: Stop,
+    /// A definite error met in the callback, for `run_blocking` to return.
+    failed: Mutex<Option<Error>>,
 }
 
 impl ClientContext for Rebalancer {
@@ -117,8 +183,10 @@ impl ConsumerContext for Rebalancer {
 }
 
 impl Rebalancer {
-    /// Reads the stored offsets, retrying while Redis is unreachable: resuming
-    /// anywhere else could skip or re-apply. Gives up only on shutdown.
+    /// Reads the stored offsets, retrying while Redis is unreachable. Gives
+    /// up on shutdown or a definite error (recorded, and the consumer
+    /// stops); the partitions then start from the beginning, which is still
+    /// safe: the apply skips every offset below the stored ones.
     fn stored_offsets(&self, tps: &[(String, i32)]) -> Vec<Option<i64>> {
         let mut delay = Duration::from_millis(100);
         loop {
@@ -128,13 +196,19 @@ impl Rebalancer {
             };
             match result {
                 Ok(offsets) => return offsets,
-                Err(e) => {
+                Err(e) if crate::store::is_transient(&e) => {
                     tracing::warn!(error = %e, "cannot read stored offsets from redis, retrying");
-                    if self.shutdown.is_cancelled() {
+                    if self.stop.shutdown.is_cancelled() || self.stop.backoff(delay).is_err() {
                         return vec![None; tps.len()];
                     }
-                    std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    if let Ok(mut failed) = self.failed.lock() {
+                        failed.get_or_insert(Error::RedisRejected(e));
+                    }
+                    self.stop.shutdown.cancel();
+                    return vec![None; tps.len()];
                 }
             }
         }
@@ -168,15 +242,14 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
     c
 }
 
-/// Runs the consumer until `shutdown`; blocking (call from a blocking task).
-pub fn run_blocking(
-    config: &Config,
-    telemetry: &Arc<Telemetry>,
-    shutdown: &CancellationToken,
-) -> Result<(), Error> {
+/// Runs the consumer until `stop.shutdown`; blocking (call from a thread
+/// of its own). Returns the first definite error any of its threads met.
+pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) -> Result<(), Error> {
+    let shutdown = &stop.shutdown;
     let rebalancer = Rebalancer {
         store: Mutex::new(Store::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?),
-        shutdown: shutdown.clone(),
+        stop: stop.clone(),
+        failed: Mutex::new(None),
     };
     let consumer: BaseConsumer<Rebalancer> = consumer_config(config)
         .create_with_context(rebalancer)
@@ -203,6 +276,7 @@ pub fn run_blocking(
     let plan_telemetry = Arc::clone(telemetry);
     let dlq_topic = config.dlq_topic.clone();
     let dashboard_every = Duration::from_millis(config.dashboard_interval_ms);
+    let plan_stop = stop.clone();
     let plans = std::thread::Builder::new()
         .name("plan".into())
         .spawn(move || {
@@ -213,9 +287,11 @@ pub fn run_blocking(
                 &producer,
                 &dlq_topic,
                 &plan_telemetry,
-            );
+                &plan_stop,
+            )
         })
         .map_err(|e| Error::Internal(format!("cannot start the plan thread: {e}")))?;
+    let apply_stop = stop.clone();
     let applier = std::thread::Builder::new()
         .name("apply".into())
         .spawn(move || {
@@ -225,7 +301,8 @@ pub fn run_blocking(
                 &mut store,
                 &apply_telemetry,
                 dashboard_every,
-            );
+                &apply_stop,
+            )
         })
         .map_err(|e| Error::Internal(format!("cannot start the apply thread: {e}")))?;
 
@@ -239,19 +316,38 @@ pub fn run_blocking(
     let lag_shutdown = shutdown.clone();
     let lag = std::thread::Builder::new()
         .name("lag".into())
-        .spawn(move || lag_loop(&watermarks, &lag_positions, &lag_telemetry, &lag_shutdown))
+        .spawn(move || {
+            lag_loop(&watermarks, &lag_positions, &lag_telemetry, &lag_shutdown);
+            Ok(())
+        })
         .map_err(|e| Error::Internal(format!("cannot start the lag thread: {e}")))?;
 
     telemetry.set_consuming(true);
-    let result = poll_loop(
+    let polled = poll_loop(
         config, &consumer, &work_tx, &done_rx, &positions, telemetry, shutdown,
     );
     drop(work_tx);
-    if plans.join().is_err() {
-        return Err(Error::Internal("the plan thread panicked".into()));
-    }
-    if applier.join().is_err() {
-        return Err(Error::Internal("the apply thread panicked".into()));
+    let planned = stop.join(plans, "plan");
+    let applied_all = stop.join(applier, "apply");
+    shutdown.cancel();
+    telemetry.set_consuming(false);
+    // The definite cause first: the poll loop only sees the threads it
+    // feeds stop.
+    let failed = consumer
+        .context()
+        .failed
+        .lock()
+        .ok()
+        .and_then(|mut f| f.take());
+    let result = match (failed, planned, applied_all, polled) {
+        (Some(e), ..) | (None, Err(e), ..) | (None, Ok(()), Err(e), _) => Err(e),
+        (None, Ok(()), Ok(()), polled) => polled,
+    };
+    if let Err(e) = &result {
+        tracing::error!(error = %local_stack::one_line(e), "consumer stopping");
+        if stop.abandon.is_cancelled() {
+            return result;
+        }
     }
     // Final advisory commit of everything applied.
     let mut applied = HashMap::new();
@@ -259,10 +355,10 @@ pub fn run_blocking(
         applied.extend(offsets);
     }
     commit(&consumer, &applied, CommitMode::Sync);
-    shutdown.cancel();
-    let _ = lag.join();
-    telemetry.set_consuming(false);
-    tracing::info!("consumer stopped after applying the batch in hand");
+    let _ = stop.join(lag, "lag");
+    if result.is_ok() {
+        tracing::info!("consumer stopped after applying the batch in hand");
+    }
     result
 }
 
@@ -426,7 +522,9 @@ fn plan_loop(
     producer: &ThreadedProducer<DefaultProducerContext>,
     dlq_topic: &str,
     telemetry: &Telemetry,
-) {
+    stop: &Stop,
+) -> Result<(), Error> {
+    let _ = stop;
     for work in work_rx {
         if !work.dead.is_empty() {
             dead_letter(producer, dlq_topic, &work.dead);
@@ -440,9 +538,10 @@ fn plan_loop(
             }
         };
         if plan_tx.send((work.batch, plan)).is_err() {
-            return;
+            return Ok(());
         }
     }
+    Ok(())
 }
 
 fn apply_loop(
@@ -451,7 +550,8 @@ fn apply_loop(
     store: &mut Store,
     telemetry: &Telemetry,
     dashboard_every: Duration,
-) {
+    stop: &Stop,
+) -> Result<(), Error> {
     let mut last_dashboard: Option<Instant> = None;
     let mut dashboard_stale = false;
     loop {
@@ -473,11 +573,16 @@ fn apply_loop(
         let applied = loop {
             match store.apply_planned(&batch, plan.take().as_ref(), now_ms()) {
                 Ok(applied) => break applied,
+                Err(e) if e.is_transient() => {
+                    telemetry.apply_failed();
+                    tracing::warn!(error = %local_stack::one_line(&e), messages = batch.len, "applying batch to redis failed, retrying");
+                    stop.backoff(delay)?;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
                 Err(e) => {
                     telemetry.apply_failed();
-                    tracing::warn!(error = %e, messages = batch.len, "applying batch to redis failed, retrying");
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(2));
+                    stop.shutdown.cancel();
+                    return Err(e);
                 }
             }
         };
@@ -513,6 +618,7 @@ fn apply_loop(
     if let Err(e) = store.write_dashboard(now_ms()) {
         tracing::warn!(error = %e, "cannot write the dashboard summary");
     }
+    Ok(())
 }
 
 /// Copies bad messages to the dead-letter topic with the error and origin in

@@ -20,8 +20,13 @@ pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+
+/// How long after the shutdown timeout `run` still waits for the consumer
+/// thread to hand its result back before returning without it.
+const ABANDON_GRACE: Duration = Duration::from_secs(2);
 
 /// The nine table topics consumed by default.
 pub const DEFAULT_TOPICS: &str = "instashop.public.customer,instashop.public.buyer,instashop.public.product,instashop.public.transaction,instashop.public.transactiondetail,crm.public.interaction,erp.public.stock,ecommerce.public.carrier,ecommerce.public.shipment";
@@ -86,6 +91,18 @@ pub struct Config {
     /// `source.db` is NAME count as LOGICAL's.
     #[arg(long, env = "METRICS_SOURCE_DBS", default_value = "")]
     pub source_dbs: String,
+
+    /// Longest a clean stop (SIGTERM, Ctrl-C) may take, in seconds: the batch
+    /// in hand is applied and the dead letters delivered within it, or the
+    /// process gives up with an error (nothing is lost: a restart reads
+    /// again from the offsets stored in Redis).
+    #[arg(
+        long,
+        alias = "shutdown-timeout",
+        env = "METRICS_SHUTDOWN_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    pub shutdown_timeout_secs: u64,
 
     /// How often the `dashboard` JSON summary is rewritten (ms).
     #[arg(long, env = "METRICS_DASHBOARD_INTERVAL_MS", default_value_t = 1000)]
@@ -179,12 +196,47 @@ pub enum Error {
         /// Attempts made.
         attempts: u32,
     },
-    /// Redis failed while a batch was applied (retried by the apply loop).
-    #[error("redis command failed while applying a batch")]
+    /// Redis unreachable or busy while a batch was applied: transient, the
+    /// apply loop retries with backoff.
+    #[error("redis unavailable while applying a batch")]
     Apply(#[source] redis::RedisError),
+    /// Redis refused a command for good (wrong key type, out of memory, no
+    /// permission, a script error): definite, the consumer stops.
+    #[error(
+        "redis refused a command of the apply; fix the cause (the prefix's keys must be the consumer's own) and restart"
+    )]
+    RedisRejected(#[source] redis::RedisError),
+    /// The dead-letter topic could not be written: the consumer stops
+    /// before applying the offsets of the bad messages it could not copy.
+    #[error(
+        "cannot write bad messages to the dead-letter topic {topic}; create the topic or fix its permissions (--dlq-topic)"
+    )]
+    DeadLetter {
+        /// The dead-letter topic.
+        topic: String,
+        /// The delivery error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The clean stop did not finish within `--shutdown-timeout-secs`.
+    #[error(
+        "stopped after the shutdown timeout of {secs} s before the batch in hand was applied; it is read again on restart from the offsets stored in redis"
+    )]
+    ShutdownTimeout {
+        /// The timeout.
+        secs: u64,
+    },
     /// A bug: a worker thread died.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl Error {
+    /// Whether the failed step is retried (with backoff) rather than ending
+    /// the consumer.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Apply(_))
+    }
 }
 
 /// Runs the consumer until `shutdown` is cancelled, then finishes the batch
@@ -215,13 +267,41 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         shutdown.clone(),
     ));
 
-    let consumer_shutdown = shutdown.clone();
+    // Once a clean stop was asked for, the threads have the shutdown
+    // timeout to finish the batch in hand; then every retry gives up.
+    let stop = consumer::Stop::new(shutdown.clone(), config.shutdown_timeout_secs);
+    let timer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            stop.shutdown.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(stop.timeout_secs)).await;
+            stop.abandon.cancel();
+        })
+    };
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let consumer_stop = stop.clone();
     let consumer_telemetry = Arc::clone(&telemetry);
-    let result = tokio::task::spawn_blocking(move || {
-        consumer::run_blocking(&config, &consumer_telemetry, &consumer_shutdown)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("consumer task failed: {e}")))?;
+    // A thread of its own, not the runtime's blocking pool: a call stuck
+    // past the timeout (a Redis read, a broker close) must not hold the
+    // process, which exits when `run` returns.
+    std::thread::Builder::new()
+        .name("consumer".into())
+        .spawn(move || {
+            let _ = done_tx.send(consumer::run_blocking(
+                &config,
+                &consumer_telemetry,
+                &consumer_stop,
+            ));
+        })
+        .map_err(|e| Error::Internal(format!("cannot start the consumer thread: {e}")))?;
+    let result = tokio::select! {
+        done = done_rx => done.unwrap_or_else(|_| Err(Error::Internal("the consumer thread panicked".into()))),
+        () = async {
+            stop.abandon.cancelled().await;
+            tokio::time::sleep(ABANDON_GRACE).await;
+        } => Err(Error::ShutdownTimeout { secs: stop.timeout_secs }),
+    };
+    timer.abort();
     shutdown.cancel();
     let _ = server.await;
     result

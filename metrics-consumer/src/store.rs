@@ -19,6 +19,38 @@ pub const APPLY_LUA: &str = include_str!("store.lua");
 /// reaching this means something else writes under the same prefix.
 pub const MAX_ATTEMPTS: u32 = 50;
 
+/// Whether a Redis error may go away by itself (connection lost or refused,
+/// a timeout, a server loading its data or failing over), so retrying with
+/// backoff is right; any other error (wrong key type, out of memory, no
+/// permission, a script error) repeats on every retry.
+pub fn is_transient(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::BusyLoading
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+            )
+        )
+        || e.code() == Some("BUSY")
+}
+
+/// A Redis error of the apply, by what the apply loop does next.
+pub fn failure(e: redis::RedisError) -> Error {
+    if is_transient(&e) {
+        Error::Apply(e)
+    } else {
+        Error::RedisRejected(e)
+    }
+}
+
 /// A synchronous Redis connection with the script loaded.
 pub struct Store {
     client: redis::Client,
@@ -131,7 +163,7 @@ impl Store {
         now_ms: i64,
         overlay: Option<&Overlay>,
     ) -> Result<Plan, Error> {
-        let snapshot = self.read(batch, overlay).map_err(Error::Apply)?;
+        let snapshot = self.read(batch, overlay).map_err(failure)?;
         plan::build(batch, &snapshot, &self.prefix, now_ms)
     }
 
@@ -155,7 +187,7 @@ impl Store {
                 }
                 other => other,
             })
-            .map_err(Error::Apply)?;
+            .map_err(failure)?;
         Ok(written == 1)
     }
 
@@ -370,5 +402,29 @@ impl Planner {
         let result = self.store.plan(batch, now_ms, self.previous.as_ref());
         self.previous = result.as_ref().ok().map(Overlay::of);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_errors_split_by_what_happens_next() {
+        let io =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(failure(io), Error::Apply(_)));
+        let loading = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading),
+            "loading",
+        ));
+        assert!(failure(loading).is_transient());
+        let script = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+            "unknown write",
+        ));
+        assert!(matches!(failure(script), Error::RedisRejected(_)));
+        let auth = redis::RedisError::from((redis::ErrorKind::AuthenticationFailed, "auth"));
+        assert!(!failure(auth).is_transient());
     }
 }
