@@ -28,12 +28,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use tokio_util::sync::CancellationToken;
 
+use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::fold::{self, BadInput};
 use crate::plan::Plan;
 use crate::store::{Batch, Planner, Store};
@@ -65,7 +65,7 @@ impl Stop {
     }
 
     /// Waits `delay` before a retry; `Err` at once when abandoned.
-    fn backoff(&self, delay: Duration) -> Result<(), Error> {
+    pub(crate) fn backoff(&self, delay: Duration) -> Result<(), Error> {
         let until = Instant::now() + delay;
         loop {
             if self.abandon.is_cancelled() {
@@ -102,17 +102,6 @@ impl Stop {
             .join()
             .unwrap_or_else(|_| Err(Error::Internal(format!("the {name} thread panicked"))))
     }
-}
-
-/// A message that could not be decoded, kept for the dead-letter topic.
-#[derive(Debug)]
-struct DeadLetter {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    key: Option<Vec<u8>>,
-    payload: Option<Vec<u8>>,
-    error: String,
 }
 
 #[derive(Debug)]
@@ -258,12 +247,14 @@ pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) ->
     consumer.subscribe(&topics).map_err(Error::Kafka)?;
     tracing::info!(topics = topics.len(), group = %config.group, "subscribed");
 
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.bootstrap_servers)
-        .set("message.timeout.ms", "300000")
-        .set("linger.ms", "5")
-        .create()
-        .map_err(Error::Kafka)?;
+    let dead_letters = DeadLetters::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", &config.bootstrap_servers)
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", "60000")
+            .set("linger.ms", "5"),
+        &config.dlq_topic,
+    )?;
 
     let (work_tx, work_rx) = sync_channel::<Work>(1);
     // Rendezvous: the planner hands batch N+1 over only once the apply thread
@@ -274,7 +265,6 @@ pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) ->
     let mut planner = Planner::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?;
     let apply_telemetry = Arc::clone(telemetry);
     let plan_telemetry = Arc::clone(telemetry);
-    let dlq_topic = config.dlq_topic.clone();
     let dashboard_every = Duration::from_millis(config.dashboard_interval_ms);
     let plan_stop = stop.clone();
     let plans = std::thread::Builder::new()
@@ -284,8 +274,7 @@ pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) ->
                 &work_rx,
                 &plan_tx,
                 &mut planner,
-                &producer,
-                &dlq_topic,
+                &dead_letters,
                 &plan_telemetry,
                 &plan_stop,
             )
@@ -519,15 +508,16 @@ fn plan_loop(
     work_rx: &Receiver<Work>,
     plan_tx: &SyncSender<(Batch, Option<Plan>)>,
     planner: &mut Planner,
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    dlq_topic: &str,
+    dead_letters: &DeadLetters,
     telemetry: &Telemetry,
     stop: &Stop,
 ) -> Result<(), Error> {
-    let _ = stop;
     for work in work_rx {
         if !work.dead.is_empty() {
-            dead_letter(producer, dlq_topic, &work.dead);
+            if let Err(e) = dead_letters.deliver(&work.dead, stop) {
+                stop.shutdown.cancel();
+                return Err(e);
+            }
             telemetry.dead_lettered(work.dead.len() as u64);
         }
         let plan = match planner.plan(&work.batch, now_ms()) {
@@ -619,64 +609,4 @@ fn apply_loop(
         tracing::warn!(error = %e, "cannot write the dashboard summary");
     }
     Ok(())
-}
-
-/// Copies bad messages to the dead-letter topic with the error and origin in
-/// headers, and waits until the broker has them (at-least-once: a crash
-/// before the batch is applied copies them again).
-fn dead_letter(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    dlq_topic: &str,
-    dead: &[DeadLetter],
-) {
-    for d in dead {
-        let partition = d.partition.to_string();
-        let offset = d.offset.to_string();
-        let headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "error",
-                value: Some(d.error.as_bytes()),
-            })
-            .insert(Header {
-                key: "source.topic",
-                value: Some(d.topic.as_bytes()),
-            })
-            .insert(Header {
-                key: "source.partition",
-                value: Some(partition.as_bytes()),
-            })
-            .insert(Header {
-                key: "source.offset",
-                value: Some(offset.as_bytes()),
-            });
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(dlq_topic).headers(headers);
-        if let Some(key) = &d.key {
-            record = record.key(key.as_slice());
-        }
-        if let Some(payload) = &d.payload {
-            record = record.payload(payload.as_slice());
-        }
-        let mut record = record;
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, back)) => {
-                    tracing::warn!(error = %e, "dead-letter produce queue full, waiting");
-                    record = back;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
-    }
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match producer.flush(Duration::from_secs(30)) {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, "dead-letter delivery not confirmed yet, waiting");
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(2));
-            }
-        }
-    }
 }

@@ -6,11 +6,13 @@
 //! contribution, the retract-and-add rules); [`batch`] holds the decoded
 //! messages of one atomic apply; [`plan`] folds a batch over the Redis values
 //! it depends on into checked writes (pure); [`store`] reads those values and
-//! runs the compare-and-write Lua script; [`consumer`] is the Kafka loop; [`telemetry`] and [`http`]
+//! runs the compare-and-write Lua script; [`consumer`] is the Kafka loop;
+//! [`dead_letter`] copies bad messages to the dead-letter topic; [`telemetry`] and [`http`]
 //! serve `/metrics` and `/health`.
 
 pub mod batch;
 pub mod consumer;
+pub mod dead_letter;
 pub mod fold;
 pub mod http;
 pub mod money;

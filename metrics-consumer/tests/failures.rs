@@ -209,3 +209,68 @@ async fn redis_unreachable_at_shutdown_ends_within_the_shutdown_timeout() {
     );
     cleanup_redis(&s, &prefix);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_cannot_be_written_stops_the_consumer_before_its_offset() {
+    let s = stack();
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic(TOPIC, 1, 1).unwrap();
+    mock.create_topic("dlq", 1, 1).unwrap();
+    let bootstrap = mock.bootstrap_servers();
+    produce_to(
+        &bootstrap,
+        TOPIC,
+        &[
+            (1, tx_event(1, 10)),
+            (2, "not json".to_owned()),
+            (3, tx_event(3, 30)),
+        ],
+    )
+    .await;
+    // Every write to the dead-letter topic fails for good from now on.
+    mock.request_errors(
+        rdkafka::types::RDKafkaApiKey::Produce,
+        &[rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 50],
+    );
+    let prefix = format!("{}:", unique("mctest:dlq:"));
+    let shutdown = CancellationToken::new();
+    let mut run = tokio::spawn(metrics_consumer::run(
+        mock_config(&bootstrap, &s.redis, &prefix),
+        shutdown.clone(),
+    ));
+    let field = format!("{TOPIC}/0");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let result = loop {
+        if let Ok(done) = tokio::time::timeout(Duration::from_millis(200), &mut run).await {
+            break done.unwrap();
+        }
+        let next = stored_offsets(&s, &prefix)
+            .get(&field)
+            .copied()
+            .unwrap_or(0);
+        assert!(
+            next <= 1,
+            "offset {next} stored: the bad message's offset was applied although its dead letter was not written"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the consumer neither stopped nor applied within 90 s"
+        );
+    };
+    shutdown.cancel();
+    match result {
+        Err(Error::DeadLetter { topic, source }) => {
+            assert_eq!(topic, "dlq");
+            assert!(source.to_string().contains("uthoriz"), "{source}");
+        }
+        other => panic!("expected a dead-letter error, got {other:?}"),
+    }
+    assert!(
+        stored_offsets(&s, &prefix)
+            .get(&field)
+            .copied()
+            .unwrap_or(0)
+            <= 1
+    );
+    cleanup_redis(&s, &prefix);
+}
