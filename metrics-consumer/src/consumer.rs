@@ -26,7 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -210,51 +209,25 @@ fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
-/// librdkafka settings of the group consumer.
-pub fn consumer_config(config: &Config) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.bootstrap_servers)
-        .set("group.id", &config.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", config.session_timeout_ms.to_string())
-        .set("fetch.wait.max.ms", config.fetch_wait_max_ms.to_string())
-        .set("topic.metadata.refresh.interval.ms", "10000");
-    if !config.instance_id.is_empty() {
-        c.set("group.instance.id", &config.instance_id);
-    }
-    if let Ok(debug) = std::env::var("KAFKA_DEBUG") {
-        // librdkafka's debug contexts, e.g. `consumer,fetch` (troubleshooting).
-        c.set("debug", debug);
-    }
-    c
-}
-
 /// Runs the consumer until `stop.shutdown`; blocking (call from a thread
 /// of its own). Returns the first definite error any of its threads met.
 pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) -> Result<(), Error> {
     let shutdown = &stop.shutdown;
+    let settings = crate::settings::translate(config)?;
     let rebalancer = Rebalancer {
         store: Mutex::new(Store::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?),
         stop: stop.clone(),
         failed: Mutex::new(None),
     };
-    let consumer: BaseConsumer<Rebalancer> = consumer_config(config)
+    let consumer: BaseConsumer<Rebalancer> = settings
+        .consumer
         .create_with_context(rebalancer)
         .map_err(Error::Kafka)?;
     let topics: Vec<&str> = config.topic_list();
     consumer.subscribe(&topics).map_err(Error::Kafka)?;
     tracing::info!(topics = topics.len(), group = %config.group, "subscribed");
 
-    let dead_letters = DeadLetters::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", "60000")
-            .set("linger.ms", "5"),
-        &config.dlq_topic,
-    )?;
+    let dead_letters = DeadLetters::new(&settings.dead_letters, &config.dlq_topic)?;
 
     let (work_tx, work_rx) = sync_channel::<Work>(1);
     // Rendezvous: the planner hands batch N+1 over only once the apply thread
@@ -296,10 +269,7 @@ pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) ->
         .map_err(|e| Error::Internal(format!("cannot start the apply thread: {e}")))?;
 
     let positions = Arc::new(Mutex::new(HashMap::new()));
-    let watermarks: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.bootstrap_servers)
-        .create()
-        .map_err(Error::Kafka)?;
+    let watermarks: BaseConsumer = settings.watermarks.create().map_err(Error::Kafka)?;
     let lag_positions = Arc::clone(&positions);
     let lag_telemetry = Arc::clone(telemetry);
     let lag_shutdown = shutdown.clone();

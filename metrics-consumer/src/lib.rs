@@ -17,6 +17,7 @@ pub mod fold;
 pub mod http;
 pub mod money;
 pub mod plan;
+pub mod settings;
 pub mod store;
 pub mod telemetry;
 
@@ -94,6 +95,22 @@ pub struct Config {
     #[arg(long, env = "METRICS_SOURCE_DBS", default_value = "")]
     pub source_dbs: String,
 
+    /// Extra librdkafka setting KEY=VALUE for every Kafka client
+    /// (repeatable; comma-separated in the env variable), e.g. security
+    /// settings. Settings the guarantees depend on are refused (see
+    /// `settings.rs`); `isolation.level` defaults to `read_committed`.
+    #[arg(
+        long = "kafka-property",
+        env = "METRICS_KAFKA_PROPERTIES",
+        value_delimiter = ',',
+        value_name = "KEY=VALUE"
+    )]
+    pub kafka_properties: Vec<String>,
+
+    /// librdkafka debug contexts, e.g. `consumer,fetch` (troubleshooting).
+    #[arg(long, env = "KAFKA_DEBUG", default_value = "")]
+    pub kafka_debug: String,
+
     /// Longest a clean stop (SIGTERM, Ctrl-C) may take, in seconds: the batch
     /// in hand is applied and the dead letters delivered within it, or the
     /// process gives up with an error (nothing is lost: a restart reads
@@ -140,6 +157,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), Error> {
         self.renames()?;
+        settings::translate(self)?;
         if self.topic_list().is_empty() {
             return Err(Error::Config(
                 "no topics: set --topics / METRICS_TOPICS".into(),
@@ -163,6 +181,14 @@ pub enum Error {
     /// Fix the flags or environment variables.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A `--kafka-property` the consumer refuses: remove it.
+    #[error("--kafka-property {key}: {why}")]
+    Setting {
+        /// The librdkafka key.
+        key: String,
+        /// Why it is refused, and what to do instead.
+        why: String,
+    },
     /// Kafka client setup failed: check KAFKA_BOOTSTRAP_SERVERS and the brokers (scripts/up).
     #[error(
         "kafka client setup failed; check KAFKA_BOOTSTRAP_SERVERS and that the brokers run (scripts/up)"
