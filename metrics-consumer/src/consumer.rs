@@ -252,7 +252,10 @@ pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) ->
                 &plan_stop,
             )
         })
-        .map_err(|e| Error::Internal(format!("cannot start the plan thread: {e}")))?;
+        .map_err(|source| Error::Spawn {
+            thread: "plan",
+            source,
+        })?;
     let apply_stop = stop.clone();
     let applier = std::thread::Builder::new()
         .name("apply".into())
@@ -266,7 +269,10 @@ pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) ->
                 &apply_stop,
             )
         })
-        .map_err(|e| Error::Internal(format!("cannot start the apply thread: {e}")))?;
+        .map_err(|source| Error::Spawn {
+            thread: "apply",
+            source,
+        })?;
 
     let positions = Arc::new(Mutex::new(HashMap::new()));
     let watermarks: BaseConsumer = settings.watermarks.create().map_err(Error::Kafka)?;
@@ -279,7 +285,10 @@ pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) ->
             lag_loop(&watermarks, &lag_positions, &lag_telemetry, &lag_shutdown);
             Ok(())
         })
-        .map_err(|e| Error::Internal(format!("cannot start the lag thread: {e}")))?;
+        .map_err(|source| Error::Spawn {
+            thread: "lag",
+            source,
+        })?;
 
     telemetry.set_consuming(true);
     let polled = poll_loop(

@@ -178,6 +178,7 @@ impl Config {
 /// Errors of the consumer, grouped by what the caller does next.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    // Before anything runs: fix the flags or the environment.
     /// Fix the flags or environment variables.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -189,6 +190,7 @@ pub enum Error {
         /// Why it is refused, and what to do instead.
         why: String,
     },
+    // At start: check the services.
     /// Kafka client setup failed: check KAFKA_BOOTSTRAP_SERVERS and the brokers (scripts/up).
     #[error(
         "kafka client setup failed; check KAFKA_BOOTSTRAP_SERVERS and that the brokers run (scripts/up)"
@@ -206,6 +208,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    // Definite, while running: the consumer stops with this one error.
     /// A Redis key the consumer owns holds text it did not write.
     #[error(
         "redis key {key} field {field} holds a value the consumer did not write; delete every key under the prefix to rebuild from the topics"
@@ -224,10 +227,6 @@ pub enum Error {
         /// Attempts made.
         attempts: u32,
     },
-    /// Redis unreachable or busy while a batch was applied: transient, the
-    /// apply loop retries with backoff.
-    #[error("redis unavailable while applying a batch")]
-    Apply(#[source] redis::RedisError),
     /// Redis refused a command for good (wrong key type, out of memory, no
     /// permission, a script error): definite, the consumer stops.
     #[error(
@@ -246,6 +245,12 @@ pub enum Error {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    // Transient: retried with backoff until it goes away or the shutdown
+    // timeout passes; never returned by `run`.
+    /// Redis unreachable or busy while a batch was applied.
+    #[error("redis unavailable while applying a batch")]
+    RedisUnavailable(#[source] redis::RedisError),
+    // Stopping.
     /// The clean stop did not finish within `--shutdown-timeout-secs`.
     #[error(
         "stopped after the shutdown timeout of {secs} s before the batch in hand was applied; it is read again on restart from the offsets stored in redis"
@@ -253,6 +258,16 @@ pub enum Error {
     ShutdownTimeout {
         /// The timeout.
         secs: u64,
+    },
+    // The system or a bug.
+    /// The system refused a thread (resource limits).
+    #[error("cannot start the {thread} thread")]
+    Spawn {
+        /// Which thread.
+        thread: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
     },
     /// A bug: a worker thread died.
     #[error("internal error: {0}")]
@@ -263,7 +278,7 @@ impl Error {
     /// Whether the failed step is retried (with backoff) rather than ending
     /// the consumer.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Apply(_))
+        matches!(self, Error::RedisUnavailable(_))
     }
 }
 
@@ -321,7 +336,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
                 &consumer_stop,
             ));
         })
-        .map_err(|e| Error::Internal(format!("cannot start the consumer thread: {e}")))?;
+        .map_err(|source| Error::Spawn {
+            thread: "consumer",
+            source,
+        })?;
     let result = tokio::select! {
         done = done_rx => done.unwrap_or_else(|_| Err(Error::Internal("the consumer thread panicked".into()))),
         () = async {

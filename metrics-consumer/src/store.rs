@@ -45,7 +45,7 @@ pub fn is_transient(e: &redis::RedisError) -> bool {
 /// A Redis error of the apply, by what the apply loop does next.
 pub fn failure(e: redis::RedisError) -> Error {
     if is_transient(&e) {
-        Error::Apply(e)
+        Error::RedisUnavailable(e)
     } else {
         Error::RedisRejected(e)
     }
@@ -413,7 +413,7 @@ mod tests {
     fn redis_errors_split_by_what_happens_next() {
         let io =
             redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
-        assert!(matches!(failure(io), Error::Apply(_)));
+        assert!(matches!(failure(io), Error::RedisUnavailable(_)));
         let loading = redis::RedisError::from((
             redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading),
             "loading",
