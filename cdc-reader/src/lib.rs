@@ -6,8 +6,10 @@
 //! A source that fails with a non-retryable (setup) error stops the whole
 //! process, so a misconfiguration is one clear line and a non-zero exit.
 
+pub mod ack;
 pub mod change;
 pub mod config;
+pub mod decoder;
 pub mod error;
 pub mod metrics;
 pub mod pgoutput;

@@ -1,6 +1,13 @@
 //! One pipeline per database: connect, preflight, snapshot, stream, confirm,
 //! reconnect.
 //!
+//! Streaming is a thin IO loop (`StreamLoop`) around the pure
+//! [`crate::decoder::Decoder`]: frames are read ahead into a queue,
+//! each one is stepped into actions (send a change, end a transaction, an
+//! idle position, answer now), and the loop carries them out against the
+//! sink and the status task. Which LSN may be confirmed is decided by the
+//! [`crate::ack::AckTracker`] behind the sink.
+//!
 //! Confirmation: the LSN reported to Postgres is the maximum of
 //! - the sink's confirmable LSN (commit `end_lsn` of transactions whose every
 //!   record, and every earlier transaction's, Kafka acknowledged), and
@@ -36,16 +43,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::mpsc;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use crate::change::{Change, Lsn, Op, SnapshotMarker, Source, TableName, lsn_to_string};
+use crate::change::{Lsn, Op, TableName, lsn_to_string};
 use crate::config::{SnapshotMode, SourceConfig};
+use crate::decoder::{Action, Decoder, Event};
 use crate::error::Error;
 use crate::metrics::{Metrics, SourceState};
-use crate::pgoutput::{Message, PG_EPOCH_OFFSET_US, ReplicationFrame};
-use crate::relation::{KnownKeys, RelationCache, to_row, update_rows};
-use crate::replication::{QueryError, ReplicationConnection, StatusWriter};
+use crate::pgoutput::ReplicationFrame;
+use crate::relation::KnownKeys;
+use crate::replication::{QueryError, ReplicationConnection, ReplicationStream, StatusWriter};
 use crate::sink::{Sink, SourceSink};
 use crate::slot::{self, Preflight};
 use crate::snapshot::{self, SnapshotOutcome, catalog_key};
@@ -314,19 +323,34 @@ fn now_us() -> i64 {
         .map_or(0, |d| d.as_micros() as i64)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn status_task(
+/// The task that sends standby status updates, apart from the source loop
+/// so a slow Kafka sink cannot starve them.
+struct StatusTask {
     name: String,
+    /// Where a failed update is reported (it ends the session).
     failed: tokio::sync::mpsc::Sender<Error>,
-    mut writer: StatusWriter,
+    writer: StatusWriter,
     progress: Arc<Progress>,
-    mut confirmed: tokio::sync::watch::Receiver<Lsn>,
+    confirmed: tokio::sync::watch::Receiver<Lsn>,
     interval: Duration,
-    metrics_interval: Duration,
     metrics: Arc<Metrics>,
     now_requested: Arc<tokio::sync::Notify>,
     stop: CancellationToken,
-) {
+}
+
+async fn status_task(task: StatusTask) {
+    let StatusTask {
+        name,
+        failed,
+        mut writer,
+        progress,
+        mut confirmed,
+        interval,
+        metrics,
+        now_requested,
+        stop,
+    } = task;
+    let metrics_interval = Duration::from_secs(1);
     // Check often, send when the position moved or `interval` passed: the
     // slot follows Kafka acknowledgements closely without a stream of
     // identical updates.
@@ -437,32 +461,12 @@ impl Drop for AbortOnDrop {
     }
 }
 
-struct Tx {
-    xid: u32,
-    final_lsn: Lsn,
-    commit_ts_ms: i64,
-}
-
-#[allow(clippy::too_many_lines)]
-async fn stream(
-    session: &Session<'_>,
-    start: Lsn,
-    streamed_ok: &mut bool,
-    known_keys: &mut KnownKeys,
-) -> Result<(), Error> {
-    let Session {
-        cfg,
-        client,
-        sink,
-        metrics,
-        shutdown,
-    } = *session;
-    let (mut stream, writer) = start_with_grace(cfg, start).await?;
-    // Read-ahead: a task drains the socket into a bounded queue of frame
-    // batches, so the walsender keeps decoding while this loop waits on Kafka.
-    let (frames_tx, mut frames_rx) =
-        tokio::sync::mpsc::channel::<Result<Vec<ReplicationFrame>, Error>>(64);
-    let read_ahead = tokio::spawn(async move {
+/// Starts the read-ahead: a task drains the socket into a bounded queue of
+/// frame batches, so the walsender keeps decoding while the loop waits on
+/// Kafka. The task ends with its guard.
+fn read_ahead(mut stream: ReplicationStream) -> (mpsc::Receiver<FrameBatch>, AbortOnDrop) {
+    let (frames_tx, frames_rx) = mpsc::channel::<FrameBatch>(64);
+    let task = tokio::spawn(async move {
         loop {
             let batch = stream.next_batch(1024).await;
             let failed = batch.is_err();
@@ -471,247 +475,65 @@ async fn stream(
             }
         }
     });
-    let _abort_read_ahead = AbortOnDrop(read_ahead);
-    let mut pending_frames = Vec::new().into_iter();
+    (frames_rx, AbortOnDrop(task))
+}
+
+/// Frames read from the socket in one go.
+type FrameBatch = Result<Vec<ReplicationFrame>, Error>;
+
+/// One streaming session: START_REPLICATION, the helper tasks, the loop,
+/// and on shutdown a bounded drain of Kafka.
+async fn stream(
+    session: &Session<'_>,
+    start: Lsn,
+    streamed_ok: &mut bool,
+    known_keys: &mut KnownKeys,
+) -> Result<(), Error> {
+    let cfg = session.cfg;
+    let (replication, writer) = start_with_grace(cfg, start).await?;
+    let (mut frames, _read_ahead) = read_ahead(replication);
     tracing::info!(source = %cfg.name, slot = %cfg.slot, start = %lsn_to_string(start), "streaming");
-    metrics.set_state(&cfg.name, SourceState::Streaming);
+    session.metrics.set_state(&cfg.name, SourceState::Streaming);
     *streamed_ok = true;
 
-    let mut out = sink.source(&cfg.name);
+    let out = session.sink.source(&cfg.name);
     let progress = Arc::new(Progress::default());
     progress.ack.store(start, Ordering::SeqCst);
     let stop = CancellationToken::new();
-    let notify = Arc::new(tokio::sync::Notify::new());
-    // Helper tasks report an error that must end this session here.
-    let (failed_tx, mut failed_rx) = tokio::sync::mpsc::channel::<Error>(2);
-    let status = tokio::spawn(status_task(
-        cfg.name.clone(),
-        failed_tx.clone(),
-        writer,
-        progress.clone(),
-        out.confirmed(),
-        cfg.status_interval,
-        Duration::from_secs(1),
-        metrics.clone(),
-        notify.clone(),
-        stop.clone(),
-    ));
     let _stop_on_exit = stop.clone().drop_guard();
-
+    let now_requested = Arc::new(tokio::sync::Notify::new());
+    // Helper tasks report an error that must end this session here.
+    let (failed_tx, mut failed) = mpsc::channel::<Error>(2);
+    let status = tokio::spawn(status_task(StatusTask {
+        name: cfg.name.clone(),
+        failed: failed_tx.clone(),
+        writer,
+        progress: progress.clone(),
+        confirmed: out.confirmed(),
+        interval: cfg.status_interval,
+        metrics: session.metrics.clone(),
+        now_requested: now_requested.clone(),
+        stop: stop.clone(),
+    }));
     let heartbeat = cfg.heartbeat.map(|every| {
-        let cfg = cfg.clone();
-        let stop = stop.clone();
-        let failed = failed_tx.clone();
-        tokio::spawn(async move { heartbeat_task(cfg, every, failed, stop).await })
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        tokio::spawn(heartbeat_task(cfg, every, failed_tx, stop))
     });
 
-    let mut relations = RelationCache::new();
-    let mut tx: Option<Tx> = None;
-    let mut counts = Counts::default();
-    let confirmed_rx = out.confirmed();
-    // End LSN of the last transaction handed to the sink on this connection.
-    let mut last_end: Lsn = 0;
-
-    let result: Result<(), Error> = async {
-        loop {
-            let frame = match pending_frames.next() {
-                Some(f) => f,
-                None => {
-                    let batch = tokio::select! {
-                        b = frames_rx.recv() => b.ok_or_else(|| Error::Replication("replication reader task ended".to_owned()))??,
-                        Some(e) = failed_rx.recv() => return Err(e),
-                        () = shutdown.cancelled() => return Ok(()),
-                    };
-                    pending_frames = batch.into_iter();
-                    continue;
-                }
-            };
-            if let Some(e) = out.take_fatal() {
-                return Err(e);
-            }
-            match frame {
-                ReplicationFrame::PrimaryKeepalive {
-                    wal_end,
-                    reply_requested,
-                    ..
-                } => {
-                    progress
-                        .server_wal_end
-                        .fetch_max(wal_end, Ordering::Relaxed);
-                    // Idle: no open transaction, nothing in flight, and every
-                    // transaction handed over confirmed. The last condition also
-                    // covers a failed delivery (a poisoned tracker never confirms
-                    // again), whatever order the sink updates its counters in.
-                    if tx.is_none() && out.in_flight() == 0 && *confirmed_rx.borrow() >= last_end {
-                        progress.ack.fetch_max(wal_end, Ordering::SeqCst);
-                    }
-                    if reply_requested {
-                        notify.notify_one();
-                    }
-                    counts.flush(metrics, false);
-                }
-                ReplicationFrame::XLogData {
-                    wal_start,
-                    wal_end,
-                    data,
-                    ..
-                } => {
-                    progress
-                        .server_wal_end
-                        .fetch_max(wal_end, Ordering::Relaxed);
-                    match Message::parse(data)? {
-                        Message::Begin {
-                            final_lsn,
-                            commit_time,
-                            xid,
-                        } => {
-                            tx = Some(Tx {
-                                xid,
-                                final_lsn,
-                                commit_ts_ms: (commit_time + PG_EPOCH_OFFSET_US).div_euclid(1000),
-                            });
-                        }
-                        Message::Commit {
-                            end_lsn,
-                            commit_time,
-                            ..
-                        } => {
-                            tx = None;
-                            last_end = end_lsn;
-                            out.end_transaction(end_lsn);
-                            progress
-                                .pending
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .push_back((end_lsn, commit_time + PG_EPOCH_OFFSET_US));
-                            counts.flush(metrics, false);
-                        }
-                        Message::Relation {
-                            oid,
-                            namespace,
-                            name,
-                            replica_identity,
-                            mut columns,
-                        } => {
-                            let included = cfg.includes(&namespace, &name);
-                            // pgoutput flags every column as key under REPLICA IDENTITY FULL;
-                            // Debezium's key is the primary key (see `KnownKeys`).
-                            if included {
-                                let catalog = catalog_key(client, oid).await?;
-                                if !known_keys.resolve(oid, replica_identity, &mut columns, &catalog) {
-                                    return Err(Error::MissingKey {
-                                        table: format!("{namespace}.{name}"),
-                                        oid,
-                                        slot: cfg.slot.clone(),
-                                    });
-                                }
-                            }
-                            let table = TableName {
-                                prefix: cfg.prefix.clone(),
-                                database: cfg.params.dbname.clone(),
-                                schema: namespace,
-                                table: name,
-                            };
-                            relations.replace(oid, table, replica_identity, &columns, included);
-                        }
-                        Message::Type { .. }
-                        | Message::Origin { .. }
-                        | Message::LogicalMessage { .. } => {}
-                        Message::Insert { oid, new } => {
-                            let rel = relations.get(oid)?;
-                            if rel.included {
-                                let change = Change {
-                                    table: rel.table.clone(),
-                                    columns: rel.columns.clone(),
-                                    op: Op::Create,
-                                    before: None,
-                                    after: Some(to_row(&rel.columns, new)?),
-                                    source: source_of(tx.as_ref(), wal_start)?,
-                                };
-                                counts.add(&change.table, Op::Create);
-                                out.send(&change).await?;
-                                if counts.due() {
-                                    counts.flush(metrics, true);
-                                }
-                            }
-                        }
-                        Message::Update { oid, old, new } => {
-                            let rel = relations.get(oid)?;
-                            if rel.included {
-                                let (before, after) = update_rows(&rel.columns, old, new)?;
-                                let change = Change {
-                                    table: rel.table.clone(),
-                                    columns: rel.columns.clone(),
-                                    op: Op::Update,
-                                    before,
-                                    after: Some(after),
-                                    source: source_of(tx.as_ref(), wal_start)?,
-                                };
-                                counts.add(&change.table, Op::Update);
-                                out.send(&change).await?;
-                                if counts.due() {
-                                    counts.flush(metrics, true);
-                                }
-                            }
-                        }
-                        Message::Delete { oid, old: (_, old) } => {
-                            let rel = relations.get(oid)?;
-                            if rel.included {
-                                let change = Change {
-                                    table: rel.table.clone(),
-                                    columns: rel.columns.clone(),
-                                    op: Op::Delete,
-                                    before: Some(to_row(&rel.columns, old)?),
-                                    after: None,
-                                    source: source_of(tx.as_ref(), wal_start)?,
-                                };
-                                counts.add(&change.table, Op::Delete);
-                                out.send(&change).await?;
-                                if counts.due() {
-                                    counts.flush(metrics, true);
-                                }
-                            }
-                        }
-                        Message::Truncate { oids, .. } => {
-                            for oid in oids {
-                                let rel = relations.get(oid)?;
-                                if rel.included {
-                                    let change = Change {
-                                        table: rel.table.clone(),
-                                        columns: rel.columns.clone(),
-                                        op: Op::Truncate,
-                                        before: None,
-                                        after: None,
-                                        source: source_of(tx.as_ref(), wal_start)?,
-                                    };
-                                    counts.add(&change.table, Op::Truncate);
-                                    out.send(&change).await?;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    .await;
-    counts.flush(metrics, true);
-
+    let mut session_loop = StreamLoop {
+        session,
+        confirmed: out.confirmed(),
+        out,
+        progress,
+        now_requested,
+        decoder: Decoder::new(cfg.clone(), known_keys),
+        counts: Counts::default(),
+        last_end: 0,
+    };
+    let result = session_loop.run(&mut frames, &mut failed).await;
+    session_loop.counts.flush(session.metrics, true);
     if result.is_ok() {
-        // Shutdown: flush Kafka, let the tracker catch up, confirm, stop,
-        // all within --shutdown-timeout-secs.
-        let deadline = Instant::now() + cfg.shutdown_timeout;
-        if let Err(e) = sink.flush(cfg.shutdown_timeout).await {
-            tracing::warn!(source = %cfg.name, error = %local_stack::one_line(&e), "kafka flush on shutdown failed");
-        }
-        let mut rx = out.confirmed();
-        while out.in_flight() > 0 && Instant::now() < deadline {
-            tokio::select! {
-                _ = rx.changed() => {}
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
-            }
-        }
-        tracing::info!(source = %cfg.name, confirmed = %lsn_to_string(progress.ack.load(Ordering::SeqCst).max(*rx.borrow())), "stopped");
+        session_loop.drain_on_shutdown().await;
     }
     stop.cancel();
     let _ = status.await;
@@ -721,16 +543,109 @@ async fn stream(
     result
 }
 
-fn source_of(tx: Option<&Tx>, lsn: Lsn) -> Result<Source, Error> {
-    let tx = tx.ok_or_else(|| Error::Replication("change outside a transaction".to_owned()))?;
-    Ok(Source {
-        commit_ts_ms: tx.commit_ts_ms,
-        snapshot: SnapshotMarker::No,
-        tx_id: Some(tx.xid),
-        lsn,
-        last_commit_lsn: Some(tx.final_lsn),
-        commit_lsn: tx.final_lsn,
-    })
+/// The thin IO loop around the [`Decoder`]: frames in, actions carried out.
+struct StreamLoop<'s, 'k> {
+    session: &'s Session<'s>,
+    out: SourceSink,
+    confirmed: tokio::sync::watch::Receiver<Lsn>,
+    progress: Arc<Progress>,
+    now_requested: Arc<tokio::sync::Notify>,
+    decoder: Decoder<'k>,
+    counts: Counts,
+    /// End LSN of the last transaction handed to the sink on this connection.
+    last_end: Lsn,
+}
+
+impl StreamLoop<'_, '_> {
+    /// Until shutdown (`Ok`) or an error (the session ends).
+    async fn run(
+        &mut self,
+        frames: &mut mpsc::Receiver<FrameBatch>,
+        failed: &mut mpsc::Receiver<Error>,
+    ) -> Result<(), Error> {
+        let mut actions = Vec::new();
+        loop {
+            let batch = tokio::select! {
+                b = frames.recv() => b.ok_or_else(|| Error::Replication("replication reader task ended".to_owned()))??,
+                Some(e) = failed.recv() => return Err(e),
+                () = self.session.shutdown.cancelled() => return Ok(()),
+            };
+            for frame in batch {
+                if let Some(e) = self.out.take_fatal() {
+                    return Err(e);
+                }
+                let event = Event::of(frame)?;
+                let catalog = match self.decoder.catalog_needed(&event) {
+                    Some(oid) => Some(catalog_key(self.session.client, oid).await?),
+                    None => None,
+                };
+                self.decoder.step(event, catalog.as_ref(), &mut actions)?;
+                for action in actions.drain(..) {
+                    self.apply(action).await?;
+                }
+            }
+            self.counts.flush(self.session.metrics, false);
+        }
+    }
+
+    async fn apply(&mut self, action: Action) -> Result<(), Error> {
+        match action {
+            Action::ServerWalEnd(lsn) => {
+                self.progress
+                    .server_wal_end
+                    .fetch_max(lsn, Ordering::Relaxed);
+            }
+            Action::Send(change) => {
+                self.counts.add(&change.table, change.op);
+                self.out.send(&change).await?;
+                if self.counts.due() {
+                    self.counts.flush(self.session.metrics, true);
+                }
+            }
+            Action::Commit {
+                end_lsn,
+                commit_time_us,
+            } => {
+                self.last_end = end_lsn;
+                self.out.end_transaction(end_lsn);
+                self.progress
+                    .pending
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push_back((end_lsn, commit_time_us));
+            }
+            Action::Idle(wal_end) => {
+                // Nothing in flight and every transaction handed over
+                // confirmed. The last condition also covers a failed
+                // delivery (a poisoned tracker never confirms again),
+                // whatever order the sink updates its counters in.
+                if self.out.in_flight() == 0 && *self.confirmed.borrow() >= self.last_end {
+                    self.progress.ack.fetch_max(wal_end, Ordering::SeqCst);
+                }
+            }
+            Action::ReplyNow => self.now_requested.notify_one(),
+        }
+        Ok(())
+    }
+
+    /// Shutdown: flush Kafka and let the tracker catch up, all within
+    /// `--shutdown-timeout-secs`; the status task then confirms.
+    async fn drain_on_shutdown(&self) {
+        let cfg = self.session.cfg;
+        let deadline = Instant::now() + cfg.shutdown_timeout;
+        if let Err(e) = self.session.sink.flush(cfg.shutdown_timeout).await {
+            tracing::warn!(source = %cfg.name, error = %local_stack::one_line(&e), "kafka flush on shutdown failed");
+        }
+        let mut rx = self.out.confirmed();
+        while self.out.in_flight() > 0 && Instant::now() < deadline {
+            tokio::select! {
+                _ = rx.changed() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        let confirmed = self.progress.ack.load(Ordering::SeqCst).max(*rx.borrow());
+        tracing::info!(source = %cfg.name, confirmed = %lsn_to_string(confirmed), "stopped");
+    }
 }
 
 async fn heartbeat_task(
