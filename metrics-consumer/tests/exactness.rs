@@ -413,3 +413,75 @@ async fn two_consumer_processes_in_one_group_split_partitions_and_stay_exact() {
     assert_exact(&s, &prefix, &model).await;
     cleanup_redis(&s, &prefix);
 }
+
+/// A value of Redis under the prefix (0 when absent).
+fn redis_int(s: &Stack, key: &str) -> i64 {
+    redis::cmd("GET")
+        .arg(key)
+        .query::<Option<i64>>(
+            &mut redis::Client::open(s.redis.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap(),
+        )
+        .unwrap()
+        .unwrap_or(0)
+}
+
+fn tx_event(id: i64, lsn: u64) -> String {
+    format!(
+        r#"{{"before":null,"after":{{"id":{id},"total_amount":"12.50","status":"completed","created_at":"2026-11-22T10:00:15Z"}},"source":{{"db":"instashop","table":"transaction","ts_ms":1795000000000,"lsn":{lsn},"commit_lsn":{lsn}}},"op":"c"}}"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_aborted_kafka_transactions_are_not_applied() {
+    use rdkafka::ClientConfig;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let (s, topics, prefix, group, dlq) = setup("txn").await;
+    let topic = topics.topic("instashop", "transaction");
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &s.kafka)
+        .set("transactional.id", unique("mctest-txn-"))
+        .create()
+        .unwrap();
+    let timeout = Duration::from_secs(30);
+    producer.init_transactions(timeout).unwrap();
+    for (id, commit) in [(1, false), (2, true)] {
+        producer.begin_transaction().unwrap();
+        let (key, value) = (format!(r#"{{"id":{id}}}"#), tx_event(id, 10 * id as u64));
+        producer
+            .send(BaseRecord::to(&topic).key(&key).payload(&value))
+            .map_err(|(e, _)| e)
+            .unwrap();
+        // On the broker before the abort, so the abort marks it aborted.
+        producer.flush(timeout).unwrap();
+        if commit {
+            producer.commit_transaction(timeout).unwrap();
+        } else {
+            producer.abort_transaction(timeout).unwrap();
+        }
+    }
+    let shutdown = CancellationToken::new();
+    let _stop = StopOnDrop(shutdown.clone());
+    let run = tokio::spawn(metrics_consumer::run(
+        config(&s, &topics, &prefix, &group, &dlq),
+        shutdown.clone(),
+    ));
+    // Event 2 comes after the aborted event 1 in the partition: once it is
+    // applied, event 1 was read or skipped.
+    let count = format!("{prefix}count:instashop.transaction");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while redis_int(&s, &format!("{prefix}revenue:total_cents")) < 1250 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the committed event was never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(redis_int(&s, &count), 1, "the aborted event was applied");
+    assert_eq!(redis_int(&s, &format!("{prefix}revenue:total_cents")), 1250);
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    cleanup_redis(&s, &prefix);
+}
