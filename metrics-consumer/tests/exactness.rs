@@ -1,6 +1,6 @@
 //! Against the real local stack (Redis + brokers + PostgreSQL): hand-made
 //! Debezium events go to unique topics, the consumer applies them under a
-//! unique Redis prefix and group, and every metric must equal the SQL
+//! unique Redis prefix and group, and every metric must equal the README's SQL
 //! definition run on the same final rows in a scratch database.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 

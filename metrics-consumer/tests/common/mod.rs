@@ -675,7 +675,7 @@ fn sql_text(v: &Value) -> String {
 }
 
 /// The expected metrics: the model's final rows loaded into a scratch
-/// database built from `sql/*.sql`, and the SQL definitions run there.
+/// database built from `sql/*.sql`, and the README's SQL definitions run there.
 pub async fn sql_expected(s: &Stack, model: &Model, min_window: i64) -> Metrics {
     let (admin, conn) = tokio_postgres::connect(&s.pg_admin, tokio_postgres::NoTls)
         .await
