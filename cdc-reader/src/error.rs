@@ -1,7 +1,7 @@
 //! The reader's one error type, grouped by what the caller does next.
 //!
 //! - retry (reconnect with backoff, resume from the slot):
-//!   [`Error::Connect`], [`Error::Replication`], [`Error::Kafka`],
+//!   [`Error::Connect`], [`Error::Network`], [`Error::Replication`], [`Error::Kafka`],
 //!   [`Error::KafkaFatal`] (re-create the producer and resend from the last
 //!   confirmed LSN), and [`Error::Postgres`] / [`Error::Server`] whose
 //!   SQLSTATE is transient (connection loss, shutdown, too many clients);
@@ -46,6 +46,16 @@ pub enum Error {
     /// Malformed protocol data or a value that cannot be represented.
     #[error("bad data: {0}")]
     BadData(String),
+
+    /// Reading from or writing to the server's socket failed; retryable.
+    #[error("{context}")]
+    Network {
+        /// What was being done, and with which server.
+        context: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
 
     /// Kafka unavailable or a delivery failed; retryable.
     #[error("kafka: {0}")]
@@ -122,6 +132,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Connect { .. }
+            | Error::Network { .. }
             | Error::Replication(_)
             | Error::Kafka(_)
             | Error::KafkaFatal(_) => true,

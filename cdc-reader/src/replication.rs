@@ -241,7 +241,10 @@ impl FrameReader {
                 .read
                 .read_buf(&mut self.buf)
                 .await
-                .map_err(|e| Error::Replication(format!("read from server: {e}")))?;
+                .map_err(|source| Error::Network {
+                    context: "read from server".to_owned(),
+                    source,
+                })?;
             if n == 0 {
                 return Err(Error::Replication(
                     "server closed the connection".to_owned(),
@@ -355,7 +358,10 @@ impl ReplicationConnection {
         self.write
             .write_all(bytes)
             .await
-            .map_err(|e| Error::Replication(format!("write to {}: {e}", self.target)))
+            .map_err(|source| Error::Network {
+                context: format!("write to {}", self.target),
+                source,
+            })
     }
 
     async fn authenticate(&mut self, params: &ConnectParams) -> Result<(), Error> {
@@ -630,14 +636,23 @@ impl StatusWriter {
         frontend::CopyData::new(&payload[..])
             .map_err(|e| Error::Replication(e.to_string()))?
             .write(&mut out);
+        let context = || format!("standby status update to {}", self.target);
         self.write
             .write_all(&out)
             .await
-            .map_err(|e| Error::Replication(format!("write status to {}: {e}", self.target)))?;
-        self.write
-            .flush()
-            .await
-            .map_err(|e| Error::Replication(format!("flush status to {}: {e}", self.target)))
+            .map_err(|source| Error::Network {
+                context: context(),
+                source,
+            })?;
+        self.write.flush().await.map_err(|source| Error::Network {
+            context: context(),
+            source,
+        })
+    }
+
+    /// A writer on an already open connection's writing half.
+    pub fn new(write: OwnedWriteHalf, target: String) -> Self {
+        StatusWriter { write, target }
     }
 }
 

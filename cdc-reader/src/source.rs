@@ -681,3 +681,64 @@ async fn heartbeat_task(
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A status update the server can no longer receive ends the session
+    /// (reported on the failure channel), instead of the task quietly
+    /// ending while streaming goes on without confirmations.
+    #[tokio::test]
+    async fn a_failed_status_update_is_reported() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        drop(server);
+        let (_read, write) = client.into_split();
+        let (failed_tx, mut failed) = mpsc::channel(2);
+        let progress = Arc::new(Progress::default());
+        let (confirm, confirmed) = tokio::sync::watch::channel(0);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(status_task(StatusTask {
+            name: "shop".into(),
+            failed: failed_tx,
+            writer: StatusWriter::new(write, "test server".into()),
+            progress,
+            confirmed,
+            interval: Duration::from_millis(10),
+            metrics: Metrics::new(),
+            now_requested: Arc::new(tokio::sync::Notify::new()),
+            stop: stop.clone(),
+        }));
+        // New positions to send until the closed peer makes a write fail.
+        let mut lsn = 0;
+        let error = loop {
+            lsn += 8;
+            let _ = confirm.send(lsn);
+            tokio::select! {
+                e = failed.recv() => break e,
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+            assert!(
+                lsn < 8 * 2_000,
+                "no failure reported after {} updates",
+                lsn / 8
+            );
+        };
+        let error = error.expect("an error on the failure channel");
+        assert!(
+            error.is_retryable(),
+            "a lost connection is retried: {error}"
+        );
+        assert!(
+            std::error::Error::source(&error).is_some(),
+            "cause kept as source"
+        );
+        task.await.unwrap();
+        stop.cancel();
+    }
+}
