@@ -308,3 +308,102 @@ fn truncate_retracts_the_stored_rows() {
     assert_eq!(ids, vec!["3".to_owned()]);
     cleanup_redis(&s, &prefix);
 }
+
+/// The row of a change, if it is one.
+fn row_id(change: &Change) -> Option<(Table, String)> {
+    match change {
+        Change::Row { table, id, .. } => Some((*table, id.clone())),
+        _ => None,
+    }
+}
+
+#[test]
+fn positioned_truncate_copies_on_three_partitions_racing_equal_one_truncate() {
+    // Transactions and details on three partitions (by id), a truncate of
+    // both tables at LSN 3000 in every partition, in order with that
+    // partition's events; each partition applied in random batches with
+    // re-deliveries. The result equals one pass in LSN order with one
+    // truncate.
+    let s = stack();
+    let prefix = format!("{}:", unique("mctest:truncate3:"));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let at = 3000;
+    let truncates = |table| Change::Truncate {
+        table,
+        position: Some(Position::lsn(at)),
+        ts_ms: Some(now_ms()),
+    };
+    let events: Vec<Change> = (1..=6000)
+        .filter(|lsn| *lsn != at)
+        .map(|lsn| random_event(&mut rng, lsn))
+        .filter(|c| {
+            !matches!(
+                c,
+                Change::Row {
+                    table: Table::Product,
+                    ..
+                }
+            )
+        })
+        .collect();
+    let mut reference: Vec<Change> = Vec::new();
+    let mut streams: Vec<Vec<Change>> = vec![Vec::new(); 3];
+    let mut truncated = false;
+    for e in &events {
+        let lsn = match e {
+            Change::Row { state, .. } => state.position.map_or(0, |p| p.lsn),
+            _ => 0,
+        };
+        if lsn > at && !truncated {
+            truncated = true;
+            for t in [Table::Transaction, Table::TransactionDetail] {
+                reference.push(truncates(t));
+                for stream in &mut streams {
+                    stream.push(truncates(t));
+                }
+            }
+        }
+        reference.push(e.clone());
+        let (_, id) = row_id(e).unwrap();
+        streams[id.parse::<usize>().unwrap() % 3].push(e.clone());
+    }
+    let apply_partition = |p: usize| {
+        let stream = &streams[p];
+        let mut store = Store::new(&s.redis, &prefix).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(100 + p as u64);
+        let mut done: Vec<(usize, usize)> = Vec::new();
+        let mut i = 0;
+        while i < stream.len() {
+            let n = rng.random_range(1..60).min(stream.len() - i);
+            store
+                .apply(&batch_of(p as i32, i as i64, &stream[i..i + n]), now_ms())
+                .unwrap();
+            done.push((i, i + n));
+            i += n;
+            if rng.random_bool(0.1) {
+                let (x, y) = done[rng.random_range(0..done.len())];
+                let again = batch_of(p as i32, x as i64, &stream[x..y]);
+                assert_eq!(store.apply(&again, now_ms()).unwrap().applied, 0);
+            }
+        }
+    };
+    // Partition 0 first, rows after the truncate included; then the other
+    // two race: their copies of the truncate come after those rows.
+    apply_partition(0);
+    std::thread::scope(|scope| {
+        for p in [1, 2] {
+            scope.spawn(move || apply_partition(p));
+        }
+    });
+    let expected = reference_metrics(&reference);
+    assert!(
+        expected
+            .get("count:instashop.transaction")
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "nothing after the truncate: {expected:?}"
+    );
+    assert_eq!(redis_metrics(&s, &prefix, 0), expected);
+    cleanup_redis(&s, &prefix);
+}
