@@ -124,6 +124,8 @@ async fn truncate_under_load_reaches_every_partition_in_order() {
         "rows after replaying each partition on its own"
     );
     assert_eq!(replayed, table);
+    // The shared replay checker, reading every partition interleaved.
+    support::assert_replay_equals_db(&db, &["item"]).await;
     assert!(reader.stop());
     db.cleanup().await;
 }
