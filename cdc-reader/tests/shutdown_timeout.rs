@@ -34,7 +34,10 @@ async fn sigterm_with_kafka_down_stops_within_the_shutdown_timeout() {
     db.wait_streaming(&reader).await;
     let owner = db.owner().await;
     // One event delivered first: the reader knows the topic exists.
-    owner.batch_execute("INSERT INTO item VALUES (0)").await.unwrap();
+    owner
+        .batch_execute("INSERT INTO item VALUES (0)")
+        .await
+        .unwrap();
     db.wait_caught_up(Duration::from_secs(60), Some(&reader.log))
         .await;
     mock.broker_down(1).unwrap();
