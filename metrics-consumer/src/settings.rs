@@ -25,6 +25,11 @@ pub struct KafkaSettings {
     pub watermarks: ClientConfig,
 }
 
+/// Largest dead letter: a bad event can be as large as any event, up to
+/// 16 MiB plus framing, the size the reader writes and the brokers and
+/// topics of the local stack accept (librdkafka's default is 1 MB).
+pub const MESSAGE_MAX_BYTES: usize = 17_825_792;
+
 /// Why the offset handling is not the user's to change.
 const OFFSETS_WHY: &str = "offsets are stored in redis in the same atomic step as the metrics and resumed from there; librdkafka must not commit, store or reset them by itself";
 /// Why the dead-letter delivery is not the user's to change.
@@ -124,6 +129,7 @@ pub fn translate(config: &Config) -> Result<KafkaSettings, Error> {
         .set("acks", "all")
         // A delivery still failing after a minute stops the consumer.
         .set("message.timeout.ms", "60000")
+        .set("message.max.bytes", MESSAGE_MAX_BYTES.to_string())
         .set("linger.ms", "5");
     let mut watermarks = ClientConfig::new();
     watermarks.set("bootstrap.servers", &config.bootstrap_servers);
@@ -175,6 +181,7 @@ mod tests {
         assert_eq!(s.consumer.get("bootstrap.servers"), Some("b:9092"));
         assert_eq!(s.dead_letters.get("acks"), Some("all"));
         assert_eq!(s.dead_letters.get("enable.idempotence"), Some("true"));
+        assert_eq!(s.dead_letters.get("message.max.bytes"), Some("17825792"));
         assert_eq!(s.watermarks.get("bootstrap.servers"), Some("b:9092"));
     }
 

@@ -485,3 +485,49 @@ async fn events_of_aborted_kafka_transactions_are_not_applied() {
     run.await.unwrap().unwrap();
     cleanup_redis(&s, &prefix);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_16_mib_event_and_a_16_mib_dead_letter_go_through() {
+    // Wide REPLICA IDENTITY FULL rows give events up to 16 MiB; the brokers
+    // of the local stack take 17 MiB messages.
+    let (s, topics, prefix, group, dlq) = setup("big").await;
+    let topic = topics.topic("instashop", "transaction");
+    let padding = "x".repeat(16 << 20);
+    let good = format!(
+        r#"{{"before":null,"after":{{"id":1,"total_amount":"12.50","status":"completed","created_at":"2026-11-22T10:00:15Z","note":"{padding}"}},"source":{{"db":"instashop","table":"transaction","ts_ms":1795000000000,"lsn":10,"commit_lsn":10}},"op":"c"}}"#
+    );
+    let bad = format!(r#"{{"not a change event":"{padding}"}}"#);
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &s.kafka)
+        .set("message.max.bytes", "17825792")
+        .create()
+        .unwrap();
+    for (id, value) in [(1, &good), (2, &bad)] {
+        let key = format!(r#"{{"id":{id}}}"#);
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&topic)
+                    .key(&key)
+                    .payload(value),
+                Duration::from_secs(60),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    let _stop = StopOnDrop(shutdown.clone());
+    let mut run = tokio::spawn(metrics_consumer::run(
+        config(&s, &topics, &prefix, &group, &dlq),
+        shutdown.clone(),
+    ));
+    tokio::select! {
+        stopped = &mut run => panic!("the consumer stopped: {stopped:?}"),
+        () = caught_up(&s, &prefix, &topics, 120) => {}
+    }
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(redis_int(&s, &format!("{prefix}revenue:total_cents")), 1250);
+    assert_eq!(topic_count(&s.kafka, &dlq, 1), 1);
+    cleanup_redis(&s, &prefix);
+}
