@@ -69,6 +69,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let (addr, server) = metrics::serve(config.metrics_addr, metrics.clone(), stop.clone()).await?;
     tracing::info!(metrics = %addr, sources = sources.len(), "cdc-reader started");
     let sink = Arc::new(Sink::new(&sink_cfg, metrics.clone())?);
+    // --shutdown-timeout-secs bounds the whole drain from the moment the
+    // stop was asked for: the sources' own flushes, then this final one.
+    let shutdown_timeout = Duration::from_secs(config.shutdown_timeout_secs);
+    let stopping_since = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            tokio::time::Instant::now()
+        })
+    };
 
     let mut tasks = tokio::task::JoinSet::new();
     for source in sources {
@@ -87,11 +97,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         }
     }
     stop.cancel();
+    let since = stopping_since
+        .await
+        .unwrap_or_else(|_| tokio::time::Instant::now());
     if let Err(e) = sink
-        .flush(Duration::from_secs(config.shutdown_timeout_secs))
+        .flush(shutdown_timeout.saturating_sub(since.elapsed()))
         .await
     {
-        tracing::warn!(error = %e, "final kafka flush failed");
+        tracing::warn!(error = %local_stack::one_line(&e), "final kafka flush failed");
     }
     let _ = server.await;
     match first_error {

@@ -1,6 +1,7 @@
 //! Shutdown respects `--shutdown-timeout-secs`: with Kafka unreachable and
 //! events in flight (they would wait `message.timeout.ms`, 300 s), SIGTERM
-//! ends the reader after about the configured timeout, not a fixed 30 s.
+//! ends the reader after about the configured timeout (the whole drain, not
+//! each step of it), not a fixed 30 s.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -28,7 +29,7 @@ async fn sigterm_with_kafka_down_stops_within_the_shutdown_timeout() {
             "--kafka-bootstrap-servers",
             &mock.bootstrap_servers(),
             "--shutdown-timeout-secs",
-            "2",
+            "5",
         ],
     );
     db.wait_streaming(&reader).await;
@@ -60,9 +61,10 @@ async fn sigterm_with_kafka_down_stops_within_the_shutdown_timeout() {
     let exited_ok = tokio::task::block_in_place(|| reader.stop());
     let took = stopping.elapsed();
     assert!(exited_ok, "clean exit:\n{}", tail(&reader.log_text(), 20));
+    // The timeout bounds the whole drain, not each of its steps.
     assert!(
-        took < Duration::from_secs(15),
-        "shutdown took {took:?} with --shutdown-timeout-secs 2:\n{}",
+        took < Duration::from_secs(9),
+        "shutdown took {took:?} with --shutdown-timeout-secs 5:\n{}",
         tail(&reader.log_text(), 20)
     );
     db.cleanup().await;
