@@ -311,11 +311,9 @@ pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) ->
         (Some(e), ..) | (None, Err(e), ..) | (None, Ok(()), Err(e), _) => Err(e),
         (None, Ok(()), Ok(()), polled) => polled,
     };
-    if let Err(e) = &result {
-        tracing::error!(error = %local_stack::one_line(e), "consumer stopping");
-        if stop.abandon.is_cancelled() {
-            return result;
-        }
+    // The error itself is the one line the binary prints.
+    if result.is_err() && stop.abandon.is_cancelled() {
+        return result;
     }
     // Final advisory commit of everything applied.
     let mut applied = HashMap::new();
