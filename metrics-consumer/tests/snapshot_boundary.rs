@@ -4,7 +4,9 @@
 //! commit after the slot's consistent point C. The reader streams them in
 //! full, with changes whose LSN is below the snapshot rows' C; the consumer
 //! must still apply them (it orders by `source.commit_lsn`, then
-//! `source.lsn`). Checked against the README's SQL run on the captured
+//! `source.lsn`). Then the reader starts from scratch (new slot, new
+//! snapshot) on the same topics, again with transactions held across its
+//! snapshot point. Checked against the README's SQL run on the captured
 //! database itself.
 //!
 //! Needs the local stack and the reader binary (`cargo build -p cdc-reader
@@ -15,7 +17,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::reader::{Scratch, assert_equals_source, caught_up, connect, consumer_config};
+use common::reader::{
+    Scratch, assert_equals_source, caught_up, connect, consumer_config, drop_slots,
+};
 use common::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -31,6 +35,14 @@ const HELD: [&str; 5] = [
     "DELETE FROM transaction WHERE id = 5",
     "UPDATE product SET category = 'food' WHERE id = 2; UPDATE transactiondetail SET quantity = quantity + 2 WHERE id = 7",
     "UPDATE transaction SET status = 'completed' WHERE id = 4; DELETE FROM transactiondetail WHERE id = 9",
+];
+
+/// Held across the second (re-)snapshot.
+const HELD_AGAIN: [&str; 4] = [
+    "UPDATE transaction SET total_amount = total_amount + 3 WHERE id = 10",
+    "UPDATE transaction SET status = 'refunded' WHERE id = 11; DELETE FROM transaction WHERE id = 12",
+    "UPDATE product SET category = 'garden' WHERE id = 3",
+    "UPDATE transactiondetail SET quantity = quantity + 1 WHERE id = 13; UPDATE transaction SET total_amount = total_amount + 5 WHERE id = 1",
 ];
 
 /// A transaction holding an xid, left open.
@@ -103,26 +115,29 @@ fn read_topic(kafka: &str, topic: &str, partitions: i32) -> Vec<serde_json::Valu
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transactions_open_across_the_snapshot_point_are_applied() {
-    let s = stack();
-    let (mut scratch, owner_url) = Scratch::create("boundary").await;
-    let admin = connect(&scratch.admin_url).await;
-    let owner = connect(&owner_url).await;
-
-    // The slot's snapshot builder logs the running transactions (R0) when
-    // the slot is created; it becomes consistent only after every
-    // transaction running at R0, and then every one running when those had
-    // ended (R1), has ended. A transaction that begins after R1 and commits
-    // after the consistent point is streamed in full.
-    let (t0, _) = open_xact(&owner_url).await;
-    let topic_prefix = unique("mctest.boundary.");
-    scratch.start_reader(&s.kafka, &topic_prefix);
+/// Starts the reader on a new slot and holds `held` open across its
+/// snapshot point: each begins after the slot's snapshot builder saw every
+/// older transaction and commits after the consistent point. The slot's
+/// snapshot builder logs the running transactions (R0) when the slot is
+/// created; it becomes consistent only after every transaction running at
+/// R0, and then every one running when those had ended (R1), has ended. A
+/// transaction that begins after R1 and commits after the consistent point
+/// is streamed in full.
+async fn reader_across(
+    s: &Stack,
+    scratch: &mut Scratch,
+    admin: &Client,
+    owner_url: &str,
+    topic_prefix: &str,
+    held: &[&str],
+) {
+    let (t0, _) = open_xact(owner_url).await;
+    scratch.start_reader(&s.kafka, topic_prefix);
     // The reader snapshots from a pending slot `<slot>_snapshot`.
     let pending = format!("{}_snapshot", scratch.slot);
     let deadline = Instant::now() + Duration::from_secs(60);
     while scratch
-        .slot_field(&admin, &pending, "restart_lsn")
+        .slot_field(admin, &pending, "restart_lsn")
         .await
         .is_none()
     {
@@ -133,21 +148,21 @@ async fn transactions_open_across_the_snapshot_point_are_applied() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (t1, t1_xid) = open_xact(&owner_url).await;
+    let (t1, t1_xid) = open_xact(owner_url).await;
     t0.batch_execute("COMMIT").await.unwrap();
-    older_ended_then_checkpoint(&admin, t1_xid, "first phase").await;
-    let mut held = Vec::new();
-    for sql in HELD {
-        let (c, xid) = open_xact(&owner_url).await;
+    older_ended_then_checkpoint(admin, t1_xid, "first phase").await;
+    let mut open = Vec::new();
+    for sql in held {
+        let (c, xid) = open_xact(owner_url).await;
         c.batch_execute(sql).await.unwrap();
-        held.push((c, xid));
+        open.push((c, xid));
     }
     t1.batch_execute("COMMIT").await.unwrap();
-    let first_held = held.iter().map(|(_, x)| *x).min().unwrap();
-    older_ended_then_checkpoint(&admin, first_held, "second phase").await;
+    let first_held = open.iter().map(|(_, x)| *x).min().unwrap();
+    older_ended_then_checkpoint(admin, first_held, "second phase").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while scratch
-        .slot_field(&admin, &pending, "confirmed_flush_lsn")
+        .slot_field(admin, &pending, "confirmed_flush_lsn")
         .await
         .is_none()
     {
@@ -159,9 +174,46 @@ async fn transactions_open_across_the_snapshot_point_are_applied() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         admin.batch_execute("CHECKPOINT").await.unwrap();
     }
-    for (c, _) in &held {
+    for (c, _) in &open {
         c.batch_execute("COMMIT").await.unwrap();
     }
+}
+
+/// Per snapshot point C (the `source.lsn` of snapshot rows), the streamed
+/// changes with `lsn < C <= commit_lsn`: those of transactions that crossed it.
+fn crossed(events: &[serde_json::Value]) -> Vec<(u64, usize)> {
+    let points: std::collections::BTreeSet<u64> = events
+        .iter()
+        .filter(|e| e["op"] == "r")
+        .filter_map(|e| e["source"]["lsn"].as_u64())
+        .collect();
+    points
+        .into_iter()
+        .map(|c| {
+            let n = events
+                .iter()
+                .filter(|e| e["op"] != "r")
+                .filter(|e| {
+                    let (lsn, commit) = (
+                        e["source"]["lsn"].as_u64(),
+                        e["source"]["commit_lsn"].as_u64(),
+                    );
+                    lsn.is_some_and(|l| l < c) && commit.is_none_or(|k| k >= c)
+                })
+                .count();
+            (c, n)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_open_across_the_snapshot_point_are_applied() {
+    let s = stack();
+    let (mut scratch, owner_url) = Scratch::create("boundary").await;
+    let admin = connect(&scratch.admin_url).await;
+    let owner = connect(&owner_url).await;
+    let topic_prefix = unique("mctest.boundary.");
+    reader_across(&s, &mut scratch, &admin, &owner_url, &topic_prefix, &HELD).await;
     // Later traffic on the same rows, as a live shop would have.
     owner
         .batch_execute(
@@ -172,26 +224,32 @@ async fn transactions_open_across_the_snapshot_point_are_applied() {
         .unwrap();
     scratch.wait_confirmed_now(&admin).await;
 
-    // The scenario happened: updates below the snapshot rows' LSN were streamed.
+    // The re-snapshot path: the reader starts from scratch (a new slot and
+    // a new snapshot) on the same topics, again with transactions held
+    // across its snapshot point.
+    if let Some(mut reader) = scratch.reader.take() {
+        reader.kill().unwrap();
+        reader.wait().unwrap();
+    }
+    drop_slots(&admin, &scratch.slot).await;
+    scratch.slot = format!("{}_again", scratch.db);
+    reader_across(
+        &s,
+        &mut scratch,
+        &admin,
+        &owner_url,
+        &topic_prefix,
+        &HELD_AGAIN,
+    )
+    .await;
+    scratch.wait_confirmed_now(&admin).await;
+
+    // The scenario happened: each snapshot point was crossed.
     let tx_topic = format!("{topic_prefix}.public.transaction");
-    let events = read_topic(&s.kafka, &tx_topic, 3);
-    let snapshot_lsn = events
-        .iter()
-        .find(|e| e["op"] == "r")
-        .and_then(|e| e["source"]["lsn"].as_u64())
-        .expect("snapshot rows in the topic");
-    let below = events
-        .iter()
-        .filter(|e| {
-            e["op"] != "r"
-                && e["source"]["lsn"]
-                    .as_u64()
-                    .is_some_and(|l| l < snapshot_lsn)
-        })
-        .count();
+    let crossed = crossed(&read_topic(&s.kafka, &tx_topic, 3));
     assert!(
-        below > 0,
-        "no streamed change below the snapshot point {snapshot_lsn}: the held transactions did not cross it"
+        crossed.len() == 2 && crossed.iter().all(|(_, n)| *n > 0),
+        "held transactions did not cross both snapshot points (point, changes): {crossed:?}"
     );
 
     let (config, prefix, topics) = consumer_config(&s, &scratch, &topic_prefix).await;
@@ -204,7 +262,7 @@ async fn transactions_open_across_the_snapshot_point_are_applied() {
         &s,
         &prefix,
         &owner,
-        &format!("{below} changes streamed below the snapshot point"),
+        &format!("changes across the snapshot points (point, changes): {crossed:?}"),
     )
     .await;
     cleanup_redis(&s, &prefix);

@@ -80,7 +80,8 @@ impl Drop for Scratch {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let (admin_url, db, slot) = (self.admin_url.clone(), self.db.clone(), self.slot.clone());
+        // Every slot of a test is named after its database.
+        let (admin_url, db) = (self.admin_url.clone(), self.db.clone());
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -88,33 +89,7 @@ impl Drop for Scratch {
                 .unwrap();
             rt.block_on(async {
                 let admin = connect(&admin_url).await;
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while Instant::now() < deadline {
-                    let _ = admin
-                        .execute(
-                            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE starts_with(slot_name, $1) AND active_pid IS NOT NULL",
-                            &[&slot],
-                        )
-                        .await;
-                    let _ = admin
-                        .execute(
-                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE starts_with(slot_name, $1) AND NOT active",
-                            &[&slot],
-                        )
-                        .await;
-                    let left: i64 = admin
-                        .query_one(
-                            "SELECT count(*) FROM pg_replication_slots WHERE starts_with(slot_name, $1)",
-                            &[&slot],
-                        )
-                        .await
-                        .unwrap()
-                        .get(0);
-                    if left == 0 {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                drop_slots(&admin, &db).await;
                 let _ = admin
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
                     .await;
@@ -122,6 +97,39 @@ impl Drop for Scratch {
         })
         .join();
     }
+}
+
+/// Ends the walsenders of the slots starting with `prefix` and drops the
+/// slots (a killed reader's walsender lingers a moment).
+pub async fn drop_slots(admin: &Client, prefix: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let _ = admin
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE starts_with(slot_name, $1) AND active_pid IS NOT NULL",
+                &[&prefix],
+            )
+            .await;
+        let _ = admin
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE starts_with(slot_name, $1) AND NOT active",
+                &[&prefix],
+            )
+            .await;
+        let left: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE starts_with(slot_name, $1)",
+                &[&prefix],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if left == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the slots {prefix}* could not be dropped within 20 s");
 }
 
 /// A few rows in every table.
