@@ -108,6 +108,16 @@ pub struct Config {
     )]
     pub kafka_bootstrap_servers: String,
 
+    /// Seconds to wait at startup for a Kafka broker to answer; when none
+    /// does, the reader exits with an error instead of retrying forever.
+    #[arg(
+        long,
+        env = "CDC_KAFKA_STARTUP_TIMEOUT_SECS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub kafka_startup_timeout_secs: u64,
+
     /// Partitions of topics the reader creates.
     #[arg(long, env = "CDC_TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
@@ -400,6 +410,17 @@ mod tests {
         assert_eq!(
             d.source_configs().unwrap()[0].shutdown_timeout,
             Duration::from_secs(30)
+        );
+    }
+
+    #[test]
+    fn kafka_startup_timeout_defaults_to_30_s_and_is_at_least_1() {
+        let d = parse(&["--source", "a=postgres://u@h/db"]);
+        assert_eq!(d.kafka_startup_timeout_secs, 30);
+        let c = parse(&["--kafka-startup-timeout-secs", "2"]);
+        assert_eq!(c.kafka_startup_timeout_secs, 2);
+        assert!(
+            Config::try_parse_from(["cdc-reader", "--kafka-startup-timeout-secs", "0"]).is_err()
         );
     }
 

@@ -7,7 +7,9 @@
 //!   SQLSTATE is transient (connection loss, shutdown, too many clients);
 //! - definite (one clear line, exit non-zero; retrying cannot help):
 //!   [`Error::Config`], [`Error::Setup`], [`Error::BadData`],
-//!   [`Error::MissingKey`], [`Error::TooLarge`], [`Error::Io`], and
+//!   [`Error::MissingKey`], [`Error::TooLarge`], [`Error::Io`],
+//!   [`Error::KafkaUnreachable`] (at startup only: once running, a broker
+//!   outage is [`Error::Kafka`] and retried), and
 //!   [`Error::Postgres`] / [`Error::Server`] with a definite SQLSTATE (see
 //!   [`sqlstate_is_definite`]: missing privilege 42501, missing table 42P01,
 //!   authentication, ...).
@@ -17,6 +19,7 @@
 //! the row, as in [`Error::TooLarge`]).
 
 use std::io;
+use std::time::Duration;
 
 /// Every failure of the reader.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +119,23 @@ pub enum Error {
         limit: String,
     },
 
+    /// No Kafka broker answered at startup: a wrong address or a cluster that
+    /// is not running. Checked before any slot work, never retried.
+    #[error(
+        "no Kafka broker answered at {servers} within {} s: check --kafka-bootstrap-servers / KAFKA_BOOTSTRAP_SERVERS (scripts/up writes .local/env) and that the brokers run (scripts/status)",
+        waited.as_secs()
+    )]
+    KafkaUnreachable {
+        /// The bootstrap servers that were tried.
+        servers: String,
+        /// How long the reader waited (`--kafka-startup-timeout-secs`).
+        waited: Duration,
+        /// The last failure of a metadata request, if one failed (rather
+        /// than timing out).
+        #[source]
+        source: Option<rdkafka::error::KafkaError>,
+    },
+
     /// Local IO (metrics listener, sockets).
     #[error("io: {context}")]
     Io {
@@ -145,6 +165,7 @@ impl Error {
             | Error::BadData(_)
             | Error::MissingKey { .. }
             | Error::TooLarge { .. }
+            | Error::KafkaUnreachable { .. }
             | Error::Io { .. } => false,
         }
     }

@@ -8,6 +8,7 @@
 
 pub mod ack;
 pub mod change;
+pub mod cluster;
 pub mod config;
 pub mod decoder;
 pub mod error;
@@ -64,6 +65,19 @@ pub fn sink_config(config: &Config) -> Result<SinkConfig, Error> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     let sources = config.source_configs()?;
     let sink_cfg = sink_config(&config)?;
+    // A wrong address must end the reader, not retry forever; once a broker
+    // has answered, an outage is transient and the sources retry.
+    let startup_timeout = Duration::from_secs(config.kafka_startup_timeout_secs);
+    match cluster::await_broker(&config.kafka_bootstrap_servers, startup_timeout, &shutdown).await?
+    {
+        cluster::Probe::Answered(brokers) => {
+            tracing::info!(brokers, "kafka answered");
+        }
+        cluster::Probe::Stopped => {
+            tracing::info!("cdc-reader stopped before kafka answered");
+            return Ok(());
+        }
+    }
     let metrics = Metrics::new();
     let stop = shutdown.child_token();
     let (addr, server) = metrics::serve(config.metrics_addr, metrics.clone(), stop.clone()).await?;

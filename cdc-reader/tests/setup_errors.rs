@@ -205,3 +205,42 @@ async fn wal_level_not_logical_says_how_to_fix() {
         ],
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_kafka_exits_clearly() {
+    let db = TestDb::create("nokafka", support::CRM_SQL).await;
+    // Port 1: nothing listens there, so no broker can ever answer.
+    let bad = "127.0.0.1:1";
+    let mut r = Reader::start(
+        &db,
+        &[
+            "--kafka-bootstrap-servers",
+            bad,
+            "--kafka-startup-timeout-secs",
+            "2",
+        ],
+    );
+    let (ok, log) = r.wait_exit(Duration::from_secs(30));
+    assert!(!ok, "the reader must exit non-zero:\n{}", tail(&log, 30));
+    assert_one_error_line(
+        &log,
+        &[
+            &format!("no Kafka broker answered at {bad} within 2 s"),
+            "--kafka-bootstrap-servers",
+            "KAFKA_BOOTSTRAP_SERVERS",
+            "scripts/status",
+        ],
+    );
+    // Checked before any slot work: nothing was created in the database.
+    let slots: i64 = connect(&db.admin_url)
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&db.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0, "no slot may be created before Kafka answered");
+    db.cleanup().await;
+}
