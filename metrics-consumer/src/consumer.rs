@@ -39,6 +39,9 @@ use crate::store::{Batch, Planner, Store};
 use crate::telemetry::Telemetry;
 use crate::{Config, Error};
 
+/// Next offset per topic/partition.
+type Offsets = HashMap<(String, i32), i64>;
+
 /// How the threads learn to stop. `shutdown` asks for a clean stop: polling
 /// ends and the batch in hand is still applied (also cancelled by a thread
 /// that met a definite error, so the others wind down). `abandon` is
@@ -212,105 +215,26 @@ fn now_ms() -> i64 {
 /// Runs the consumer until `stop.shutdown`; blocking (call from a thread
 /// of its own). Returns the first definite error any of its threads met.
 pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) -> Result<(), Error> {
-    let shutdown = &stop.shutdown;
     let settings = crate::settings::translate(config)?;
-    let rebalancer = Rebalancer {
-        store: Mutex::new(Store::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?),
-        stop: stop.clone(),
-        failed: Mutex::new(None),
-    };
-    let consumer: BaseConsumer<Rebalancer> = settings
-        .consumer
-        .create_with_context(rebalancer)
-        .map_err(Error::Kafka)?;
-    let topics: Vec<&str> = config.topic_list();
-    consumer.subscribe(&topics).map_err(Error::Kafka)?;
-    tracing::info!(topics = topics.len(), group = %config.group, "subscribed");
-
+    let consumer = subscribe(config, &settings, stop)?;
     let dead_letters = DeadLetters::new(&settings.dead_letters, &config.dlq_topic)?;
-
-    let (work_tx, work_rx) = sync_channel::<Work>(1);
-    // Rendezvous: the planner hands batch N+1 over only once the apply thread
-    // has finished N, so at most one script runs while it plans.
-    let (plan_tx, plan_rx) = sync_channel::<(Batch, Option<Plan>)>(0);
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<HashMap<(String, i32), i64>>();
-    let mut store = Store::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?;
-    let mut planner = Planner::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?;
-    let apply_telemetry = Arc::clone(telemetry);
-    let plan_telemetry = Arc::clone(telemetry);
-    let dashboard_every = Duration::from_millis(config.dashboard_interval_ms);
-    let plan_stop = stop.clone();
-    let plans = std::thread::Builder::new()
-        .name("plan".into())
-        .spawn(move || {
-            plan_loop(
-                &work_rx,
-                &plan_tx,
-                &mut planner,
-                &dead_letters,
-                &plan_telemetry,
-                &plan_stop,
-            )
-        })
-        .map_err(|source| Error::Spawn {
-            thread: "plan",
-            source,
-        })?;
-    let apply_stop = stop.clone();
-    let applier = std::thread::Builder::new()
-        .name("apply".into())
-        .spawn(move || {
-            apply_loop(
-                &plan_rx,
-                &done_tx,
-                &mut store,
-                &apply_telemetry,
-                dashboard_every,
-                &apply_stop,
-            )
-        })
-        .map_err(|source| Error::Spawn {
-            thread: "apply",
-            source,
-        })?;
-
+    let pipeline = Pipeline::spawn(config, dead_letters, telemetry, stop)?;
     let positions = Arc::new(Mutex::new(HashMap::new()));
-    let watermarks: BaseConsumer = settings.watermarks.create().map_err(Error::Kafka)?;
-    let lag_positions = Arc::clone(&positions);
-    let lag_telemetry = Arc::clone(telemetry);
-    let lag_shutdown = shutdown.clone();
-    let lag = std::thread::Builder::new()
-        .name("lag".into())
-        .spawn(move || {
-            lag_loop(&watermarks, &lag_positions, &lag_telemetry, &lag_shutdown);
-            Ok(())
-        })
-        .map_err(|source| Error::Spawn {
-            thread: "lag",
-            source,
-        })?;
+    let lag = spawn_lag(&settings, &positions, telemetry, &stop.shutdown)?;
 
     telemetry.set_consuming(true);
     let polled = poll_loop(
-        config, &consumer, &work_tx, &done_rx, &positions, telemetry, shutdown,
+        config,
+        &consumer,
+        &pipeline.work_tx,
+        &pipeline.done_rx,
+        &positions,
+        telemetry,
+        &stop.shutdown,
     );
-    drop(work_tx);
-    let planned = stop.join(plans, "plan");
-    let applied_all = stop.join(applier, "apply");
-    shutdown.cancel();
+    let (result, done_rx) = pipeline.finish(polled, &consumer, stop);
+    stop.shutdown.cancel();
     telemetry.set_consuming(false);
-    // The definite cause first: the poll loop only sees the threads it
-    // feeds stop.
-    let failed = consumer
-        .context()
-        .failed
-        .lock()
-        .ok()
-        .and_then(|mut f| f.take());
-    let result = match (failed, planned, applied_all, polled) {
-        (Some(e), ..) | (None, Err(e), ..) | (None, Ok(()), Err(e), _) => Err(e),
-        (None, Ok(()), Ok(()), polled) => polled,
-    };
     // The error itself is the one line the binary prints.
     if result.is_err() && stop.abandon.is_cancelled() {
         return result;
@@ -328,12 +252,150 @@ pub fn run_blocking(config: &Config, telemetry: &Arc<Telemetry>, stop: &Stop) ->
     result
 }
 
+/// The group consumer, subscribed; its rebalance callback seeks to the
+/// offsets stored in Redis.
+fn subscribe(
+    config: &Config,
+    settings: &crate::settings::KafkaSettings,
+    stop: &Stop,
+) -> Result<BaseConsumer<Rebalancer>, Error> {
+    let rebalancer = Rebalancer {
+        store: Mutex::new(Store::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?),
+        stop: stop.clone(),
+        failed: Mutex::new(None),
+    };
+    let consumer: BaseConsumer<Rebalancer> = settings
+        .consumer
+        .create_with_context(rebalancer)
+        .map_err(Error::Kafka)?;
+    let topics: Vec<&str> = config.topic_list();
+    consumer.subscribe(&topics).map_err(Error::Kafka)?;
+    tracing::info!(topics = topics.len(), group = %config.group, "subscribed");
+    Ok(consumer)
+}
+
+/// The plan and apply threads and the channels around them.
+struct Pipeline {
+    work_tx: SyncSender<Work>,
+    done_rx: Receiver<Offsets>,
+    plans: std::thread::JoinHandle<Result<(), Error>>,
+    applier: std::thread::JoinHandle<Result<(), Error>>,
+}
+
+impl Pipeline {
+    fn spawn(
+        config: &Config,
+        dead_letters: DeadLetters,
+        telemetry: &Arc<Telemetry>,
+        stop: &Stop,
+    ) -> Result<Pipeline, Error> {
+        let (work_tx, work_rx) = sync_channel::<Work>(1);
+        // Rendezvous: the planner hands batch N+1 over only once the apply
+        // thread has finished N, so at most one script runs while it plans.
+        let (plan_tx, plan_rx) = sync_channel::<(Batch, Option<Plan>)>(0);
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<Offsets>();
+        let mut store = Store::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?;
+        let mut planner = Planner::new(&config.redis_url, &config.prefix).map_err(Error::Redis)?;
+        let (plan_telemetry, plan_stop) = (Arc::clone(telemetry), stop.clone());
+        let plans = std::thread::Builder::new()
+            .name("plan".into())
+            .spawn(move || {
+                plan_loop(
+                    &work_rx,
+                    &plan_tx,
+                    &mut planner,
+                    &dead_letters,
+                    &plan_telemetry,
+                    &plan_stop,
+                )
+            })
+            .map_err(|source| Error::Spawn {
+                thread: "plan",
+                source,
+            })?;
+        let (apply_telemetry, apply_stop) = (Arc::clone(telemetry), stop.clone());
+        let dashboard_every = Duration::from_millis(config.dashboard_interval_ms);
+        let applier = std::thread::Builder::new()
+            .name("apply".into())
+            .spawn(move || {
+                apply_loop(
+                    &plan_rx,
+                    &done_tx,
+                    &mut store,
+                    &apply_telemetry,
+                    dashboard_every,
+                    &apply_stop,
+                )
+            })
+            .map_err(|source| Error::Spawn {
+                thread: "apply",
+                source,
+            })?;
+        Ok(Pipeline {
+            work_tx,
+            done_rx,
+            plans,
+            applier,
+        })
+    }
+
+    /// Lets the threads finish the work handed over and returns the
+    /// consumer's result: the definite cause first (the poll loop only sees
+    /// the threads it feeds stop), then the poll loop's own.
+    fn finish(
+        self,
+        polled: Result<(), Error>,
+        consumer: &BaseConsumer<Rebalancer>,
+        stop: &Stop,
+    ) -> (Result<(), Error>, Receiver<Offsets>) {
+        drop(self.work_tx);
+        let planned = stop.join(self.plans, "plan");
+        let applied = stop.join(self.applier, "apply");
+        let failed = consumer
+            .context()
+            .failed
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take());
+        let result = match (failed, planned, applied, polled) {
+            (Some(e), ..) | (None, Err(e), ..) | (None, Ok(()), Err(e), _) => Err(e),
+            (None, Ok(()), Ok(()), polled) => polled,
+        };
+        (result, self.done_rx)
+    }
+}
+
+/// The thread that keeps the lag gauge, on a client of its own.
+fn spawn_lag(
+    settings: &crate::settings::KafkaSettings,
+    positions: &Arc<Mutex<Offsets>>,
+    telemetry: &Arc<Telemetry>,
+    shutdown: &CancellationToken,
+) -> Result<std::thread::JoinHandle<Result<(), Error>>, Error> {
+    let watermarks: BaseConsumer = settings.watermarks.create().map_err(Error::Kafka)?;
+    let (positions, telemetry, shutdown) = (
+        Arc::clone(positions),
+        Arc::clone(telemetry),
+        shutdown.clone(),
+    );
+    std::thread::Builder::new()
+        .name("lag".into())
+        .spawn(move || {
+            lag_loop(&watermarks, &positions, &telemetry, &shutdown);
+            Ok(())
+        })
+        .map_err(|source| Error::Spawn {
+            thread: "lag",
+            source,
+        })
+}
+
 fn poll_loop(
     config: &Config,
     consumer: &BaseConsumer<Rebalancer>,
     work_tx: &SyncSender<Work>,
-    done_rx: &Receiver<HashMap<(String, i32), i64>>,
-    positions: &Mutex<HashMap<(String, i32), i64>>,
+    done_rx: &Receiver<Offsets>,
+    positions: &Mutex<Offsets>,
     telemetry: &Telemetry,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
@@ -425,11 +487,7 @@ fn log_bad(
     }
 }
 
-fn commit(
-    consumer: &BaseConsumer<Rebalancer>,
-    offsets: &HashMap<(String, i32), i64>,
-    mode: CommitMode,
-) {
+fn commit(consumer: &BaseConsumer<Rebalancer>, offsets: &Offsets, mode: CommitMode) {
     if offsets.is_empty() {
         return;
     }
@@ -450,7 +508,7 @@ fn commit(
 /// queries can be slow on a busy broker and must not stall the poll loop.
 fn lag_loop(
     kafka: &BaseConsumer,
-    positions: &Mutex<HashMap<(String, i32), i64>>,
+    positions: &Mutex<Offsets>,
     telemetry: &Telemetry,
     shutdown: &CancellationToken,
 ) {
@@ -513,7 +571,7 @@ fn plan_loop(
 
 fn apply_loop(
     plan_rx: &Receiver<(Batch, Option<Plan>)>,
-    done_tx: &std::sync::mpsc::Sender<HashMap<(String, i32), i64>>,
+    done_tx: &std::sync::mpsc::Sender<Offsets>,
     store: &mut Store,
     telemetry: &Telemetry,
     dashboard_every: Duration,
