@@ -212,6 +212,39 @@ fn chunks<T>(items: Vec<T>) -> Vec<Vec<T>> {
 /// Folds the batch over the snapshot: the checks, the writes and the counts.
 /// Pure: the same batch and snapshot always give the same plan.
 pub fn build(batch: &Batch, snap: &Snapshot, prefix: &str, now_ms: i64) -> Result<Plan, Error> {
+    require_complete(batch, snap)?;
+    let folded = fold_batch(batch, snap, prior(snap)?)?;
+    let tp_names: Vec<String> = batch.tps().iter().map(|(t, p)| tp_field(t, *p)).collect();
+    let mut writes = state_writes(&folded, snap, prefix);
+    writes.extend(metric_writes(&folded.mem, prefix));
+    writes.extend(progress_writes(&folded, tp_names.clone(), prefix, now_ms));
+    Ok(Plan {
+        checks: checks(snap, &tp_names, prefix),
+        writes,
+        counts: folded.counts,
+    })
+}
+
+/// The fold needs every input read: a missing one would fold against a
+/// made-up empty value.
+fn require_complete(batch: &Batch, snap: &Snapshot) -> Result<(), Error> {
+    if !snap.missing_products(batch).is_empty()
+        || snap.offsets.len() != batch.tps().len()
+        || batch.entries().iter().any(|e| match &e.change {
+            Some(Change::Row { table, id, .. }) => !snap.rows.contains_key(&(*table, id.clone())),
+            Some(Change::Truncate { table, .. }) => !snap.tables.contains_key(table),
+            _ => false,
+        })
+    {
+        return Err(Error::Internal(
+            "apply plan built from an incomplete snapshot".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The reference store holding the values read: row states and join inputs.
+fn prior(snap: &Snapshot) -> Result<MemStore, Error> {
     let mut mem = MemStore::default();
     for ((table, id), text) in &snap.rows {
         if let Some(text) = text {
@@ -240,21 +273,27 @@ pub fn build(batch: &Batch, snap: &Snapshot, prefix: &str, now_ms: i64) -> Resul
             mem.product_category.insert(pid.clone(), category.clone());
         }
     }
-    // The fold needs every input read: a missing one would fold against a
-    // made-up empty value.
-    if !snap.missing_products(batch).is_empty()
-        || snap.offsets.len() != batch.tps().len()
-        || batch.entries().iter().any(|e| match &e.change {
-            Some(Change::Row { table, id, .. }) => !snap.rows.contains_key(&(*table, id.clone())),
-            Some(Change::Truncate { table, .. }) => !snap.tables.contains_key(table),
-            _ => false,
-        })
-    {
-        return Err(Error::Internal(
-            "apply plan built from an incomplete snapshot".into(),
-        ));
-    }
+    Ok(mem)
+}
 
+/// The batch folded over the values read.
+struct BatchFold {
+    /// Row states, join inputs and summed metric deltas after the batch.
+    mem: MemStore,
+    /// Next offset per topic/partition ([`Batch::tps`] order).
+    next: Vec<i64>,
+    /// Whether the batch moved that offset.
+    moved: Vec<bool>,
+    counts: Applied,
+    /// Commit time of the last applied event.
+    last_ts: Option<i64>,
+    /// Rows whose state the batch changed.
+    written: BTreeSet<(Table, String)>,
+    /// Tables whose whole row-state hash is deleted (positionless truncates).
+    truncated: BTreeSet<Table>,
+}
+
+fn fold_batch(batch: &Batch, snap: &Snapshot, mut mem: MemStore) -> Result<BatchFold, Error> {
     let mut next = Vec::with_capacity(snap.offsets.len());
     for (i, stored) in snap.offsets.iter().enumerate() {
         next.push(match stored {
@@ -314,9 +353,20 @@ pub fn build(batch: &Batch, snap: &Snapshot, prefix: &str, now_ms: i64) -> Resul
             }
         }
     }
+    Ok(BatchFold {
+        mem,
+        next,
+        moved,
+        counts,
+        last_ts,
+        written,
+        truncated,
+    })
+}
 
+/// Every value the plan was computed from.
+fn checks(snap: &Snapshot, tp_names: &[String], prefix: &str) -> Vec<Check> {
     let mut checks = Vec::new();
-    let tp_names: Vec<String> = batch.tps().iter().map(|(t, p)| tp_field(t, *p)).collect();
     check_hash(
         &mut checks,
         &format!("{prefix}offsets"),
@@ -345,32 +395,35 @@ pub fn build(batch: &Batch, snap: &Snapshot, prefix: &str, now_ms: i64) -> Resul
             values.iter().map(|(id, v)| (id.as_str(), v)),
         );
     }
-    let gmv_key = format!("{prefix}join:product_gmv_cents");
-    let cat_key = format!("{prefix}join:product_category");
     check_hash(
         &mut checks,
-        &gmv_key,
+        &format!("{prefix}join:product_gmv_cents"),
         snap.product_gmv.iter().map(|(p, v)| (p.as_str(), v)),
     );
     check_hash(
         &mut checks,
-        &cat_key,
+        &format!("{prefix}join:product_category"),
         snap.product_category.iter().map(|(p, v)| (p.as_str(), v)),
     );
+    checks
+}
 
+/// Row states and join inputs after the batch (deletes first).
+fn state_writes(folded: &BatchFold, snap: &Snapshot, prefix: &str) -> Vec<Write> {
+    let mem = &folded.mem;
     let mut writes = Vec::new();
-    for table in &truncated {
+    for table in &folded.truncated {
         writes.push(Write::Del {
             key: rows_key(prefix, *table),
         });
     }
     let mut row_writes: BTreeMap<Table, Vec<(String, String)>> = BTreeMap::new();
-    for key in written {
-        if let Some(state) = mem.rows.get(&key) {
+    for key in &folded.written {
+        if let Some(state) = mem.rows.get(key) {
             row_writes
                 .entry(key.0)
                 .or_default()
-                .push((key.1, encode_state(state)));
+                .push((key.1.clone(), encode_state(state)));
         }
     }
     for (table, pairs) in row_writes {
@@ -381,6 +434,8 @@ pub fn build(batch: &Batch, snap: &Snapshot, prefix: &str, now_ms: i64) -> Resul
             });
         }
     }
+    let gmv_key = format!("{prefix}join:product_gmv_cents");
+    let cat_key = format!("{prefix}join:product_category");
     let gmv_sets: Vec<(String, String)> = mem
         .product_gmv
         .iter()
@@ -417,12 +472,21 @@ pub fn build(batch: &Batch, snap: &Snapshot, prefix: &str, now_ms: i64) -> Resul
             fields,
         });
     }
-    writes.extend(metric_writes(&mem, prefix));
+    writes
+}
 
+/// The consumed offsets and the pipeline counters.
+fn progress_writes(
+    folded: &BatchFold,
+    tp_names: Vec<String>,
+    prefix: &str,
+    now_ms: i64,
+) -> Vec<Write> {
+    let mut writes = Vec::new();
     let offsets: Vec<(String, String)> = tp_names
         .into_iter()
-        .zip(&next)
-        .zip(&moved)
+        .zip(&folded.next)
+        .zip(&folded.moved)
         .filter(|(_, m)| **m)
         .map(|((name, n), _)| (name, n.to_string()))
         .collect();
@@ -433,6 +497,7 @@ pub fn build(batch: &Batch, snap: &Snapshot, prefix: &str, now_ms: i64) -> Resul
         });
     }
     let pipeline = format!("{prefix}pipeline");
+    let counts = folded.counts;
     let stats: Vec<(String, i64)> = [
         ("events_applied", counts.applied),
         ("duplicates_skipped", counts.duplicates),
@@ -449,7 +514,7 @@ pub fn build(batch: &Batch, snap: &Snapshot, prefix: &str, now_ms: i64) -> Resul
             pairs: stats,
         });
     }
-    if let Some(ts) = last_ts {
+    if let Some(ts) = folded.last_ts {
         writes.push(Write::HSet {
             key: pipeline,
             pairs: vec![
@@ -459,11 +524,7 @@ pub fn build(batch: &Batch, snap: &Snapshot, prefix: &str, now_ms: i64) -> Resul
             ],
         });
     }
-    Ok(Plan {
-        checks,
-        writes,
-        counts,
-    })
+    writes
 }
 
 /// The batch's summed metric deltas as Redis increments. [`MemStore`] names
