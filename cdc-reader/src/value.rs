@@ -423,9 +423,13 @@ fn write_f64(out: &mut Vec<u8>, v: f64) {
     }
 }
 
+/// `-?digits` without leading zeros: the text is written as a JSON number
+/// as it is, and JSON has no leading zeros (Postgres never prints them).
 fn is_integer(text: &str) -> bool {
     let digits = text.strip_prefix('-').unwrap_or(text);
-    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits.len() == 1 || !digits.starts_with('0'))
 }
 
 /// `[-]digits[.digits]`: (negative, integer part, fraction part).
@@ -961,6 +965,10 @@ mod tests {
         fails("4x", oid::INT4);
         fails("", oid::INT8);
         fails("-", oid::INT8);
+        // Written as JSON numbers as they are: leading zeros would be invalid JSON.
+        assert_eq!(s("0", oid::INT4), json!(0));
+        fails("00", oid::INT8);
+        fails("-07", oid::INT2);
     }
 
     #[test]
