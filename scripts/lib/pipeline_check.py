@@ -162,12 +162,17 @@ def replay(bootstrap: str, db: str, table: str, types: dict[str, str], timeout_s
     for partition, messages in consume_topic(bootstrap, topic, timeout_s).items():
         for offset, key, value in messages:
             events.append((partition, offset, key, value))
-    # Per-key order is partition order (the reader keeps a key in one
-    # partition, in commit order), so events are applied partition by
-    # partition. A TRUNCATE (op t) wipes everything before it in every
-    # partition: events whose change LSN precedes the latest truncate are
-    # skipped. TRUNCATE takes an exclusive lock, so no transaction that wrote
-    # the table before it can commit after it.
+    # A key lives in one partition, but offset order is not always commit
+    # order: a reader killed while a partition leader fails over can have
+    # unacknowledged batches appended after its successor's resends of the
+    # same transactions (seen in chaos runs). So, as a careful consumer
+    # does, each key keeps the event with the highest position
+    # (source.commit_lsn, source.lsn); an older event that arrives later is
+    # skipped, and a delete keeps its position so an older create cannot
+    # bring the row back. A TRUNCATE (op t) wipes everything before it:
+    # events whose change LSN precedes the latest truncate are skipped
+    # (TRUNCATE takes an exclusive lock, so no transaction that wrote the
+    # table before it can commit after it).
     decoded = []
     for partition, offset, key, value in sorted(events, key=lambda e: (e[0], e[1])):
         if value is None:
@@ -179,12 +184,22 @@ def replay(bootstrap: str, db: str, table: str, types: dict[str, str], timeout_s
             continue
         if "payload" in event and "schema" in event:
             event = event["payload"]
-        lsn = int((event.get("source") or {}).get("lsn") or 0)
-        decoded.append((lsn, key, event))
-    truncated_at = max((lsn for lsn, _k, e in decoded if e.get("op") == "t"), default=None)
+        source = event.get("source") or {}
+        lsn = int(source.get("lsn") or 0)
+        position = (int(source.get("commit_lsn") or lsn), lsn)
+        decoded.append((lsn, key, event, position))
+    truncated_at = max((lsn for lsn, _k, e, _p in decoded if e.get("op") == "t"), default=None)
     if truncated_at is not None:
         decoded = [d for d in decoded if d[0] >= truncated_at]
-    for _lsn, key, event in decoded:
+    newest: dict[str, tuple[int, int]] = {}
+
+    def newer(pk: str, position: tuple[int, int]) -> bool:
+        if position < newest.get(pk, (-1, -1)):
+            return False
+        newest[pk] = position
+        return True
+
+    for _lsn, key, event, position in decoded:
         op = event.get("op")
         if op in ("c", "r", "u"):
             after = event.get("after")
@@ -193,15 +208,18 @@ def replay(bootstrap: str, db: str, table: str, types: dict[str, str], timeout_s
                 continue
             row = {k: from_event(v, types.get(k, "text")) for k, v in after.items()}
             pk = row_key(row, key)
+            if not newer(pk, position):
+                continue
             if op == "u" and event.get("before"):
                 old_key = row_key({k: from_event(v, types.get(k, "text")) for k, v in event["before"].items()}, None)
-                if old_key != pk:
+                if old_key != pk and newer(old_key, position):
                     rows.pop(old_key, None)
             rows[pk] = row
         elif op == "d":
             before = event.get("before") or {}
             pk = row_key({k: from_event(v, types.get(k, "text")) for k, v in before.items()}, key)
-            rows.pop(pk, None)
+            if newer(pk, position):
+                rows.pop(pk, None)
         elif op == "t":
             pass  # already applied: everything before the latest truncate was dropped above
         else:
