@@ -42,6 +42,44 @@ use crate::{Config, Error};
 /// Next offset per topic/partition.
 type Offsets = HashMap<(String, i32), i64>;
 
+/// How often a consume error that keeps coming back is logged: during a
+/// broker outage librdkafka reports one on nearly every poll.
+const CONSUME_ERROR_EVERY: Duration = Duration::from_secs(5);
+
+/// Lets a repeated warning through at most once per interval and counts
+/// the occurrences held back in between.
+#[derive(Debug)]
+struct Throttle {
+    every: Duration,
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    /// `Some(held back since the last one let through)` when this
+    /// occurrence at `now` is to be logged, else `None` (counted).
+    fn admit(&mut self, now: Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.every => {
+                self.held_back += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
+}
+
 /// How the threads learn to stop. `shutdown` asks for a clean stop: polling
 /// ends and the batch in hand is still applied (also cancelled by a thread
 /// that met a definite error, so the others wind down). `abandon` is
@@ -402,6 +440,7 @@ fn poll_loop(
     let mut batch = Batch::default();
     let mut dead = Vec::new();
     let mut logged_kinds: HashSet<&'static str> = HashSet::new();
+    let mut consume_errors = Throttle::new(CONSUME_ERROR_EVERY);
     let renames = config.renames()?;
     let send = |batch: &mut Batch, dead: &mut Vec<DeadLetter>| -> Result<(), Error> {
         if batch.is_empty() {
@@ -434,7 +473,9 @@ fn poll_loop(
         match consumer.poll(timeout) {
             None => send(&mut batch, &mut dead)?,
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "kafka consume error");
+                if let Some(held_back) = consume_errors.admit(Instant::now()) {
+                    tracing::warn!(error = %e, held_back, "kafka consume error (repeats within 5 s are only counted, in held_back)");
+                }
                 send(&mut batch, &mut dead)?;
             }
             Some(Ok(message)) => {
@@ -644,4 +685,30 @@ fn apply_loop(
         tracing::warn!(error = %e, "cannot write the dashboard summary");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_warning_is_let_through_once_per_interval_with_a_count() {
+        let mut throttle = Throttle::new(Duration::from_secs(5));
+        let start = Instant::now();
+        assert_eq!(throttle.admit(start), Some(0));
+        // An outage: an error on every 50 ms poll.
+        let mut logged = Vec::new();
+        for i in 1..=200u32 {
+            let at = start + Duration::from_millis(50) * i;
+            if let Some(held_back) = throttle.admit(at) {
+                logged.push((at - start, held_back));
+            }
+        }
+        assert_eq!(
+            logged,
+            vec![(Duration::from_secs(5), 99), (Duration::from_secs(10), 99)]
+        );
+        // After a quiet spell the next one is logged at once.
+        assert_eq!(throttle.admit(start + Duration::from_secs(60)), Some(0));
+    }
 }

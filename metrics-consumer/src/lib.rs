@@ -4,13 +4,15 @@
 //!
 //! Modules: [`money`] and [`fold`] are pure (decode an event, compute a row's
 //! contribution, the retract-and-add rules); [`batch`] holds the decoded
-//! messages of one atomic apply; [`plan`] folds a batch over the Redis values
+//! messages of one atomic apply; [`cluster`] checks at startup that a Kafka
+//! broker answers; [`plan`] folds a batch over the Redis values
 //! it depends on into checked writes (pure); [`store`] reads those values and
 //! runs the compare-and-write Lua script; [`consumer`] is the Kafka loop;
 //! [`dead_letter`] copies bad messages to the dead-letter topic; [`telemetry`] and [`http`]
 //! serve `/metrics` and `/health`.
 
 pub mod batch;
+pub mod cluster;
 pub mod consumer;
 pub mod dead_letter;
 pub mod fold;
@@ -46,6 +48,17 @@ pub struct Config {
         default_value = "127.0.0.1:19092"
     )]
     pub bootstrap_servers: String,
+
+    /// Seconds to wait at startup for a Kafka broker to answer; when none
+    /// does, the consumer exits with an error instead of retrying forever.
+    /// Once a broker has answered, an outage is waited out.
+    #[arg(
+        long,
+        env = "METRICS_KAFKA_STARTUP_TIMEOUT_SECS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub kafka_startup_timeout_secs: u64,
 
     /// Redis URL holding the metrics, row states and consumed offsets.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:63790/0")]
@@ -196,6 +209,22 @@ pub enum Error {
         "kafka client setup failed; check KAFKA_BOOTSTRAP_SERVERS and that the brokers run (scripts/up)"
     )]
     Kafka(#[source] rdkafka::error::KafkaError),
+    /// No Kafka broker answered at start: a wrong address or a cluster that
+    /// is not running. Never retried; once running, an outage is waited out.
+    #[error(
+        "no Kafka broker answered at {servers} within {} s: check --bootstrap-servers / KAFKA_BOOTSTRAP_SERVERS (scripts/up writes .local/env) and that the brokers run (scripts/status)",
+        waited.as_secs()
+    )]
+    KafkaUnreachable {
+        /// The bootstrap servers that were tried.
+        servers: String,
+        /// How long the consumer waited (`--kafka-startup-timeout-secs`).
+        waited: Duration,
+        /// The last failed metadata request, if one failed rather than
+        /// timing out.
+        #[source]
+        source: Option<rdkafka::error::KafkaError>,
+    },
     /// Redis unreachable at start: check REDIS_URL and that Redis runs.
     #[error("redis unavailable; check REDIS_URL and that redis runs (scripts/up)")]
     Redis(#[source] redis::RedisError),
@@ -291,6 +320,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tokio::task::block_in_place(|| store.offsets(&[("ping".to_owned(), 0)]))
         .map_err(Error::Redis)?;
     drop(store);
+    // A wrong Kafka address must end the consumer, not warn forever; once a
+    // broker has answered, an outage is transient and waited out.
+    let kafka = settings::translate(&config)?;
+    let startup_timeout = Duration::from_secs(config.kafka_startup_timeout_secs);
+    match cluster::await_broker(&kafka.watermarks, startup_timeout, &shutdown).await? {
+        cluster::Probe::Answered(brokers) => tracing::info!(brokers, "kafka answered"),
+        cluster::Probe::Stopped => return Ok(()),
+    }
 
     let telemetry = Arc::new(telemetry::Telemetry::default());
     let listener = tokio::net::TcpListener::bind(config.metrics_addr)
@@ -351,4 +388,25 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     shutdown.cancel();
     let _ = server.await;
     result
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn kafka_startup_timeout_defaults_to_30_s_and_is_at_least_1() {
+        let d = Config::try_parse_from(["metrics-consumer"]).unwrap();
+        assert_eq!(d.kafka_startup_timeout_secs, 30);
+        let c = Config::try_parse_from(["metrics-consumer", "--kafka-startup-timeout-secs", "2"])
+            .unwrap();
+        assert_eq!(c.kafka_startup_timeout_secs, 2);
+        assert!(
+            Config::try_parse_from(["metrics-consumer", "--kafka-startup-timeout-secs", "0"])
+                .is_err()
+        );
+    }
 }

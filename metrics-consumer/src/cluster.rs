@@ -1,0 +1,162 @@
+//! The startup check that a Kafka broker answers.
+//!
+//! librdkafka never fails on an unreachable bootstrap address: it reports
+//! `AllBrokersDown` and retries forever. That is right for an outage of a
+//! cluster that was reachable (the consumer stalls and resumes where Redis
+//! says), but it turns a mistyped address into an endless stream of
+//! warnings. So before the consumer subscribes, it asks for the cluster's
+//! metadata with the settings its own clients use (security included),
+//! polling until a deadline; a cluster that never answers is a definite
+//! error naming the address and what to check.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+
+/// The longest single metadata request: a stop asked for during the check
+/// waits at most this long for the blocking call to return.
+const ATTEMPT: Duration = Duration::from_secs(1);
+
+/// Pause between attempts that failed at once (connection refused).
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Client context of the probe: its connection failures are expected while
+/// polling and end in one error, so they are logged at debug level only.
+struct ProbeContext;
+
+impl ClientContext for ProbeContext {
+    fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        tracing::debug!(facility = fac, "kafka startup probe: {log_message}");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(error = %error, reason, "kafka startup probe");
+    }
+}
+
+impl ConsumerContext for ProbeContext {}
+
+/// What the startup check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// A metadata response listed this many brokers.
+    Answered(usize),
+    /// A stop was asked for before any broker answered.
+    Stopped,
+}
+
+/// Polls the cluster of `settings` (a client configuration holding
+/// `bootstrap.servers`) with metadata requests until a broker answers,
+/// `timeout` passes ([`Error::KafkaUnreachable`]) or `stop` is cancelled.
+pub async fn await_broker(
+    settings: &ClientConfig,
+    timeout: Duration,
+    stop: &CancellationToken,
+) -> Result<Probe, Error> {
+    let servers = settings
+        .get("bootstrap.servers")
+        .unwrap_or_default()
+        .to_owned();
+    let probe: BaseConsumer<ProbeContext> = settings
+        .create_with_context(ProbeContext)
+        .map_err(Error::Kafka)?;
+    let probe = Arc::new(probe);
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(Error::KafkaUnreachable {
+                servers,
+                waited: timeout,
+                source: last_error,
+            });
+        }
+        let attempt = remaining.min(ATTEMPT);
+        let client = Arc::clone(&probe);
+        let fetch = tokio::task::spawn_blocking(move || {
+            client
+                .fetch_metadata(None, attempt)
+                .map(|m| m.brokers().len())
+        });
+        let started = Instant::now();
+        let result = tokio::select! {
+            () = stop.cancelled() => return Ok(Probe::Stopped),
+            joined = fetch => joined
+                .map_err(|e| Error::Internal(format!("the kafka startup probe task failed: {e}")))?,
+        };
+        match result {
+            Ok(brokers) if brokers > 0 => return Ok(Probe::Answered(brokers)),
+            Ok(_) => {}
+            Err(e) => last_error = Some(e),
+        }
+        // A refused connection fails at once; do not spin on it.
+        let pause = RETRY_PAUSE.saturating_sub(started.elapsed());
+        tokio::select! {
+            () = stop.cancelled() => return Ok(Probe::Stopped),
+            () = tokio::time::sleep_until((Instant::now() + pause).min(deadline)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+
+    fn settings(servers: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", servers);
+        c
+    }
+
+    #[tokio::test]
+    async fn a_running_cluster_answers() {
+        let mock = MockCluster::new(3).unwrap();
+        let probe = await_broker(
+            &settings(&mock.bootstrap_servers()),
+            Duration::from_secs(10),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(probe, Probe::Answered(3));
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_a_definite_error_naming_the_address() {
+        let started = Instant::now();
+        let error = await_broker(
+            &settings("127.0.0.1:1"),
+            Duration::from_secs(1),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5), "bounded wait");
+        assert!(matches!(error, Error::KafkaUnreachable { .. }), "{error:?}");
+        assert!(!error.is_transient());
+        let line = error.to_string();
+        assert!(line.contains("at 127.0.0.1:1 within 1 s"), "{line}");
+    }
+
+    #[tokio::test]
+    async fn a_stop_during_the_check_ends_it() {
+        let stop = CancellationToken::new();
+        stop.cancel();
+        let probe = await_broker(&settings("127.0.0.1:1"), Duration::from_secs(60), &stop)
+            .await
+            .unwrap();
+        assert_eq!(probe, Probe::Stopped);
+    }
+}
