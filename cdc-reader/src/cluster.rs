@@ -4,16 +4,17 @@
 //! `AllBrokersDown` and retries forever, which is the right behaviour for an
 //! outage of a cluster that was reachable (the reader stalls and resumes),
 //! but turns a mistyped address into an endless stream of warnings. So before
-//! any slot or snapshot work the reader asks for the cluster's metadata,
-//! polling with a deadline, and a cluster that never answers is a definite
-//! error naming the address and what to check.
+//! any slot or snapshot work the reader asks for the cluster's metadata with
+//! its producer's own settings (so `--kafka-property` security settings
+//! apply), polling with a deadline, and a cluster that never answers is a
+//! definite error naming the address and what to check.
 
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +37,12 @@ impl ClientContext for ProbeContext {
     }
 }
 
-impl ConsumerContext for ProbeContext {}
+impl ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+
+    /// The probe never produces.
+    fn delivery(&self, _: &DeliveryResult<'_>, (): ()) {}
+}
 
 /// Whether a broker is known to answer, and if so how many brokers the
 /// cluster reported.
@@ -48,18 +54,21 @@ pub enum Probe {
     Stopped,
 }
 
-/// Polls `bootstrap_servers` with metadata requests until one answers,
+/// Polls the cluster of `settings` (the producer's configuration, holding
+/// `bootstrap.servers`) with metadata requests until a broker answers,
 /// `timeout` passes ([`Error::KafkaUnreachable`]) or `stop` is cancelled.
 pub async fn await_broker(
-    bootstrap_servers: &str,
+    settings: &ClientConfig,
     timeout: Duration,
     stop: &CancellationToken,
 ) -> Result<Probe, Error> {
-    let probe: BaseConsumer<ProbeContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap_servers)
-        .set("allow.auto.create.topics", "false")
+    let servers = settings
+        .get("bootstrap.servers")
+        .unwrap_or_default()
+        .to_owned();
+    let probe: BaseProducer<ProbeContext> = settings
         .create_with_context(ProbeContext)
-        .map_err(|e| Error::Config(format!("kafka client for {bootstrap_servers}: {e}")))?;
+        .map_err(|e| Error::Config(format!("kafka client for {servers}: {e}")))?;
     let probe = std::sync::Arc::new(probe);
     let deadline = Instant::now() + timeout;
     let mut last_error = None;
@@ -67,7 +76,7 @@ pub async fn await_broker(
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Err(Error::KafkaUnreachable {
-                servers: bootstrap_servers.to_owned(),
+                servers,
                 waited: timeout,
                 source: last_error,
             });
@@ -76,6 +85,7 @@ pub async fn await_broker(
         let client = probe.clone();
         let fetch = tokio::task::spawn_blocking(move || {
             client
+                .client()
                 .fetch_metadata(None, attempt)
                 .map(|m| m.brokers().len())
         });
@@ -105,11 +115,17 @@ mod tests {
 
     use super::*;
 
+    fn settings(servers: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", servers);
+        c
+    }
+
     #[tokio::test]
     async fn a_running_cluster_answers() {
         let mock = MockCluster::new(3).unwrap();
         let probe = await_broker(
-            &mock.bootstrap_servers(),
+            &settings(&mock.bootstrap_servers()),
             Duration::from_secs(10),
             &CancellationToken::new(),
         )
@@ -122,7 +138,7 @@ mod tests {
     async fn nothing_listening_is_a_definite_error_naming_the_address() {
         let started = Instant::now();
         let error = await_broker(
-            "127.0.0.1:1",
+            &settings("127.0.0.1:1"),
             Duration::from_secs(1),
             &CancellationToken::new(),
         )
@@ -139,7 +155,7 @@ mod tests {
     async fn a_stop_during_the_check_ends_it() {
         let stop = CancellationToken::new();
         stop.cancel();
-        let probe = await_broker("127.0.0.1:1", Duration::from_secs(60), &stop)
+        let probe = await_broker(&settings("127.0.0.1:1"), Duration::from_secs(60), &stop)
             .await
             .unwrap();
         assert_eq!(probe, Probe::Stopped);

@@ -68,8 +68,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // A wrong address must end the reader, not retry forever; once a broker
     // has answered, an outage is transient and the sources retry.
     let startup_timeout = Duration::from_secs(config.kafka_startup_timeout_secs);
-    match cluster::await_broker(&config.kafka_bootstrap_servers, startup_timeout, &shutdown).await?
-    {
+    let producer_settings = sink::producer_config(&sink_cfg)?;
+    match cluster::await_broker(&producer_settings, startup_timeout, &shutdown).await? {
         cluster::Probe::Answered(brokers) => {
             tracing::info!(brokers, "kafka answered");
         }
