@@ -241,8 +241,7 @@ pub fn write_text(
             }
         },
         oid::NUMERIC => {
-            let scale = (type_modifier >= 4).then(|| ((type_modifier - 4) & 0xFFFF) as u32);
-            write_numeric(out, text, scale, mode).map_err(err)?;
+            write_numeric(out, text, numeric_scale(type_modifier), mode).map_err(err)?;
         }
         oid::MONEY => {
             let cleaned: String = text
@@ -446,10 +445,17 @@ fn split_decimal(text: &str) -> Option<(bool, &str, &str)> {
     ok.then_some((negative, int, frac))
 }
 
+/// The scale of `numeric(p,s)` from its typmod (`None`: no fixed scale).
+/// The typmod is `((p << 16) | s) + 4` with `s` in 11 bits, signed since
+/// PostgreSQL 15 (`numeric(5,-2)` rounds to hundreds).
+fn numeric_scale(type_modifier: i32) -> Option<i32> {
+    (type_modifier >= 4).then(|| (((type_modifier - 4) & 0x7ff) ^ 0x400) - 0x400)
+}
+
 fn write_numeric(
     out: &mut Vec<u8>,
     text: &str,
-    fixed_scale: Option<u32>,
+    fixed_scale: Option<i32>,
     mode: DecimalMode,
 ) -> Result<(), &'static str> {
     let special = match text {
@@ -477,14 +483,11 @@ fn write_numeric(
             write_f64(out, v);
         }
         DecimalMode::Precise => {
-            let scale = fixed_scale.unwrap_or(frac.len() as u32) as usize;
-            if frac.len() > scale && frac.as_bytes()[scale..].iter().any(|&b| b != b'0') {
-                return Err("more fraction digits than the column's scale");
-            }
-            let mut digits = Vec::with_capacity(int.len() + scale);
-            digits.extend(int.bytes().map(|b| b - b'0'));
-            digits.extend(frac.bytes().take(scale).map(|b| b - b'0'));
-            digits.resize(int.len() + scale, 0);
+            let scale = match fixed_scale {
+                Some(scale) => scale,
+                None => i32::try_from(frac.len()).map_err(|_| "too many fraction digits")?,
+            };
+            let digits = unscaled_digits(int, frac, scale)?;
             let bytes = twos_complement(negative, &digits);
             let encoded = BASE64.encode(bytes);
             if fixed_scale.is_some() {
@@ -495,6 +498,29 @@ fn write_numeric(
         }
     }
     Ok(())
+}
+
+/// The decimal digits of `int.frac` × 10^`scale` (Debezium's unscaled
+/// value), which must be an integer: digits below the scale must be zeros.
+fn unscaled_digits(int: &str, frac: &str, scale: i32) -> Result<Vec<u8>, &'static str> {
+    let mut digits: Vec<u8> = int.bytes().chain(frac.bytes()).map(|b| b - b'0').collect();
+    // Digits kept: those left of the point, plus `scale` more (fewer when negative).
+    let keep = i64::try_from(int.len())
+        .map_err(|_| "too many digits")?
+        .saturating_add(i64::from(scale));
+    let keep = usize::try_from(keep).unwrap_or(0);
+    if keep >= digits.len() {
+        digits.resize(keep, 0);
+    } else {
+        if digits[keep..].iter().any(|&d| d != 0) {
+            return Err("more digits than the column's scale keeps");
+        }
+        digits.truncate(keep);
+    }
+    if digits.is_empty() {
+        digits.push(0);
+    }
+    Ok(digits)
 }
 
 /// Java `BigInteger.toByteArray()` of the decimal digits: minimal big-endian
@@ -1063,6 +1089,44 @@ mod tests {
         assert_eq!(
             conv("0.00", oid::NUMERIC, fixed, DecimalMode::Precise),
             json!("AA==")
+        );
+    }
+
+    #[test]
+    fn numeric_negative_scale_is_read_from_the_typmod() {
+        // numeric(5,-2) rounds to hundreds (PostgreSQL 15+); its typmod keeps
+        // the scale in 11 signed bits: 329730 on PostgreSQL 15.
+        let typmod = numeric_typmod(5, -2 & 0x7ff);
+        assert_eq!(typmod, 329_730);
+        // 12300 = 123 * 10^2: the unscaled value is 123 = 0x7B.
+        assert_eq!(
+            conv("12300", oid::NUMERIC, typmod, DecimalMode::Precise),
+            json!("ew==")
+        );
+        assert_eq!(
+            conv("-12300", oid::NUMERIC, typmod, DecimalMode::Precise),
+            json!("hQ==")
+        );
+        assert_eq!(
+            conv("0", oid::NUMERIC, typmod, DecimalMode::Precise),
+            json!("AA==")
+        );
+        // Exact text is unaffected by the scale.
+        assert_eq!(
+            conv("12300", oid::NUMERIC, typmod, DecimalMode::String),
+            json!("12300")
+        );
+        // Digits below the scale cannot be represented.
+        let mut out = Vec::new();
+        assert!(
+            write_text(
+                &mut out,
+                "12345",
+                oid::NUMERIC,
+                typmod,
+                DecimalMode::Precise
+            )
+            .is_err()
         );
     }
 

@@ -360,10 +360,11 @@ fn rendered_type() -> impl Strategy<Value = (u32, i32)> {
         Just((oid::NUMERIC, (5 << 16) + 4)),
         Just((oid::NUMERIC, (1000 << 16 | 1000) + 4)),
         Just((1231, (10 << 16 | 2) + 4)),
-        // Any numeric(p,s) Postgres accepts with a non-negative scale.
-        (1i32..=1000)
-            .prop_flat_map(|p| (Just(p), 0..=p))
-            .prop_map(|(p, s)| (oid::NUMERIC, (p << 16 | s) + 4)),
+        // Any numeric(p,s) PostgreSQL 15 accepts (the scale may be negative).
+        (1i32..=1000, -1000i32..=1000)
+            .prop_map(|(p, s)| (oid::NUMERIC, (p << 16 | (s & 0x7ff)) + 4)),
+        // And any typmod at all.
+        (Just(oid::NUMERIC), any::<i32>()),
     ];
     prop_oneof![plain, array, modified]
 }
