@@ -94,7 +94,10 @@ pub struct Config {
     #[arg(long, env = "METRICS_INSTANCE_ID", default_value = "")]
     pub instance_id: String,
 
-    /// Kafka group session timeout (ms); a first join waits about half of it.
+    /// Kafka group session timeout (ms): a member killed without leaving
+    /// keeps its partitions this long (without `--instance-id`). Brokers
+    /// refuse values below their `group.min.session.timeout.ms` (6000 by
+    /// default).
     #[arg(long, env = "METRICS_SESSION_TIMEOUT_MS", default_value_t = 6000)]
     pub session_timeout_ms: u64,
 
