@@ -7,10 +7,10 @@
 //! messages in the dead-letter topic, no event for a while); green otherwise.
 //! Every non-green state carries at least one reason.
 
+use catalog::Database;
 use serde_json::{Value, json};
 
 use crate::pipeline::{ConsumerReading, ReaderReading};
-use crate::snapshot::DATABASES;
 
 /// Overall state, ordered by severity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -141,7 +141,7 @@ pub fn evaluate(obs: &Observed, t: &Thresholds) -> Health {
             ),
         ),
         Some(reader) => {
-            for db in DATABASES {
+            for db in Database::ALL.map(Database::name) {
                 let Some(s) = reader.sources.get(db) else {
                     push(
                         State::Amber,
@@ -246,11 +246,11 @@ mod tests {
     use crate::pipeline::SourceReading;
 
     fn healthy() -> Observed {
-        let sources = DATABASES
+        let sources = Database::ALL
             .iter()
             .map(|db| {
                 (
-                    db.to_string(),
+                    db.name().to_owned(),
                     SourceReading {
                         lag_bytes: Some(100.0),
                         lag_seconds: Some(0.2),

@@ -3,7 +3,7 @@
 //! same numbers as JSON and the dashboard's own Prometheus metrics.
 //!
 //! Data comes from two places: the metric keys the metrics-consumer keeps in
-//! Redis (issue 4), and the Prometheus endpoints of the cdc-reader and the
+//! Redis, and the Prometheus endpoints of the cdc-reader and the
 //! metrics-consumer (lag, DLQ). Either may be missing or down: the page then
 //! says "no data" and turns red, and the dashboard keeps serving.
 //!

@@ -9,10 +9,10 @@
 
 use std::collections::BTreeMap;
 
+use catalog::Database;
 use serde_json::{Value, json};
 
 use crate::prometheus::Sample;
-use crate::snapshot::DATABASES;
 
 /// Replication progress of one source database, as the reader reports it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -192,12 +192,13 @@ fn number(value: Option<f64>) -> Value {
 /// The per-database rows of the health panel, in the fixed database order
 /// (plus any other database the reader names).
 pub fn sources_json(reader: Option<&ReaderReading>) -> Value {
-    let mut names: Vec<String> = DATABASES.iter().map(|d| d.to_string()).collect();
+    let known = Database::ALL.map(Database::name);
+    let mut names: Vec<String> = known.iter().map(|d| (*d).to_owned()).collect();
     if let Some(r) = reader {
         names.extend(
             r.sources
                 .keys()
-                .filter(|k| !DATABASES.contains(&k.as_str()))
+                .filter(|k| !known.contains(&k.as_str()))
                 .cloned(),
         );
     }

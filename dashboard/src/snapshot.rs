@@ -1,4 +1,4 @@
-//! Raw Redis values (as the metrics-consumer wrote them, issue 4) to the JSON
+//! Raw Redis values (as the metrics-consumer wrote them) to the JSON
 //! snapshot that `/api/metrics` returns and the page draws.
 //!
 //! Pure: [`RedisValues`] is filled by [`crate::store`], [`assemble`] only
@@ -9,23 +9,8 @@
 
 use std::collections::BTreeMap;
 
+use catalog::Table;
 use serde_json::{Map, Value, json};
-
-/// The nine source tables, as `<db>.<table>`, in display order.
-pub const TABLES: [&str; 9] = [
-    "instashop.customer",
-    "instashop.buyer",
-    "instashop.product",
-    "instashop.transaction",
-    "instashop.transactiondetail",
-    "crm.interaction",
-    "erp.stock",
-    "ecommerce.carrier",
-    "ecommerce.shipment",
-];
-
-/// The four source databases, in display order.
-pub const DATABASES: [&str; 4] = ["instashop", "crm", "erp", "ecommerce"];
 
 /// String keys (relative to the prefix) besides the per-table counts.
 pub const REVENUE_TOTAL: &str = "revenue:total_cents";
@@ -62,9 +47,10 @@ pub const WINDOW_SECONDS: i64 = 30;
 /// Windows shown: the last hour.
 pub const WINDOW_COUNT: i64 = 120;
 
-/// The key (relative to the prefix) of the count of one `<db>.<table>`.
-pub fn count_key(table: &str) -> String {
-    format!("count:{table}")
+/// The key (relative to the prefix) of the count of one table:
+/// `count:<db>.<table>`.
+pub fn count_key(table: Table) -> String {
+    format!("count:{}", table.qualified())
 }
 
 /// The key (relative to the prefix) of the 30-second window starting at `start`.
@@ -156,7 +142,8 @@ pub fn utc_date(unix_ms: i64) -> String {
 
 /// The source `ts_ms` of the last applied event, from the pipeline hash.
 ///
-/// Issue 4 names the content ("last event's source ts_ms"), not the field, so
+/// The content is what matters (the last event's source ts_ms), not the
+/// field's name, so
 /// any field whose name ends in `ts_ms` is accepted (the largest wins).
 pub fn last_event_ts_ms(pipeline: &BTreeMap<String, String>) -> Option<i64> {
     pipeline
@@ -168,11 +155,11 @@ pub fn last_event_ts_ms(pipeline: &BTreeMap<String, String>) -> Option<i64> {
 
 /// Builds the snapshot served by `/api/metrics` and drawn by the page.
 pub fn assemble(values: &RedisValues, now_ms: i64) -> Value {
-    let counts: Map<String, Value> = TABLES
-        .iter()
-        .map(|t| (t.to_string(), optional_number(values.string(&count_key(t)))))
+    let count = |table: Table| optional_number(values.string(&count_key(table)));
+    let counts: Map<String, Value> = Table::ALL
+        .into_iter()
+        .map(|t| (t.qualified().to_owned(), count(t)))
         .collect();
-    let count = |table: &str| optional_number(values.string(&count_key(table)));
     let today = utc_date(now_ms);
     let daily = values.hash(REVENUE_DAILY);
     let revenue_today = match daily {
@@ -187,7 +174,7 @@ pub fn assemble(values: &RedisValues, now_ms: i64) -> Value {
     let in_transit = match shipments {
         Some(_) => field_or_zero(shipments, "in_transit"),
         None => {
-            if count("ecommerce.shipment").is_number() {
+            if count(Table::Shipment).is_number() {
                 Value::from(0)
             } else {
                 Value::Null
@@ -221,12 +208,12 @@ pub fn assemble(values: &RedisValues, now_ms: i64) -> Value {
         "generated_at_ms": now_ms,
         "today": today,
         "kpi": {
-            "purchases": count("instashop.transaction"),
+            "purchases": count(Table::Transaction),
             "revenue_total_cents": optional_number(values.string(REVENUE_TOTAL)),
             "revenue_today_cents": revenue_today,
-            "shops": count("instashop.customer"),
-            "buyers": count("instashop.buyer"),
-            "products": count("instashop.product"),
+            "shops": count(Table::Customer),
+            "buyers": count(Table::Buyer),
+            "products": count(Table::Product),
             "shipments_in_transit": in_transit,
             "stock_units": optional_number(values.string(STOCK_UNITS)),
         },
@@ -267,6 +254,32 @@ mod tests {
     }
 
     #[test]
+    fn counts_name_the_nine_tables_as_the_consumer_keys_them() {
+        let mut values = RedisValues::default();
+        for (i, table) in Table::ALL.into_iter().enumerate() {
+            values.strings.insert(count_key(table), Some(i.to_string()));
+        }
+        let snap = assemble(&values, NOON);
+        let counts = snap["counts"].as_object().expect("counts is an object");
+        let names: Vec<&str> = counts.keys().map(String::as_str).collect();
+        let mut expected = vec![
+            "crm.interaction",
+            "ecommerce.carrier",
+            "ecommerce.shipment",
+            "erp.stock",
+            "instashop.buyer",
+            "instashop.customer",
+            "instashop.product",
+            "instashop.transaction",
+            "instashop.transactiondetail",
+        ];
+        expected.sort_unstable();
+        assert_eq!(names, expected);
+        assert_eq!(count_key(Table::Stock), "count:erp.stock");
+        assert_eq!(counts["instashop.transactiondetail"], 4);
+    }
+
+    #[test]
     fn empty_redis_gives_nulls_not_zeros() {
         let snap = assemble(&RedisValues::default(), NOON);
         for kpi in [
@@ -287,13 +300,13 @@ mod tests {
     fn values_pass_through_exactly() {
         let mut v = RedisValues::default();
         v.strings.insert(
-            count_key("instashop.transaction"),
+            count_key(Table::Transaction),
             Some("9007199254740993".into()),
         );
         v.strings
-            .insert(count_key("instashop.customer"), Some("12".into()));
+            .insert(count_key(Table::Customer), Some("12".into()));
         v.strings
-            .insert(count_key("instashop.buyer"), Some("not-a-number".into()));
+            .insert(count_key(Table::Buyer), Some("not-a-number".into()));
         v.strings
             .insert(REVENUE_TOTAL.into(), Some("123456".into()));
         v.hashes.insert(

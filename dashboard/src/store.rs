@@ -76,9 +76,9 @@ impl Store {
 
     async fn read_once(&self, now_ms: i64) -> Result<RedisValues, Error> {
         let mut conn = self.connection().await?;
-        let mut string_keys: Vec<String> = snapshot::TABLES
-            .iter()
-            .map(|t| snapshot::count_key(t))
+        let mut string_keys: Vec<String> = catalog::Table::ALL
+            .into_iter()
+            .map(snapshot::count_key)
             .collect();
         string_keys.extend(
             [

@@ -369,7 +369,7 @@ async fn page_shows_redis_values_and_follows_them_live() {
     let today = dashboard::snapshot::utc_date(now);
     let yesterday = dashboard::snapshot::utc_date(now - 86_400_000);
 
-    // The keys as the metrics-consumer writes them (issue 4), all with a TTL
+    // The keys as the metrics-consumer writes them, all with a TTL
     // so an aborted run leaves nothing behind for long.
     let mut pipe = redis::pipe();
     let p = &prefix;
