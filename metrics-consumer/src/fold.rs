@@ -567,33 +567,31 @@ pub fn parse_iso_seconds(s: &str) -> Option<i64> {
             sign * (h * 3600 + m * 60)
         }
     };
-    let days = days_from_civil(year, month, day);
-    Some(days * 86_400 + hour * 3600 + minute * 60 + second - offset)
+    Some(unix_midnight(year, month, day)? + hour * 3600 + minute * 60 + second - offset)
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// Unix seconds of midnight UTC at the start of a proleptic Gregorian date;
+/// `None` for a date that does not exist (2026-02-30) or lies outside the
+/// years -9999 to 9999.
+pub fn unix_midnight(year: i64, month: i64, day: i64) -> Option<i64> {
+    let date = jiff::civil::Date::new(
+        i16::try_from(year).ok()?,
+        i8::try_from(month).ok()?,
+        i8::try_from(day).ok()?,
+    )
+    .ok()?;
+    let midnight = date.to_datetime(jiff::civil::Time::midnight());
+    jiff::tz::Offset::UTC
+        .to_timestamp(midnight)
+        .ok()
+        .map(jiff::Timestamp::as_second)
 }
 
-/// `YYYY-MM-DD` of a day number since 1970-01-01.
-pub fn civil_from_days(z: i64) -> String {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+/// `YYYY-MM-DD`, the UTC calendar day of unix seconds; `None` outside the
+/// years -9999 to 9999.
+pub fn utc_date(unix_seconds: i64) -> Option<String> {
+    let at = jiff::Timestamp::from_second(unix_seconds).ok()?;
+    Some(jiff::tz::Offset::UTC.to_datetime(at).date().to_string())
 }
 
 /// The contributions of a live row, from its `after` image.
@@ -620,7 +618,7 @@ fn contributions(table: Table, id: &str, after: &Row<'_>) -> Result<Vec<Contribu
                 out.push(Contribution::new(Code::Revenue, "", cents));
                 out.push(Contribution::new(
                     Code::RevenueDaily,
-                    civil_from_days(created.div_euclid(86_400)),
+                    utc_date(created).ok_or(BadInput::BadValue("after.created_at"))?,
                     cents,
                 ));
                 out.push(Contribution::new(
@@ -1001,7 +999,7 @@ mod tests {
         assert_eq!(s.get("count:instashop.transaction"), 1);
         assert_eq!(s.get("transactions:status|pending"), 1);
         assert_eq!(s.get("revenue:total_cents"), 0);
-        let window = (days_from_civil(2026, 11, 22) * 86_400 + 36_000).to_string();
+        let window = (unix_midnight(2026, 11, 22).expect("a real date") + 36_000).to_string();
         assert_eq!(s.get(&format!("window:30s:{window}|transactions")), 1);
 
         apply(&mut s, 1, &tx_event("u", 1, "completed", r#""12.50""#, 20));
@@ -1491,7 +1489,20 @@ mod tests {
             Some(1_478_260_290)
         );
         assert_eq!(parse_iso_seconds("yesterday"), None);
-        assert_eq!(civil_from_days(17_109), "2016-11-04");
-        assert_eq!(days_from_civil(2016, 11, 4), 17_109);
+        assert_eq!(utc_date(17_109 * 86_400).as_deref(), Some("2016-11-04"));
+        assert_eq!(utc_date(-1).as_deref(), Some("1969-12-31"));
+        assert_eq!(unix_midnight(2016, 11, 4), Some(17_109 * 86_400));
+        assert_eq!(utc_date(i64::MAX), None);
+    }
+
+    #[test]
+    fn a_calendar_date_that_does_not_exist_is_refused() {
+        assert_eq!(parse_iso_seconds("2026-02-30T00:00:00Z"), None);
+        assert_eq!(parse_iso_seconds("2026-04-31T00:00:00Z"), None);
+        assert_eq!(parse_iso_seconds("2025-02-29T00:00:00Z"), None);
+        assert_eq!(
+            parse_iso_seconds("2024-02-29T00:00:00Z"),
+            Some(1_709_164_800)
+        );
     }
 }

@@ -235,11 +235,10 @@ pub struct Model {
 }
 
 fn iso(epoch_s: i64, micros: i64) -> String {
-    let days = epoch_s.div_euclid(86_400);
     let secs = epoch_s.rem_euclid(86_400);
     format!(
         "{}T{:02}:{:02}:{:02}.{micros:06}Z",
-        metrics_consumer::fold::civil_from_days(days),
+        metrics_consumer::fold::utc_date(epoch_s).unwrap(),
         secs / 3600,
         secs % 3600 / 60,
         secs % 60
