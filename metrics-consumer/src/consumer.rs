@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -45,6 +46,20 @@ type Offsets = HashMap<(String, i32), i64>;
 /// How often a consume error that keeps coming back is logged: during a
 /// broker outage librdkafka reports one on nearly every poll.
 const CONSUME_ERROR_EVERY: Duration = Duration::from_secs(5);
+
+/// What to change when the brokers refuse the group membership for good;
+/// `None` for a consume error that may pass (an outage, a rebalance).
+fn membership_fix(error: &KafkaError) -> Option<&'static str> {
+    match error.rdkafka_error_code()? {
+        RDKafkaErrorCode::InvalidSessionTimeout => Some(
+            "--session-timeout-ms must lie between the brokers' group.min.session.timeout.ms and group.max.session.timeout.ms (6000 and 1800000 ms by default)",
+        ),
+        RDKafkaErrorCode::GroupAuthorizationFailed => {
+            Some("grant the consumer's principal Read on the group (--group)")
+        }
+        _ => None,
+    }
+}
 
 /// Lets a repeated warning through at most once per interval and counts
 /// the occurrences held back in between.
@@ -473,6 +488,14 @@ fn poll_loop(
         match consumer.poll(timeout) {
             None => send(&mut batch, &mut dead)?,
             Some(Err(e)) => {
+                if let Some(fix) = membership_fix(&e) {
+                    send(&mut batch, &mut dead)?;
+                    return Err(Error::GroupRefused {
+                        group: config.group.clone(),
+                        fix,
+                        source: e,
+                    });
+                }
                 if let Some(held_back) = consume_errors.admit(Instant::now()) {
                     tracing::warn!(error = %e, held_back, "kafka consume error (repeats within 5 s are only counted, in held_back)");
                 }
@@ -690,6 +713,21 @@ fn apply_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refused_memberships_are_definite_and_outages_are_not() {
+        let consume = KafkaError::MessageConsumption;
+        let fix = membership_fix(&consume(RDKafkaErrorCode::InvalidSessionTimeout));
+        assert!(fix.is_some_and(|f| f.contains("--session-timeout-ms")));
+        assert!(membership_fix(&consume(RDKafkaErrorCode::GroupAuthorizationFailed)).is_some());
+        for transient in [
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ] {
+            assert_eq!(membership_fix(&consume(transient)), None, "{transient:?}");
+        }
+    }
 
     #[test]
     fn a_repeated_warning_is_let_through_once_per_interval_with_a_count() {

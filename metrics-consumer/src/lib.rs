@@ -277,6 +277,19 @@ pub enum Error {
         #[source]
         source: rdkafka::error::KafkaError,
     },
+    /// The brokers refuse the group membership as configured (a session
+    /// timeout outside their limits, no permission for the group): no
+    /// retry can join, so the consumer stops.
+    #[error("the kafka brokers refuse to let the consumer join group {group}; {fix}")]
+    GroupRefused {
+        /// The consumer group.
+        group: String,
+        /// What to change.
+        fix: &'static str,
+        /// The brokers' answer.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
     // Transient: retried with backoff until it goes away or the shutdown
     // timeout passes; never returned by `run`.
     /// Redis unreachable or busy while a batch was applied.

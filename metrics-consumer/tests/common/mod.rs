@@ -93,6 +93,28 @@ pub async fn create_topics(kafka: &str, names: &[String], partitions: i32) {
     }
 }
 
+/// Deletes a test's topics (after its checks passed).
+pub async fn delete_topics(kafka: &str, names: &[String]) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()
+        .unwrap();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let results = tokio::time::timeout(
+        Duration::from_secs(30),
+        admin.delete_topics(
+            &names,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(20))),
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("deleting topics at {kafka} timed out"))
+    .unwrap_or_else(|e| panic!("deleting topics at {kafka} failed ({e})"));
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("cannot delete topic {t}: {e}"));
+    }
+}
+
 pub fn producer(kafka: &str) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", kafka)
