@@ -205,6 +205,25 @@ impl From<tokio_postgres::Error> for Error {
     }
 }
 
+impl From<kafka_probe::ProbeError> for Error {
+    fn from(e: kafka_probe::ProbeError) -> Self {
+        match e {
+            kafka_probe::ProbeError::Unreachable {
+                servers,
+                waited,
+                source,
+            } => Error::KafkaUnreachable {
+                servers,
+                waited,
+                source,
+            },
+            kafka_probe::ProbeError::Client { servers, source } => {
+                Error::Config(format!("kafka client for {servers}: {source}"))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

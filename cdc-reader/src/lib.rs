@@ -8,7 +8,6 @@
 
 pub mod ack;
 pub mod change;
-pub mod cluster;
 pub mod config;
 pub mod decoder;
 pub mod error;
@@ -69,11 +68,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // has answered, an outage is transient and the sources retry.
     let startup_timeout = Duration::from_secs(config.kafka_startup_timeout_secs);
     let producer_settings = sink::producer_config(&sink_cfg)?;
-    match cluster::await_broker(&producer_settings, startup_timeout, &shutdown).await? {
-        cluster::Probe::Answered(brokers) => {
+    match kafka_probe::await_broker(&producer_settings, startup_timeout, &shutdown).await? {
+        kafka_probe::Probe::Answered(brokers) => {
             tracing::info!(brokers, "kafka answered");
         }
-        cluster::Probe::Stopped => {
+        kafka_probe::Probe::Stopped => {
             tracing::info!("cdc-reader stopped before kafka answered");
             return Ok(());
         }

@@ -12,7 +12,6 @@
 //! serve `/metrics` and `/health`.
 
 pub mod batch;
-pub mod cluster;
 pub mod consumer;
 pub mod dead_letter;
 pub mod fold;
@@ -319,6 +318,23 @@ pub enum Error {
     Internal(String),
 }
 
+impl From<kafka_probe::ProbeError> for Error {
+    fn from(e: kafka_probe::ProbeError) -> Self {
+        match e {
+            kafka_probe::ProbeError::Unreachable {
+                servers,
+                waited,
+                source,
+            } => Error::KafkaUnreachable {
+                servers,
+                waited,
+                source,
+            },
+            kafka_probe::ProbeError::Client { source, .. } => Error::Kafka(source),
+        }
+    }
+}
+
 impl Error {
     /// Whether the failed step is retried (with backoff) rather than ending
     /// the consumer.
@@ -340,9 +356,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // broker has answered, an outage is transient and waited out.
     let kafka = settings::translate(&config)?;
     let startup_timeout = Duration::from_secs(config.kafka_startup_timeout_secs);
-    match cluster::await_broker(&kafka.watermarks, startup_timeout, &shutdown).await? {
-        cluster::Probe::Answered(brokers) => tracing::info!(brokers, "kafka answered"),
-        cluster::Probe::Stopped => return Ok(()),
+    match kafka_probe::await_broker(&kafka.watermarks, startup_timeout, &shutdown).await? {
+        kafka_probe::Probe::Answered(brokers) => tracing::info!(brokers, "kafka answered"),
+        kafka_probe::Probe::Stopped => return Ok(()),
     }
 
     let telemetry = Arc::new(telemetry::Telemetry::default());

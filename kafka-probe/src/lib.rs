@@ -1,24 +1,24 @@
 //! The startup check that a Kafka broker answers.
 //!
-//! librdkafka never fails on an unreachable bootstrap address: it logs
-//! `AllBrokersDown` and retries forever, which is the right behaviour for an
-//! outage of a cluster that was reachable (the reader stalls and resumes),
-//! but turns a mistyped address into an endless stream of warnings. So before
-//! any slot or snapshot work the reader asks for the cluster's metadata with
-//! its producer's own settings (so `--kafka-property` security settings
-//! apply), polling with a deadline, and a cluster that never answers is a
-//! definite error naming the address and what to check.
+//! librdkafka never fails on an unreachable bootstrap address: it reports
+//! `AllBrokersDown` and retries forever. That is right for an outage of a
+//! cluster that was reachable (the reader and the consumer stall and
+//! resume), but it turns a mistyped address into an endless stream of
+//! warnings. So before any other work each binary asks for the cluster's
+//! metadata with the settings its own clients use (security included),
+//! polling until a deadline; a cluster that never answers is a definite
+//! error, which each binary words with its own flag names.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{BaseProducer, DeliveryResult, Producer, ProducerContext};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-use crate::error::Error;
 
 /// The longest single metadata request: a stop asked for during the check
 /// waits at most this long for the blocking call to return.
@@ -28,24 +28,24 @@ const ATTEMPT: Duration = Duration::from_secs(1);
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 /// Client context of the probe: its connection failures are expected while
-/// polling and end in one error, so they are logged at debug level only.
+/// polling and end in one error, and the settings of another client kind
+/// (the reader's producer properties) draw librdkafka warnings, so both are
+/// logged at debug level only.
 struct ProbeContext;
 
 impl ClientContext for ProbeContext {
+    fn log(&self, _level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        tracing::debug!(facility = fac, "kafka startup probe: {log_message}");
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::debug!(error = %error, reason, "kafka startup probe");
     }
 }
 
-impl ProducerContext for ProbeContext {
-    type DeliveryOpaque = ();
+impl ConsumerContext for ProbeContext {}
 
-    /// The probe never produces.
-    fn delivery(&self, _: &DeliveryResult<'_>, (): ()) {}
-}
-
-/// Whether a broker is known to answer, and if so how many brokers the
-/// cluster reported.
+/// What the startup check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Probe {
     /// A metadata response listed this many brokers.
@@ -54,45 +54,75 @@ pub enum Probe {
     Stopped,
 }
 
-/// Polls the cluster of `settings` (the producer's configuration, holding
+/// Why the check failed; both are definite (retrying cannot help).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// No broker answered within the timeout.
+    #[error("no Kafka broker answered at {servers} within {} s", waited.as_secs())]
+    Unreachable {
+        /// The bootstrap servers that were tried.
+        servers: String,
+        /// How long the check waited.
+        waited: Duration,
+        /// The last failed metadata request, if one failed rather than
+        /// timing out.
+        #[source]
+        source: Option<KafkaError>,
+    },
+    /// The settings do not make a client (a bad property).
+    #[error("kafka client for {servers}")]
+    Client {
+        /// The bootstrap servers of the settings.
+        servers: String,
+        /// librdkafka's refusal.
+        #[source]
+        source: KafkaError,
+    },
+}
+
+/// Polls the cluster of `settings` (a client configuration holding
 /// `bootstrap.servers`) with metadata requests until a broker answers,
-/// `timeout` passes ([`Error::KafkaUnreachable`]) or `stop` is cancelled.
+/// `timeout` passes ([`ProbeError::Unreachable`]) or `stop` is cancelled.
 pub async fn await_broker(
     settings: &ClientConfig,
     timeout: Duration,
     stop: &CancellationToken,
-) -> Result<Probe, Error> {
+) -> Result<Probe, ProbeError> {
     let servers = settings
         .get("bootstrap.servers")
         .unwrap_or_default()
         .to_owned();
-    let probe: BaseProducer<ProbeContext> = settings
-        .create_with_context(ProbeContext)
-        .map_err(|e| Error::Config(format!("kafka client for {servers}: {e}")))?;
-    let probe = std::sync::Arc::new(probe);
+    let probe: BaseConsumer<ProbeContext> =
+        settings
+            .create_with_context(ProbeContext)
+            .map_err(|source| ProbeError::Client {
+                servers: servers.clone(),
+                source,
+            })?;
+    let probe = Arc::new(probe);
     let deadline = Instant::now() + timeout;
     let mut last_error = None;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
-            return Err(Error::KafkaUnreachable {
+            return Err(ProbeError::Unreachable {
                 servers,
                 waited: timeout,
                 source: last_error,
             });
         }
         let attempt = remaining.min(ATTEMPT);
-        let client = probe.clone();
+        let client = Arc::clone(&probe);
         let fetch = tokio::task::spawn_blocking(move || {
             client
-                .client()
                 .fetch_metadata(None, attempt)
                 .map(|m| m.brokers().len())
         });
         let started = Instant::now();
         let result = tokio::select! {
             () = stop.cancelled() => return Ok(Probe::Stopped),
-            joined = fetch => joined.map_err(|e| Error::Kafka(format!("metadata probe task: {e}")))?,
+            // A panicked or cancelled blocking task counts as a failed attempt.
+            joined = fetch => joined.unwrap_or(Ok(0)),
         };
         match result {
             Ok(brokers) if brokers > 0 => return Ok(Probe::Answered(brokers)),
@@ -135,7 +165,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn nothing_listening_is_a_definite_error_naming_the_address() {
+    async fn producer_settings_make_a_probe_too() {
+        let mock = MockCluster::new(1).unwrap();
+        let mut s = settings(&mock.bootstrap_servers());
+        s.set("acks", "all").set("enable.idempotence", "true");
+        let probe = await_broker(&s, Duration::from_secs(10), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(probe, Probe::Answered(1));
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_an_error_naming_the_address() {
         let started = Instant::now();
         let error = await_broker(
             &settings("127.0.0.1:1"),
@@ -145,8 +186,7 @@ mod tests {
         .await
         .unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(5), "bounded wait");
-        assert!(matches!(error, Error::KafkaUnreachable { .. }), "{error:?}");
-        assert!(!error.is_retryable());
+        assert!(matches!(error, ProbeError::Unreachable { .. }), "{error:?}");
         let line = error.to_string();
         assert!(line.contains("127.0.0.1:1 within 1 s"), "{line}");
     }
