@@ -8,7 +8,7 @@
 //! - definite (one clear line, exit non-zero; retrying cannot help):
 //!   [`Error::Config`], [`Error::Setup`], [`Error::BadData`],
 //!   [`Error::MissingKey`], [`Error::TooLarge`], [`Error::Io`],
-//!   [`Error::KafkaUnreachable`] (at startup only: once running, a broker
+//!   [`Error::KafkaProbe`] (at startup only: once running, a broker
 //!   outage is [`Error::Kafka`] and retried), and
 //!   [`Error::Postgres`] / [`Error::Server`] with a definite SQLSTATE (see
 //!   [`sqlstate_is_definite`]: missing privilege 42501, missing table 42P01,
@@ -19,7 +19,6 @@
 //! the row, as in [`Error::TooLarge`]).
 
 use std::io;
-use std::time::Duration;
 
 /// Every failure of the reader.
 #[derive(Debug, thiserror::Error)]
@@ -119,22 +118,11 @@ pub enum Error {
         limit: String,
     },
 
-    /// No Kafka broker answered at startup: a wrong address or a cluster that
-    /// is not running. Checked before any slot work, never retried.
-    #[error(
-        "no Kafka broker answered at {servers} within {} s: check --kafka-bootstrap-servers / KAFKA_BOOTSTRAP_SERVERS (scripts/up writes .local/env) and that the brokers run (scripts/status)",
-        waited.as_secs()
-    )]
-    KafkaUnreachable {
-        /// The bootstrap servers that were tried.
-        servers: String,
-        /// How long the reader waited (`--kafka-startup-timeout-secs`).
-        waited: Duration,
-        /// The last failure of a metadata request, if one failed (rather
-        /// than timing out).
-        #[source]
-        source: Option<rdkafka::error::KafkaError>,
-    },
+    /// The startup check found no Kafka broker answering, or the Kafka
+    /// settings make no client. Checked before any other work, never
+    /// retried; once running, an outage is transient.
+    #[error(transparent)]
+    KafkaProbe(#[from] Box<kafka_probe::ProbeError>),
 
     /// Local IO (metrics listener, sockets).
     #[error("io: {context}")]
@@ -165,7 +153,7 @@ impl Error {
             | Error::BadData(_)
             | Error::MissingKey { .. }
             | Error::TooLarge { .. }
-            | Error::KafkaUnreachable { .. }
+            | Error::KafkaProbe(_)
             | Error::Io { .. } => false,
         }
     }
@@ -202,25 +190,6 @@ pub fn sqlstate_is_definite(code: &str) -> bool {
 impl From<tokio_postgres::Error> for Error {
     fn from(source: tokio_postgres::Error) -> Self {
         Error::postgres("query", source)
-    }
-}
-
-impl From<kafka_probe::ProbeError> for Error {
-    fn from(e: kafka_probe::ProbeError) -> Self {
-        match e {
-            kafka_probe::ProbeError::Unreachable {
-                servers,
-                waited,
-                source,
-            } => Error::KafkaUnreachable {
-                servers,
-                waited,
-                source,
-            },
-            kafka_probe::ProbeError::Client { servers, source } => {
-                Error::Config(format!("kafka client for {servers}: {source}"))
-            }
-        }
     }
 }
 

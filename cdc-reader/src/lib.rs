@@ -68,7 +68,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // has answered, an outage is transient and the sources retry.
     let startup_timeout = Duration::from_secs(config.kafka_startup_timeout_secs);
     let producer_settings = sink::producer_config(&sink_cfg)?;
-    match kafka_probe::await_broker(&producer_settings, startup_timeout, &shutdown).await? {
+    match kafka_probe::await_broker(
+        &producer_settings,
+        startup_timeout,
+        &shutdown,
+        "--kafka-bootstrap-servers",
+    )
+    .await
+    .map_err(Box::new)?
+    {
         kafka_probe::Probe::Answered(brokers) => {
             tracing::info!(brokers, "kafka answered");
         }

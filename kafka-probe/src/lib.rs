@@ -57,11 +57,17 @@ pub enum Probe {
 /// Why the check failed; both are definite (retrying cannot help).
 #[derive(Debug, thiserror::Error)]
 pub enum ProbeError {
-    /// No broker answered within the timeout.
-    #[error("no Kafka broker answered at {servers} within {} s", waited.as_secs())]
+    /// No broker answered within the timeout: a wrong address or a cluster
+    /// that is not running.
+    #[error(
+        "no Kafka broker answered at {servers} within {} s: check {flag} / KAFKA_BOOTSTRAP_SERVERS (scripts/up writes .local/env) and that the brokers run (scripts/status)",
+        waited.as_secs()
+    )]
     Unreachable {
         /// The bootstrap servers that were tried.
         servers: String,
+        /// The caller's flag that names them, for the hint.
+        flag: &'static str,
         /// How long the check waited.
         waited: Duration,
         /// The last failed metadata request, if one failed rather than
@@ -70,10 +76,12 @@ pub enum ProbeError {
         source: Option<KafkaError>,
     },
     /// The settings do not make a client (a bad property).
-    #[error("kafka client for {servers}")]
+    #[error("kafka client for {servers}: check the Kafka settings ({flag}, --kafka-property)")]
     Client {
         /// The bootstrap servers of the settings.
         servers: String,
+        /// The caller's flag that names them, for the hint.
+        flag: &'static str,
         /// librdkafka's refusal.
         #[source]
         source: KafkaError,
@@ -83,10 +91,13 @@ pub enum ProbeError {
 /// Polls the cluster of `settings` (a client configuration holding
 /// `bootstrap.servers`) with metadata requests until a broker answers,
 /// `timeout` passes ([`ProbeError::Unreachable`]) or `stop` is cancelled.
+/// `flag` is the caller's option naming the bootstrap servers, so the error
+/// line says what to fix in the caller's own words.
 pub async fn await_broker(
     settings: &ClientConfig,
     timeout: Duration,
     stop: &CancellationToken,
+    flag: &'static str,
 ) -> Result<Probe, ProbeError> {
     let servers = settings
         .get("bootstrap.servers")
@@ -97,6 +108,7 @@ pub async fn await_broker(
             .create_with_context(ProbeContext)
             .map_err(|source| ProbeError::Client {
                 servers: servers.clone(),
+                flag,
                 source,
             })?;
     let probe = Arc::new(probe);
@@ -107,6 +119,7 @@ pub async fn await_broker(
         if remaining.is_zero() {
             return Err(ProbeError::Unreachable {
                 servers,
+                flag,
                 waited: timeout,
                 source: last_error,
             });
@@ -145,6 +158,8 @@ mod tests {
 
     use super::*;
 
+    const FLAG: &str = "--bootstrap-servers";
+
     fn settings(servers: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", servers);
@@ -158,6 +173,7 @@ mod tests {
             &settings(&mock.bootstrap_servers()),
             Duration::from_secs(10),
             &CancellationToken::new(),
+            FLAG,
         )
         .await
         .unwrap();
@@ -169,7 +185,7 @@ mod tests {
         let mock = MockCluster::new(1).unwrap();
         let mut s = settings(&mock.bootstrap_servers());
         s.set("acks", "all").set("enable.idempotence", "true");
-        let probe = await_broker(&s, Duration::from_secs(10), &CancellationToken::new())
+        let probe = await_broker(&s, Duration::from_secs(10), &CancellationToken::new(), FLAG)
             .await
             .unwrap();
         assert_eq!(probe, Probe::Answered(1));
@@ -182,6 +198,7 @@ mod tests {
             &settings("127.0.0.1:1"),
             Duration::from_secs(1),
             &CancellationToken::new(),
+            FLAG,
         )
         .await
         .unwrap_err();
@@ -189,15 +206,21 @@ mod tests {
         assert!(matches!(error, ProbeError::Unreachable { .. }), "{error:?}");
         let line = error.to_string();
         assert!(line.contains("127.0.0.1:1 within 1 s"), "{line}");
+        assert!(line.contains("check --bootstrap-servers"), "{line}");
     }
 
     #[tokio::test]
     async fn a_stop_during_the_check_ends_it() {
         let stop = CancellationToken::new();
         stop.cancel();
-        let probe = await_broker(&settings("127.0.0.1:1"), Duration::from_secs(60), &stop)
-            .await
-            .unwrap();
+        let probe = await_broker(
+            &settings("127.0.0.1:1"),
+            Duration::from_secs(60),
+            &stop,
+            FLAG,
+        )
+        .await
+        .unwrap();
         assert_eq!(probe, Probe::Stopped);
     }
 }

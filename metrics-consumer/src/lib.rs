@@ -211,22 +211,11 @@ pub enum Error {
         "kafka client setup failed; check KAFKA_BOOTSTRAP_SERVERS and that the brokers run (scripts/up)"
     )]
     Kafka(#[source] rdkafka::error::KafkaError),
-    /// No Kafka broker answered at start: a wrong address or a cluster that
-    /// is not running. Never retried; once running, an outage is waited out.
-    #[error(
-        "no Kafka broker answered at {servers} within {} s: check --bootstrap-servers / KAFKA_BOOTSTRAP_SERVERS (scripts/up writes .local/env) and that the brokers run (scripts/status)",
-        waited.as_secs()
-    )]
-    KafkaUnreachable {
-        /// The bootstrap servers that were tried.
-        servers: String,
-        /// How long the consumer waited (`--kafka-startup-timeout-secs`).
-        waited: Duration,
-        /// The last failed metadata request, if one failed rather than
-        /// timing out.
-        #[source]
-        source: Option<rdkafka::error::KafkaError>,
-    },
+    /// The startup check found no Kafka broker answering, or the Kafka
+    /// settings make no client. Checked before any other work, never
+    /// retried; once running, an outage is transient.
+    #[error(transparent)]
+    KafkaProbe(#[from] Box<kafka_probe::ProbeError>),
     /// Redis unreachable at start: check REDIS_URL and that Redis runs.
     #[error("redis unavailable; check REDIS_URL and that redis runs (scripts/up)")]
     Redis(#[source] redis::RedisError),
@@ -318,23 +307,6 @@ pub enum Error {
     Internal(String),
 }
 
-impl From<kafka_probe::ProbeError> for Error {
-    fn from(e: kafka_probe::ProbeError) -> Self {
-        match e {
-            kafka_probe::ProbeError::Unreachable {
-                servers,
-                waited,
-                source,
-            } => Error::KafkaUnreachable {
-                servers,
-                waited,
-                source,
-            },
-            kafka_probe::ProbeError::Client { source, .. } => Error::Kafka(source),
-        }
-    }
-}
-
 impl Error {
     /// Whether the failed step is retried (with backoff) rather than ending
     /// the consumer.
@@ -356,7 +328,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // broker has answered, an outage is transient and waited out.
     let kafka = settings::translate(&config)?;
     let startup_timeout = Duration::from_secs(config.kafka_startup_timeout_secs);
-    match kafka_probe::await_broker(&kafka.watermarks, startup_timeout, &shutdown).await? {
+    match kafka_probe::await_broker(
+        &kafka.watermarks,
+        startup_timeout,
+        &shutdown,
+        "--bootstrap-servers",
+    )
+    .await
+    .map_err(Box::new)?
+    {
         kafka_probe::Probe::Answered(brokers) => tracing::info!(brokers, "kafka answered"),
         kafka_probe::Probe::Stopped => return Ok(()),
     }
