@@ -17,16 +17,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::reader::{
-    Scratch, assert_equals_source, caught_up, connect, consumer_config, drop_slots,
-};
+use common::reader::{Scratch, connect, drop_slots, start_consumer, stop_and_compare};
 use common::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
 
 /// The held transactions: each updates or deletes rows the snapshot copies.
 const HELD: [&str; 5] = [
@@ -252,18 +249,12 @@ async fn transactions_open_across_the_snapshot_point_are_applied() {
         "held transactions did not cross both snapshot points (point, changes): {crossed:?}"
     );
 
-    let (config, prefix, topics) = consumer_config(&s, &scratch, &topic_prefix).await;
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn(metrics_consumer::run(config, shutdown.clone()));
-    caught_up(&s, &prefix, &topics).await;
-    shutdown.cancel();
-    run.await.unwrap().unwrap();
-    assert_equals_source(
+    let consumer = start_consumer(&s, &scratch, &topic_prefix).await;
+    stop_and_compare(
         &s,
-        &prefix,
+        consumer,
         &owner,
         &format!("changes across the snapshot points (point, changes): {crossed:?}"),
     )
     .await;
-    cleanup_redis(&s, &prefix);
 }

@@ -15,9 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::reader::{Scratch, assert_equals_source, caught_up, connect, consumer_config};
+use common::reader::{Scratch, connect, start_consumer, stop_and_compare};
 use common::*;
-use tokio_util::sync::CancellationToken;
 
 /// One purchase with a detail, and a status change of an earlier one.
 fn purchase(i: u64) -> String {
@@ -65,9 +64,7 @@ async fn truncate_then_insert_under_load_stays_exact() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let (config, prefix, topics) = consumer_config(&s, &scratch, &topic_prefix).await;
-    let shutdown = CancellationToken::new();
-    let run = tokio::spawn(metrics_consumer::run(config, shutdown.clone()));
+    let consumer = start_consumer(&s, &scratch, &topic_prefix).await;
 
     let done = Arc::new(AtomicU64::new(0));
     let load_done = Arc::clone(&done);
@@ -98,15 +95,11 @@ async fn truncate_then_insert_under_load_stays_exact() {
     assert!(left > 0, "no purchase after the last truncate");
 
     scratch.wait_confirmed_now(&admin).await;
-    caught_up(&s, &prefix, &topics).await;
-    shutdown.cancel();
-    run.await.unwrap().unwrap();
-    assert_equals_source(
+    stop_and_compare(
         &s,
-        &prefix,
+        consumer,
         &owner,
         &format!("{left} purchases after the last truncate"),
     )
     .await;
-    cleanup_redis(&s, &prefix);
 }

@@ -314,3 +314,43 @@ pub async fn assert_equals_source(s: &super::Stack, prefix: &str, owner: &Client
         "metrics differ from SQL (key, sql, redis), {note}: {diff:#?}"
     );
 }
+
+/// A consumer started on the scratch topics, with what ends it.
+pub struct RunningConsumer {
+    /// Cancels the consumer's run.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// The consumer's run.
+    pub run: tokio::task::JoinHandle<Result<(), metrics_consumer::Error>>,
+    /// Its Redis key prefix.
+    pub prefix: String,
+    /// The topics it reads.
+    pub topics: Vec<String>,
+}
+
+/// Starts a consumer of the scratch database's topics (see [`consumer_config`]).
+pub async fn start_consumer(
+    s: &super::Stack,
+    scratch: &Scratch,
+    topic_prefix: &str,
+) -> RunningConsumer {
+    let (config, prefix, topics) = consumer_config(s, scratch, topic_prefix).await;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(metrics_consumer::run(config, shutdown.clone()));
+    RunningConsumer {
+        shutdown,
+        run,
+        prefix,
+        topics,
+    }
+}
+
+/// Waits until the consumer applied everything in its topics, stops it
+/// (it must exit cleanly), checks every metric against its SQL on the
+/// source and removes the consumer's keys.
+pub async fn stop_and_compare(s: &super::Stack, c: RunningConsumer, owner: &Client, note: &str) {
+    caught_up(s, &c.prefix, &c.topics).await;
+    c.shutdown.cancel();
+    c.run.await.unwrap().unwrap();
+    assert_equals_source(s, &c.prefix, owner, note).await;
+    super::cleanup_redis(s, &c.prefix);
+}
