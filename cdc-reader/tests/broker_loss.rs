@@ -21,16 +21,12 @@
 mod scratch_kafka;
 mod support;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use scratch_kafka::ScratchKafka;
 use support::{
-    Reader, SHOP_TABLES, TestDb, check_duplicates, replay_equals_db, shop_batch_sql,
-    shop_load_through_restarts, tail,
+    Reader, SHOP_TABLES, ShopLoad, TestDb, check_duplicates, replay_equals_db, shop_batch_sql, tail,
 };
-use tokio_util::sync::CancellationToken;
 
 /// How long the killed leader stays down.
 const LEADER_DOWN: Duration = Duration::from_secs(20);
@@ -53,15 +49,8 @@ async fn broker_loss_under_load_stalls_or_fails_over_and_loses_nothing() {
     let mut reader = Reader::start(&db, &["--kafka-bootstrap-servers", &bootstrap]);
     db.wait_streaming(&reader).await;
 
-    let stop = CancellationToken::new();
-    let committed = Arc::new(AtomicU64::new(0));
-    let load = tokio::spawn(shop_load_through_restarts(
-        db.owner_url.clone(),
-        20,
-        stop.clone(),
-        committed.clone(),
-    ));
-    wait_batches(&committed, 5, &reader).await;
+    let load = ShopLoad::start(&db, 20);
+    load.wait_batches(5, &reader).await;
     db.wait_caught_up(Duration::from_secs(60), Some(&reader.log))
         .await;
 
@@ -71,7 +60,7 @@ async fn broker_loss_under_load_stalls_or_fails_over_and_loses_nothing() {
     kafka.kill9(leader);
     let killed = Instant::now();
     println!("killed node {leader}, the leader of {topic}[0]");
-    wait_batches(&committed, 5, &reader).await;
+    load.wait_batches(5, &reader).await;
     // Everything committed after the kill reaches Kafka with the node down.
     db.wait_caught_up(Duration::from_secs(60), Some(&reader.log))
         .await;
@@ -85,7 +74,7 @@ async fn broker_loss_under_load_stalls_or_fails_over_and_loses_nothing() {
     }
     kafka.start_node(leader);
     tokio::task::block_in_place(|| kafka.wait_brokers(3, Duration::from_secs(120)));
-    wait_batches(&committed, 5, &reader).await;
+    load.wait_batches(5, &reader).await;
 
     // 2. Two nodes down: acks=all cannot be met anywhere.
     let (a, b) = (leader, leader % 3 + 1);
@@ -95,7 +84,7 @@ async fn broker_loss_under_load_stalls_or_fails_over_and_loses_nothing() {
     // Acknowledgements already on their way may still land.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let stalled_at = db.confirmed_flush().await;
-    let batches_before = committed.load(Ordering::SeqCst);
+    let batches_before = load.committed();
     let watch = Instant::now();
     while watch.elapsed() < STALL_WATCH {
         assert_alive(&mut reader);
@@ -107,7 +96,7 @@ async fn broker_loss_under_load_stalls_or_fails_over_and_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(
-        committed.load(Ordering::SeqCst) > batches_before,
+        load.committed() > batches_before,
         "the load committed nothing while two brokers were down: the stall proves nothing"
     );
     let behind = db.current_lsn().await;
@@ -122,16 +111,15 @@ async fn broker_loss_under_load_stalls_or_fails_over_and_loses_nothing() {
     kafka.start_node(b);
     tokio::task::block_in_place(|| kafka.wait_brokers(3, Duration::from_secs(120)));
 
-    stop.cancel();
-    load.await.unwrap();
+    let batches = load.committed();
+    load.finish().await;
     db.wait_caught_up(Duration::from_secs(120), Some(&reader.log))
         .await;
     assert_alive(&mut reader);
     let events = replay_equals_db(&db, &SHOP_TABLES, true).await;
     let dups = check_duplicates(&events);
     println!(
-        "{} batches, {} events, {dups} duplicates",
-        committed.load(Ordering::SeqCst),
+        "{batches} batches, {} events, {dups} duplicates",
         events.len()
     );
     assert_eq!(dups, 0, "events written twice");
@@ -149,18 +137,4 @@ fn assert_alive(reader: &mut Reader) {
         "the reader exited:\n{}",
         tail(&reader.log_text(), 30)
     );
-}
-
-/// Polls until the load committed `more` batches beyond now, up to 60 s.
-async fn wait_batches(committed: &AtomicU64, more: u64, reader: &Reader) {
-    let from = committed.load(Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while committed.load(Ordering::SeqCst) < from + more {
-        assert!(
-            Instant::now() < deadline,
-            "the load committed no batches for 60 s; reader log:\n{}",
-            tail(&reader.log_text(), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -10,15 +10,12 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use support::scratch_pg::ScratchPg;
 use support::{
-    Reader, SHOP_TABLES, TestDb, check_duplicates, replay_equals_db, shop_batch_sql,
-    shop_load_through_restarts, tail,
+    Reader, SHOP_TABLES, ShopLoad, TestDb, check_duplicates, replay_equals_db, shop_batch_sql, tail,
 };
-use tokio_util::sync::CancellationToken;
 
 /// Batches the load must commit between two restarts, so each restart
 /// happens with the reader streaming fresh changes.
@@ -43,23 +40,10 @@ async fn postgres_restart_under_load_loses_nothing() {
     let mut reader = Reader::start(&db, &[]);
     db.wait_streaming(&reader).await;
 
-    let stop = CancellationToken::new();
-    let committed = Arc::new(AtomicU64::new(0));
-    let load = tokio::spawn(shop_load_through_restarts(
-        db.owner_url.clone(),
-        20,
-        stop.clone(),
-        committed.clone(),
-    ));
+    let load = ShopLoad::start(&db, 20);
     let restarts = 2;
     for i in 0..restarts {
-        let from = committed.load(Ordering::SeqCst);
-        wait_for(
-            || committed.load(Ordering::SeqCst) >= from + BATCHES_BETWEEN_RESTARTS,
-            "the load to commit batches",
-            &reader,
-        )
-        .await;
+        load.wait_batches(BATCHES_BETWEEN_RESTARTS, &reader).await;
         let started = Instant::now();
         let p = pg.clone();
         tokio::task::spawn_blocking(move || p.restart())
@@ -76,19 +60,10 @@ async fn postgres_restart_under_load_loses_nothing() {
             started.elapsed().as_secs_f64()
         );
     }
-    let from = committed.load(Ordering::SeqCst);
-    wait_for(
-        || committed.load(Ordering::SeqCst) >= from + BATCHES_BETWEEN_RESTARTS,
-        "the load to commit batches after the last restart",
-        &reader,
-    )
-    .await;
-    stop.cancel();
-    let failed = load.await.unwrap();
-    println!(
-        "load: {} batches committed, {failed} failed attempts",
-        committed.load(Ordering::SeqCst)
-    );
+    load.wait_batches(BATCHES_BETWEEN_RESTARTS, &reader).await;
+    let batches = load.committed();
+    let failed = load.finish().await;
+    println!("load: {batches} batches committed, {failed} failed attempts");
 
     db.wait_caught_up(Duration::from_secs(120), Some(&reader.log))
         .await;
@@ -111,17 +86,4 @@ async fn postgres_restart_under_load_loses_nothing() {
         "reader did not exit 0 on SIGTERM:\n{}",
         tail(&reader.log_text(), 20)
     );
-}
-
-/// Polls `done` every 50 ms for up to 60 s.
-async fn wait_for(done: impl Fn() -> bool, what: &str, reader: &Reader) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; reader log:\n{}",
-            tail(&reader.log_text(), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -824,6 +824,59 @@ pub async fn shop_load_through_restarts(
     failed
 }
 
+/// [`shop_load_through_restarts`] running in the background, with what the
+/// tests ask of it.
+pub struct ShopLoad {
+    stop: tokio_util::sync::CancellationToken,
+    committed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl ShopLoad {
+    /// Starts batches of `n` rows per table on `db`.
+    pub fn start(db: &TestDb, n: u32) -> ShopLoad {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let committed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task = tokio::spawn(shop_load_through_restarts(
+            db.owner_url.clone(),
+            n,
+            stop.clone(),
+            committed.clone(),
+        ));
+        ShopLoad {
+            stop,
+            committed,
+            task,
+        }
+    }
+
+    /// Batches committed so far.
+    pub fn committed(&self) -> u64 {
+        self.committed.load(Ordering::SeqCst)
+    }
+
+    /// Polls until `more` batches beyond now have committed, failing with
+    /// the reader's log after 60 s.
+    pub async fn wait_batches(&self, more: u64, reader: &Reader) {
+        let from = self.committed();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.committed() < from + more {
+            assert!(
+                Instant::now() < deadline,
+                "the load committed no {more} batches in 60 s; reader log:\n{}",
+                tail(&reader.log_text(), 30)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Stops the load; returns the failed attempts.
+    pub async fn finish(self) -> u64 {
+        self.stop.cancel();
+        self.task.await.unwrap()
+    }
+}
+
 /// Number of messages in a topic (sum of high minus low watermarks), without consuming.
 pub fn message_count(topic: &str) -> i64 {
     let consumer: BaseConsumer = ClientConfig::new()
