@@ -81,9 +81,9 @@ async fn broker_loss_under_load_stalls_or_fails_over_and_loses_nothing() {
     kafka.kill9(a);
     kafka.kill9(b);
     println!("killed nodes {a} and {b}");
-    // Acknowledgements already on their way may still land.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let stalled_at = db.confirmed_flush().await;
+    // Acknowledgements already on their way may still land: the stall
+    // starts once the confirmed position stood still for a second.
+    let stalled_at = settled_position(&db).await;
     let batches_before = load.committed();
     let watch = Instant::now();
     while watch.elapsed() < STALL_WATCH {
@@ -137,4 +137,25 @@ fn assert_alive(reader: &mut Reader) {
         "the reader exited:\n{}",
         tail(&reader.log_text(), 30)
     );
+}
+
+/// The slot's confirmed position once it has not moved for a second
+/// (polled every 100 ms, for up to 30 s).
+async fn settled_position(db: &TestDb) -> Option<cdc_reader::change::Lsn> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = db.confirmed_flush().await;
+    let mut since = Instant::now();
+    while since.elapsed() < Duration::from_secs(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the confirmed position kept moving for 30 s with two of three brokers down"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = db.confirmed_flush().await;
+        if now != last {
+            last = now;
+            since = Instant::now();
+        }
+    }
+    last
 }
