@@ -321,7 +321,8 @@ fn subscribe(
         .consumer
         .create_with_context(rebalancer)
         .map_err(Error::Kafka)?;
-    let topics: Vec<&str> = config.topic_list();
+    let topics = config.topic_list();
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics).map_err(Error::Kafka)?;
     tracing::info!(topics = topics.len(), group = %config.group, "subscribed");
     Ok(consumer)

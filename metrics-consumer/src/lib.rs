@@ -75,6 +75,12 @@ pub struct Config {
     #[arg(long, env = "METRICS_TOPICS", default_value = DEFAULT_TOPICS)]
     pub topics: String,
 
+    /// Put before every topic name of `--topics` (not before `^regex`
+    /// entries), e.g. `debezium.` to read the topics of a Debezium connector
+    /// whose `topic.prefix` is `debezium.<db>`.
+    #[arg(long, env = "METRICS_TOPIC_PREFIX", default_value = "")]
+    pub topic_prefix: String,
+
     /// Most messages applied in one atomic Redis script call.
     #[arg(long, env = "METRICS_BATCH_SIZE", default_value_t = 10_000)]
     pub batch_size: usize,
@@ -144,12 +150,20 @@ pub struct Config {
 }
 
 impl Config {
-    /// The topics (or `^regex` patterns) to subscribe to.
-    pub fn topic_list(&self) -> Vec<&str> {
+    /// The topics (or `^regex` patterns) to subscribe to, names with
+    /// `--topic-prefix` in front.
+    pub fn topic_list(&self) -> Vec<String> {
         self.topics
             .split(',')
             .map(str::trim)
             .filter(|t| !t.is_empty())
+            .map(|t| {
+                if t.starts_with('^') {
+                    t.to_owned()
+                } else {
+                    format!("{}{t}", self.topic_prefix)
+                }
+            })
             .collect()
     }
 
@@ -420,5 +434,23 @@ mod tests {
             Config::try_parse_from(["metrics-consumer", "--kafka-startup-timeout-secs", "0"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn topic_prefix_goes_before_names_but_not_before_patterns() {
+        let c = Config::try_parse_from([
+            "metrics-consumer",
+            "--topics",
+            "instashop.public.buyer, ^crm\\..*",
+            "--topic-prefix",
+            "debezium.",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.topic_list(),
+            ["debezium.instashop.public.buyer", "^crm\\..*"]
+        );
+        let d = Config::try_parse_from(["metrics-consumer"]).unwrap();
+        assert_eq!(d.topic_list()[0], "instashop.public.customer");
     }
 }
