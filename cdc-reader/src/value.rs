@@ -272,17 +272,28 @@ pub fn write_text(
         oid::TIMESTAMPTZ => match text {
             "infinity" | "-infinity" => write_str(out, text),
             _ => {
-                let (micros, offset) =
+                let (days, time, offset) =
                     parse_timestamp(text, true).ok_or_else(|| err("bad timestamp"))?;
-                write_iso_timestamp(out, micros - offset as i64 * 1_000_000);
+                // Shifted to UTC across midnight by day and time of day, not
+                // through micros since the epoch: PostgreSQL's last years do
+                // not fit them, and ZonedTimestamp is a string.
+                let time = time - i64::from(offset) * 1_000_000;
+                let days = days
+                    .checked_add(time.div_euclid(86_400_000_000))
+                    .ok_or_else(|| err("bad timestamp"))?;
+                write_iso_timestamp(out, days, time.rem_euclid(86_400_000_000));
             }
         },
         oid::TIMESTAMP => match text {
             "infinity" => write_i64(out, i64::MAX),
             "-infinity" => write_i64(out, i64::MIN),
             _ => {
-                let (micros, _) =
+                let (days, time, _) =
                     parse_timestamp(text, false).ok_or_else(|| err("bad timestamp"))?;
+                let micros = days
+                    .checked_mul(86_400_000_000)
+                    .and_then(|day_start| day_start.checked_add(time))
+                    .ok_or_else(|| err("timestamp beyond 64-bit microseconds since 1970"))?;
                 write_i64(out, micros);
             }
         },
@@ -581,29 +592,56 @@ fn decode_hex(hex: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (astronomical year).
-pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let m = i64::from(month);
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// 1970-01-01, day 0 of Debezium's `Date` and of the epoch-based types.
+const EPOCH: jiff::civil::Date = jiff::civil::Date::constant(1970, 1, 1);
+
+/// The proleptic Gregorian calendar repeats every 400 years, which hold
+/// 146097 days.
+const CYCLE_YEARS: i64 = 400;
+const CYCLE_DAYS: i64 = 146_097;
+
+/// Whole 400-year cycles between 1970 and `year`, and the year moved by
+/// them into 1970..2370.
+///
+/// jiff does the calendar, but like every maintained Rust date crate it stops
+/// long before PostgreSQL does (jiff at the years -9999 and 9999; PostgreSQL
+/// dates run from 4713 BC to 5874897 AD, timestamps to 294276 AD), while
+/// Debezium's `java.time` writes them all. This is the one piece of calendar
+/// arithmetic kept here: a year outside jiff's range is moved into it by
+/// whole cycles, which changes neither the month lengths nor the leap days.
+fn calendar_cycles(year: i64) -> Option<(i64, i64)> {
+    let cycles = year.checked_sub(1970)?.div_euclid(CYCLE_YEARS);
+    Some((cycles, year - cycles * CYCLE_YEARS))
 }
 
-/// (year, month, day) of a day count since 1970-01-01.
-pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+/// Days since 1970-01-01 of a proleptic Gregorian date (astronomical year),
+/// `None` when the date does not exist (2026-02-30) or is beyond `i64`.
+fn days_from_civil(year: i64, month: u32, day: u32) -> Option<i64> {
+    let (cycles, year) = calendar_cycles(year)?;
+    let date = jiff::civil::Date::new(
+        i16::try_from(year).ok()?,
+        i8::try_from(month).ok()?,
+        i8::try_from(day).ok()?,
+    )
+    .ok()?;
+    let days = date.duration_since(EPOCH).as_secs() / 86_400;
+    cycles.checked_mul(CYCLE_DAYS)?.checked_add(days)
+}
+
+/// (astronomical year, month, day) of a day count since 1970-01-01.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let cycles = days.div_euclid(CYCLE_DAYS);
+    let within = days.rem_euclid(CYCLE_DAYS);
+    // Within one cycle from 1970-01-01, so always inside jiff's range.
+    let date = EPOCH
+        .checked_add(jiff::SignedDuration::from_secs(within * 86_400))
+        .unwrap_or(EPOCH);
+    let year = i64::from(date.year()) + cycles * CYCLE_YEARS;
+    (
+        year,
+        date.month().unsigned_abs().into(),
+        date.day().unsigned_abs().into(),
+    )
 }
 
 /// `YYYY-MM-DD` (year may be longer than 4 digits): (year, month, day, rest).
@@ -645,7 +683,7 @@ fn parse_date(text: &str) -> Option<i64> {
         return None;
     }
     let year = if bc { 1 - year } else { year };
-    Some(days_from_civil(year, month, day))
+    days_from_civil(year, month, day)
 }
 
 /// `HH:MM:SS[.ffffff]`: (micros since midnight, rest of the text).
@@ -690,9 +728,9 @@ fn parse_offset(text: &str) -> Option<i32> {
     Some(sign * (h as i32 * 3600 + m as i32 * 60 + s as i32))
 }
 
-/// `YYYY-MM-DD HH:MM:SS[.ffffff][offset][ BC]`: (local micros since the
-/// epoch, offset seconds east of UTC).
-fn parse_timestamp(text: &str, with_offset: bool) -> Option<(i64, i32)> {
+/// `YYYY-MM-DD HH:MM:SS[.ffffff][offset][ BC]`: (days since the epoch,
+/// local micros since midnight, offset seconds east of UTC).
+fn parse_timestamp(text: &str, with_offset: bool) -> Option<(i64, i64, i32)> {
     let (text, bc) = strip_bc(text);
     let (year, month, day, rest) = parse_ymd(text)?;
     let rest = rest.strip_prefix(' ')?;
@@ -705,8 +743,7 @@ fn parse_timestamp(text: &str, with_offset: bool) -> Option<(i64, i32)> {
         return None;
     };
     let year = if bc { 1 - year } else { year };
-    let days = days_from_civil(year, month, day);
-    Some((days * 86_400_000_000 + time, offset))
+    Some((days_from_civil(year, month, day)?, time, offset))
 }
 
 fn write_clock(out: &mut Vec<u8>, micros_of_day: i64) {
@@ -728,9 +765,8 @@ fn write_clock(out: &mut Vec<u8>, micros_of_day: i64) {
     }
 }
 
-fn write_iso_timestamp(out: &mut Vec<u8>, utc_micros: i64) {
-    let days = utc_micros.div_euclid(86_400_000_000);
-    let time = utc_micros.rem_euclid(86_400_000_000);
+/// `days` since the epoch and `time` micros since midnight, both UTC.
+fn write_iso_timestamp(out: &mut Vec<u8>, days: i64, time: i64) {
     let (year, month, day) = civil_from_days(days);
     out.push(b'"');
     if (0..=9999).contains(&year) {
@@ -1247,11 +1283,79 @@ mod tests {
         fails("2016-11-4", oid::DATE);
     }
 
+    fn jiff_days(date: jiff::civil::Date) -> i64 {
+        date.duration_since(EPOCH).as_secs() / 86_400
+    }
+
     #[test]
-    fn civil_days_round_trip() {
-        for days in (-800_000..800_000).step_by(997) {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
+    fn dates_beyond_jiff_match_postgres_and_java() {
+        // PostgreSQL's own bounds (its first date is Julian day 0, 4714-11-24
+        // BC in the proleptic Gregorian calendar, astronomical year -4713;
+        // its last is the day before Julian day 2147483494, 5874898-01-01),
+        // as Java's LocalDate.toEpochDay gives them: Julian day - 2440588.
+        assert_eq!(days_from_civil(-4713, 11, 24), Some(-2_440_588));
+        assert_eq!(
+            days_from_civil(5_874_898, 1, 1),
+            Some(2_147_483_494 - 2_440_588)
+        );
+        assert_eq!(s("4714-11-24 BC", oid::DATE), json!(-2_440_588));
+        assert_eq!(
+            s("5874897-12-31", oid::DATE),
+            json!(2_147_483_493 - 2_440_588)
+        );
+        assert_eq!(
+            civil_from_days(2_147_483_493 - 2_440_588),
+            (5_874_897, 12, 31)
+        );
+        // The last timestamp PostgreSQL accepts.
+        assert_eq!(
+            s("294276-12-31 23:59:59.999999+00", oid::TIMESTAMPTZ),
+            json!("+294276-12-31T23:59:59.999999Z")
+        );
+        assert_eq!(
+            s("294247-01-10 04:00:54.775807", oid::TIMESTAMP),
+            json!(i64::MAX)
+        );
+        // Later ones do not fit MicroTimestamp's 64 bits: an error, never a
+        // wrapped number.
+        fails("294247-01-10 04:00:54.775808", oid::TIMESTAMP);
+        // A leap day four cycles out, and a century year that is not leap.
+        assert_eq!(
+            civil_from_days(days_from_civil(11_600, 2, 29).unwrap_or(0)),
+            (11_600, 2, 29)
+        );
+        assert_eq!(days_from_civil(11_700, 2, 29), None);
+        assert_eq!(days_from_civil(2026, 2, 30), None);
+        assert_eq!(days_from_civil(i64::MIN, 1, 1), None);
+        fails("99999999999999999999-01-01", oid::DATE);
+        fails("9999999999999999-01-01 00:00:00", oid::TIMESTAMP);
+    }
+
+    proptest::proptest! {
+        /// Over jiff's whole range the cycle-shifted conversion is jiff's own.
+        #[test]
+        fn civil_days_equal_jiff_over_its_range(
+            year in -9999i16..=9999,
+            month in 1i8..=12,
+            day in 1i8..=31,
+        ) {
+            let expected = jiff::civil::Date::new(year, month, day).ok().map(jiff_days);
+            let got = days_from_civil(year.into(), month.unsigned_abs().into(), day.unsigned_abs().into());
+            proptest::prop_assert_eq!(got, expected);
+            if let Some(days) = expected {
+                let date = (i64::from(year), month.unsigned_abs().into(), day.unsigned_abs().into());
+                proptest::prop_assert_eq!(civil_from_days(days), date);
+            }
+        }
+
+        /// Beyond it, every day count round-trips and whole cycles shift
+        /// the year by 400 and nothing else.
+        #[test]
+        fn civil_days_round_trip_over_postgres_range(days in -2_500_000i64..2_200_000_000) {
+            let (year, month, day) = civil_from_days(days);
+            proptest::prop_assert_eq!(days_from_civil(year, month, day), Some(days));
+            let back = civil_from_days(days.rem_euclid(CYCLE_DAYS) + 3 * CYCLE_DAYS);
+            proptest::prop_assert_eq!((back.1, back.2), (month, day));
         }
     }
 
