@@ -1,0 +1,204 @@
+//! One warehouse transaction's worth of messages, already encoded for COPY:
+//! the change events, the typed shop rows per entity, the truncates, the
+//! days whose `change_event` partitions must exist, and the next Kafka
+//! offset of every partition it covers. Filled by the poll thread (pure).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::copy::CopyRows;
+use crate::event::{BadInput, Decoded, Event, Op};
+use crate::shop::{self, Entity, Field};
+
+/// Microseconds per day.
+const DAY_US: i64 = 86_400_000_000;
+
+/// A truncate of a source table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Truncate {
+    /// Which entity's facts or versions it ends.
+    pub entity: Entity,
+    /// Its position `(commit_lsn, lsn)`.
+    pub position: (i64, i64),
+    /// Its commit time (µs).
+    pub commit_time_us: i64,
+}
+
+/// A message that could not be decoded, for the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Where it was read.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key.
+    pub key: Option<Vec<u8>>,
+    /// Its value.
+    pub payload: Option<Vec<u8>>,
+    /// Why it is bad.
+    pub error: String,
+}
+
+/// One batch.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Rows for `change_event` (via its staging table).
+    pub events: CopyRows,
+    /// Typed rows per entity, indexed by [`Entity::index`].
+    pub shop: [CopyRows; 7],
+    /// Truncates in the batch.
+    pub truncates: Vec<Truncate>,
+    /// Days (as days since the epoch) of the events' commit times.
+    pub days: BTreeSet<i64>,
+    /// Next offset per `(topic, partition)`.
+    pub next_offsets: BTreeMap<(String, i32), i64>,
+    /// Bad messages.
+    pub dead: Vec<DeadLetter>,
+    /// Messages taken (all kinds).
+    pub messages: usize,
+    /// Tombstones and ignored messages.
+    pub skipped: usize,
+    /// Change events per source table (`db.table`).
+    pub per_table: BTreeMap<String, u64>,
+    /// Largest commit time in the batch (µs), for the lag gauge.
+    pub max_commit_time_us: Option<i64>,
+}
+
+/// The order and names of `change_event`'s columns in a COPY.
+pub const EVENT_COLUMNS: &str = "source_db, source_table, row_key, op, commit_time, lsn, commit_lsn, snapshot, tx_id, before, after, kafka_topic, kafka_partition, kafka_offset";
+
+impl Batch {
+    /// Whether nothing at all was taken.
+    pub fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+
+    /// Decodes and adds one message; a bad one is kept for the dead-letter
+    /// topic. Its offset counts as covered either way.
+    pub fn push(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        renames: &[(String, String)],
+    ) -> Result<(), BadInput> {
+        self.messages += 1;
+        self.next_offsets
+            .insert((topic.to_owned(), partition), offset + 1);
+        let result = crate::event::decode(key, value, renames).and_then(|decoded| match decoded {
+            Decoded::Change(event) => {
+                let row = shop::extract(&event)?;
+                self.add(&event, row.as_ref(), topic, partition, offset);
+                Ok(())
+            }
+            Decoded::Tombstone | Decoded::Ignored => {
+                self.skipped += 1;
+                Ok(())
+            }
+        });
+        if let Err(bad) = &result {
+            self.dead.push(DeadLetter {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+                key: key.map(<[u8]>::to_vec),
+                payload: value.map(<[u8]>::to_vec),
+                error: bad.to_string(),
+            });
+        }
+        result
+    }
+
+    fn add(
+        &mut self,
+        event: &Event<'_>,
+        row: Option<&shop::ShopRow>,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) {
+        let (commit_lsn, lsn) = event.position();
+        self.days.insert(event.commit_time_us.div_euclid(DAY_US));
+        self.max_commit_time_us = self.max_commit_time_us.max(Some(event.commit_time_us));
+        *self
+            .per_table
+            .entry(format!("{}.{}", event.db, event.table))
+            .or_default() += 1;
+        self.events
+            .text(Some(&event.db))
+            .text(Some(&event.table))
+            .text(Some(&event.key))
+            .text(Some(event.op.letter()))
+            .micros(Some(event.commit_time_us))
+            .int(Some(event.lsn))
+            .int(event.commit_lsn)
+            .bool(Some(event.snapshot))
+            .int(event.tx_id)
+            .text(event.before.map(|r| r.get()))
+            .text(event.after.map(|r| r.get()))
+            .text(Some(topic))
+            .int(Some(i64::from(partition)))
+            .int(Some(offset));
+        self.events.end_row();
+        if event.op == Op::Truncate {
+            if let Some(entity) = Entity::of(&event.db, &event.table) {
+                self.truncates.push(Truncate {
+                    entity,
+                    position: (commit_lsn, lsn),
+                    commit_time_us: event.commit_time_us,
+                });
+            }
+            return;
+        }
+        let Some(row) = row else {
+            return;
+        };
+        let out = &mut self.shop[row.entity.index()];
+        out.text(Some(event.op.letter()))
+            .int(Some(row.id))
+            .text(Some(&event.key))
+            .int(Some(commit_lsn))
+            .int(Some(lsn))
+            .micros(Some(event.commit_time_us));
+        for field in &row.fields {
+            match field {
+                Field::Text(v) => out.text(v.as_deref()),
+                Field::Int(v) => out.int(*v),
+                Field::Bool(v) => out.bool(*v),
+                Field::Time(v) => out.micros(*v),
+            };
+        }
+        out.end_row();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn collects_events_rows_offsets_and_dead_letters() {
+        let mut b = Batch::default();
+        let v = br#"{"after":{"id":1,"transaction_id":2,"product_id":3,"quantity":2,"unit_price":"1.50"},"source":{"db":"instashop","table":"transactiondetail","ts_ms":86400000,"lsn":50,"commit_lsn":60},"op":"c"}"#;
+        b.push("t", 0, 10, Some(br#"{"id":1}"#), Some(v), &[])
+            .unwrap();
+        b.push("t", 0, 11, Some(br#"{"id":1}"#), None, &[]).unwrap();
+        assert!(b.push("t", 1, 5, None, Some(b"garbage"), &[]).is_err());
+        assert_eq!(b.messages, 3);
+        assert_eq!(b.skipped, 1);
+        assert_eq!(b.dead.len(), 1);
+        assert_eq!(b.events.rows(), 1);
+        assert_eq!(b.shop[Entity::Line.index()].rows(), 1);
+        assert_eq!(
+            std::str::from_utf8(b.shop[Entity::Line.index()].bytes()).unwrap(),
+            "c\t1\t{\"id\":1}\t60\t50\t1970-01-02T00:00:00Z\t2\t3\t2\t150\n"
+        );
+        assert_eq!(b.days.iter().copied().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(b.next_offsets[&("t".to_owned(), 0)], 12);
+        assert_eq!(b.next_offsets[&("t".to_owned(), 1)], 6);
+    }
+}

@@ -1,0 +1,393 @@
+//! The Kafka loop: a poll thread that decodes messages into batches, and
+//! the async writer that writes each batch with its offsets.
+//!
+//! Where each partition resumes is decided by the warehouse, never by
+//! Kafka's committed offsets: the partitions are assigned (no consumer
+//! group rebalances) at the offsets stored in `sink_offset`, so a batch is
+//! read again exactly when its transaction did not commit.
+//!
+//! The poll thread fills batch N+1 while the writer writes batch N; a batch
+//! is cut when it holds `--batch-size` messages or `--linger-ms` after its
+//! first message, so batches grow with load and stay small when idle.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::Batch;
+use crate::dead_letter::DeadLetters;
+use crate::telemetry::Telemetry;
+use crate::warehouse::Warehouse;
+use crate::{Config, Error};
+
+/// Next offset per topic partition.
+pub type Offsets = BTreeMap<(String, i32), i64>;
+
+/// How often a consume error that keeps coming back is logged.
+const CONSUME_ERROR_EVERY: Duration = Duration::from_secs(5);
+
+/// The librdkafka settings of the sink's clients.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// The consumer of the table topics (assigned, not subscribed).
+    pub consumer: ClientConfig,
+    /// The dead-letter producer (and the admin client creating its topic).
+    pub dead_letters: ClientConfig,
+    /// The client reading high watermarks (lag) and probing at startup.
+    pub watermarks: ClientConfig,
+}
+
+/// The settings from the configuration.
+pub fn settings(config: &Config) -> KafkaSettings {
+    let mut consumer = ClientConfig::new();
+    consumer
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        // Needed by librdkafka for a consumer; never joined nor committed
+        // to: the partitions are assigned and the offsets live in the
+        // warehouse.
+        .set("group.id", "instashop-dwh")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // Only reached without a stored offset or past retention.
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("fetch.wait.max.ms", "100")
+        .set("queued.max.messages.kbytes", "262144");
+    let mut dead_letters = ClientConfig::new();
+    dead_letters
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "60000")
+        .set("message.max.bytes", "17825792");
+    let mut watermarks = ClientConfig::new();
+    watermarks.set("bootstrap.servers", &config.bootstrap_servers);
+    KafkaSettings {
+        consumer,
+        dead_letters,
+        watermarks,
+    }
+}
+
+/// Routes librdkafka's log lines to tracing.
+struct Logging;
+
+impl ClientContext for Logging {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(facility = fac, "librdkafka: {log_message}");
+            }
+            L::Warning => tracing::warn!(facility = fac, "librdkafka: {log_message}"),
+            L::Notice | L::Info => tracing::info!(facility = fac, "librdkafka: {log_message}"),
+            L::Debug => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+}
+
+impl ConsumerContext for Logging {}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+/// Assigns every partition of `topics` at its stored offset (the beginning
+/// when none is stored). Returns the start offsets known.
+fn assign(
+    consumer: &BaseConsumer<Logging>,
+    topics: &[String],
+    stored: &Offsets,
+) -> Result<Offsets, Error> {
+    let mut tpl = TopicPartitionList::new();
+    let mut start = Offsets::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(15))
+            .map_err(Error::Kafka)?;
+        let Some(t) = metadata.topics().first() else {
+            return Err(Error::NoTopic {
+                topic: topic.clone(),
+            });
+        };
+        if t.error().is_some() || t.partitions().is_empty() {
+            return Err(Error::NoTopic {
+                topic: topic.clone(),
+            });
+        }
+        for p in t.partitions() {
+            let key = (topic.clone(), p.id());
+            let offset = match stored.get(&key) {
+                Some(next) => {
+                    start.insert(key, *next);
+                    Offset::Offset(*next)
+                }
+                None => Offset::Beginning,
+            };
+            tpl.add_partition_offset(topic, p.id(), offset)
+                .map_err(Error::Kafka)?;
+        }
+    }
+    consumer.assign(&tpl).map_err(Error::Kafka)?;
+    tracing::info!(
+        partitions = tpl.count(),
+        resumed = start.len(),
+        "partitions assigned at the offsets stored in the warehouse"
+    );
+    Ok(start)
+}
+
+/// Runs the poll thread and the writer until `shutdown`, then writes the
+/// batch in hand.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    config: &Config,
+    kafka: &KafkaSettings,
+    renames: Vec<(String, String)>,
+    stored: Offsets,
+    mut dwh: Warehouse,
+    dead_letters: DeadLetters,
+    telemetry: &Arc<Telemetry>,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let consumer: BaseConsumer<Logging> = kafka
+        .consumer
+        .create_with_context(Logging)
+        .map_err(Error::Kafka)?;
+    let topics = config.topic_list();
+    let start = tokio::task::block_in_place(|| assign(&consumer, &topics, &stored))?;
+    let positions = Arc::new(Mutex::new(start));
+
+    let (tx, mut rx) = mpsc::channel::<Batch>(1);
+    let poll = {
+        let shutdown = shutdown.clone();
+        let (batch_size, linger) = (config.batch_size, Duration::from_millis(config.linger_ms));
+        std::thread::Builder::new()
+            .name("poll".into())
+            .spawn(move || poll_loop(&consumer, &tx, &renames, batch_size, linger, &shutdown))
+            .map_err(|source| Error::Spawn {
+                thread: "poll",
+                source,
+            })?
+    };
+    let lag = spawn_lag(kafka, &positions, telemetry, shutdown)?;
+
+    // After a clean stop was asked for, the writer has the shutdown
+    // timeout to write the batch in hand; then every retry gives up.
+    let abandon = CancellationToken::new();
+    let timer = {
+        let (shutdown, abandon) = (shutdown.clone(), abandon.clone());
+        let secs = config.shutdown_timeout_secs;
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            abandon.cancel();
+        })
+    };
+    telemetry.set_consuming(true);
+    let mut result = Ok(());
+    while let Some(batch) = rx.recv().await {
+        if let Err(e) =
+            write_batch(config, &mut dwh, &dead_letters, &batch, telemetry, &abandon).await
+        {
+            shutdown.cancel();
+            result = Err(e);
+            break;
+        }
+        if let Ok(mut p) = positions.lock() {
+            p.extend(batch.next_offsets.iter().map(|(k, v)| (k.clone(), *v)));
+        }
+    }
+    drop(rx);
+    telemetry.set_consuming(false);
+    shutdown.cancel();
+    timer.abort();
+    let polled = join(poll, "poll");
+    let _ = join(lag, "lag");
+    if result.is_ok() {
+        tracing::info!("sink stopped after writing the batch in hand");
+    }
+    result.and(polled)
+}
+
+fn join(handle: std::thread::JoinHandle<Result<(), Error>>, name: &str) -> Result<(), Error> {
+    handle
+        .join()
+        .unwrap_or_else(|_| Err(Error::Internal(format!("the {name} thread panicked"))))
+}
+
+/// Writes one batch, retrying transient warehouse failures with backoff
+/// on a new connection until it succeeds or the shutdown timeout passes.
+async fn write_batch(
+    config: &Config,
+    dwh: &mut Warehouse,
+    dead_letters: &DeadLetters,
+    batch: &Batch,
+    telemetry: &Telemetry,
+    abandon: &CancellationToken,
+) -> Result<(), Error> {
+    if !batch.dead.is_empty() {
+        dead_letters.deliver(&batch.dead).await?;
+        telemetry.dead_lettered(batch.dead.len());
+    }
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    let written = loop {
+        let error = match dwh.write(batch).await {
+            Ok(written) => break written,
+            Err(Error::DwhUnavailable(e)) => e,
+            Err(e) => return Err(e),
+        };
+        telemetry.write_failed();
+        tracing::warn!(error = %local_stack::one_line(&error), messages = batch.messages, "writing the batch to the warehouse failed, retrying");
+        tokio::select! {
+            () = abandon.cancelled() => {
+                return Err(Error::ShutdownTimeout { secs: config.shutdown_timeout_secs });
+            }
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
+        match dwh.reconnect(&config.dwh_url).await {
+            Ok(()) | Err(Error::DwhUnavailable(_)) => {}
+            Err(e) => return Err(e),
+        }
+    };
+    telemetry.written(
+        &batch.per_table,
+        batch.messages,
+        written.duplicates,
+        batch.skipped,
+        started.elapsed(),
+    );
+    if let Some(newest) = batch.max_commit_time_us {
+        telemetry.set_e2e_lag_ms((now_us() - newest) / 1000);
+    }
+    tracing::debug!(
+        messages = batch.messages,
+        inserted = written.inserted,
+        duplicates = written.duplicates,
+        "batch written"
+    );
+    Ok(())
+}
+
+fn poll_loop(
+    consumer: &BaseConsumer<Logging>,
+    tx: &mpsc::Sender<Batch>,
+    renames: &[(String, String)],
+    batch_size: usize,
+    linger: Duration,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let mut batch = Batch::default();
+    let mut started: Option<Instant> = None;
+    let mut logged: HashSet<&'static str> = HashSet::new();
+    let mut last_error: Option<Instant> = None;
+    let mut held_back = 0u64;
+    while !shutdown.is_cancelled() {
+        let timeout = started.map_or(Duration::from_millis(100), |t| {
+            linger.saturating_sub(t.elapsed())
+        });
+        match consumer.poll(timeout) {
+            None => {}
+            Some(Err(e)) => {
+                if last_error.is_none_or(|t| t.elapsed() >= CONSUME_ERROR_EVERY) {
+                    tracing::warn!(error = %e, held_back, "kafka consume error (repeats within 5 s are only counted, in held_back)");
+                    last_error = Some(Instant::now());
+                    held_back = 0;
+                } else {
+                    held_back += 1;
+                }
+            }
+            Some(Ok(m)) => {
+                if batch.is_empty() {
+                    started = Some(Instant::now());
+                }
+                if let Err(bad) = batch.push(
+                    m.topic(),
+                    m.partition(),
+                    m.offset(),
+                    m.key(),
+                    m.payload(),
+                    renames,
+                ) && logged.insert(bad.kind())
+                {
+                    tracing::warn!(
+                        kind = bad.kind(),
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        error = %bad,
+                        "bad message: counted, sent to the dead-letter topic and skipped (logged once per kind)"
+                    );
+                }
+            }
+        }
+        let due = started.is_some_and(|t| t.elapsed() >= linger);
+        if batch.messages >= batch_size || due {
+            if tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+                return Ok(());
+            }
+            started = None;
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(batch);
+    }
+    Ok(())
+}
+
+/// The thread that keeps the per-partition lag gauge, on a client of its own.
+fn spawn_lag(
+    kafka: &KafkaSettings,
+    positions: &Arc<Mutex<Offsets>>,
+    telemetry: &Arc<Telemetry>,
+    shutdown: &CancellationToken,
+) -> Result<std::thread::JoinHandle<Result<(), Error>>, Error> {
+    let watermarks: BaseConsumer = kafka.watermarks.create().map_err(Error::Kafka)?;
+    let (positions, telemetry, shutdown) = (
+        Arc::clone(positions),
+        Arc::clone(telemetry),
+        shutdown.clone(),
+    );
+    std::thread::Builder::new()
+        .name("lag".into())
+        .spawn(move || {
+            while !shutdown.is_cancelled() {
+                let snapshot: Offsets = positions.lock().map(|p| p.clone()).unwrap_or_default();
+                let mut lag = BTreeMap::new();
+                for ((topic, partition), next) in snapshot {
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    if let Ok((_, high)) =
+                        watermarks.fetch_watermarks(&topic, partition, Duration::from_secs(2))
+                    {
+                        lag.insert((topic, partition), (high - next).max(0));
+                    }
+                }
+                telemetry.set_lag(lag);
+                for _ in 0..50 {
+                    if shutdown.is_cancelled() {
+                        return Ok(());
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            Ok(())
+        })
+        .map_err(|source| Error::Spawn {
+            thread: "lag",
+            source,
+        })
+}

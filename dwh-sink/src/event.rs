@@ -1,0 +1,368 @@
+//! A Debezium change-event message (key and value bytes, JSON, schemas
+//! disabled or enabled) decoded into what `change_event` stores. Pure.
+//!
+//! The row images stay raw JSON text (`before`, `after` borrowed from the
+//! message): the warehouse parses them into `jsonb` itself, so the sink
+//! never re-renders a value the source wrote.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// The change's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// `c`: insert.
+    Create,
+    /// `u`: update.
+    Update,
+    /// `d`: delete.
+    Delete,
+    /// `r`: snapshot read.
+    Read,
+    /// `t`: truncate.
+    Truncate,
+}
+
+impl Op {
+    /// The op's letter, as in the event and in `change_event.op`.
+    pub fn letter(self) -> &'static str {
+        match self {
+            Op::Create => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+            Op::Read => "r",
+            Op::Truncate => "t",
+        }
+    }
+}
+
+/// One change event.
+#[derive(Debug, Clone)]
+pub struct Event<'a> {
+    /// `source.db`, after `--source-dbs` renames.
+    pub db: String,
+    /// `source.table`.
+    pub table: String,
+    /// The key as canonical JSON (keys sorted, no spaces); empty for a
+    /// truncate or a table without key.
+    pub key: String,
+    /// The change's kind.
+    pub op: Op,
+    /// `source.ts_ms` (commit time) in microseconds since the epoch.
+    pub commit_time_us: i64,
+    /// `source.lsn`.
+    pub lsn: i64,
+    /// `source.commit_lsn` (our reader's; absent from Debezium's events).
+    pub commit_lsn: Option<i64>,
+    /// Whether the event comes from a snapshot.
+    pub snapshot: bool,
+    /// `source.txId`.
+    pub tx_id: Option<i64>,
+    /// The row before, raw JSON (`None` when null or absent).
+    pub before: Option<&'a RawValue>,
+    /// The row after, raw JSON.
+    pub after: Option<&'a RawValue>,
+}
+
+impl Event<'_> {
+    /// Where the event sits in its source's history: `(commit_lsn, lsn)`,
+    /// with the change's own LSN standing in for a missing commit LSN.
+    pub fn position(&self) -> (i64, i64) {
+        (self.commit_lsn.unwrap_or(self.lsn), self.lsn)
+    }
+}
+
+/// A decoded message.
+#[derive(Debug, Clone)]
+pub enum Decoded<'a> {
+    /// A change to store.
+    Change(Event<'a>),
+    /// A tombstone (null value after a delete): nothing to store.
+    Tombstone,
+    /// An event that carries no row change (`op: "m"`).
+    Ignored,
+}
+
+/// Why a message cannot be stored: dead-lettered, counted and skipped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadInput {
+    /// Not a JSON object of the envelope's shape.
+    #[error("value is not a Debezium JSON envelope: {0}")]
+    NotJson(String),
+    /// A required field is missing or null.
+    #[error("required field `{0}` is missing or null")]
+    MissingField(&'static str),
+    /// A field holds a value of the wrong form.
+    #[error("field `{0}` has an unreadable value")]
+    BadValue(&'static str),
+    /// `op` is not one of c, u, d, r, t, m.
+    #[error("unknown op `{0}`")]
+    UnknownOp(String),
+}
+
+impl BadInput {
+    /// A short stable name, for logging once per kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BadInput::NotJson(_) => "not_json",
+            BadInput::MissingField(_) => "missing_field",
+            BadInput::BadValue(_) => "bad_value",
+            BadInput::UnknownOp(_) => "unknown_op",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    before: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    after: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    source: Option<Source<'a>>,
+    #[serde(borrow, default)]
+    op: Option<Cow<'a, str>>,
+    /// Schemas-enabled form: the envelope sits in `payload`.
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Source<'a> {
+    #[serde(borrow, default)]
+    db: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    table: Option<Cow<'a, str>>,
+    #[serde(default)]
+    ts_ms: Option<i64>,
+    #[serde(default)]
+    ts_us: Option<i64>,
+    #[serde(default)]
+    lsn: Option<i64>,
+    #[serde(default)]
+    commit_lsn: Option<i64>,
+    #[serde(borrow, default)]
+    snapshot: Option<&'a RawValue>,
+    #[serde(rename = "txId", default)]
+    tx_id: Option<i64>,
+}
+
+fn non_null(raw: Option<&RawValue>) -> Option<&RawValue> {
+    raw.filter(|r| r.get() != "null")
+}
+
+/// Decodes one Kafka message. `renames` maps a captured database name to
+/// its logical name.
+pub fn decode<'a>(
+    key: Option<&[u8]>,
+    value: Option<&'a [u8]>,
+    renames: &[(String, String)],
+) -> Result<Decoded<'a>, BadInput> {
+    let Some(value) = value else {
+        return Ok(Decoded::Tombstone);
+    };
+    let text = std::str::from_utf8(value).map_err(|_| BadInput::NotJson("not utf-8".into()))?;
+    if text.trim() == "null" {
+        return Ok(Decoded::Tombstone);
+    }
+    let mut envelope: Envelope<'a> =
+        serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
+    if let (None, Some(payload)) = (&envelope.op, envelope.payload) {
+        if payload.get() == "null" {
+            return Ok(Decoded::Tombstone);
+        }
+        envelope =
+            serde_json::from_str(payload.get()).map_err(|e| BadInput::NotJson(e.to_string()))?;
+    }
+    let op = match envelope.op.as_deref().ok_or(BadInput::MissingField("op"))? {
+        "c" => Op::Create,
+        "u" => Op::Update,
+        "d" => Op::Delete,
+        "r" => Op::Read,
+        "t" => Op::Truncate,
+        "m" => return Ok(Decoded::Ignored),
+        other => return Err(BadInput::UnknownOp(other.chars().take(16).collect())),
+    };
+    let source = envelope
+        .source
+        .as_ref()
+        .ok_or(BadInput::MissingField("source"))?;
+    let db = source
+        .db
+        .as_deref()
+        .ok_or(BadInput::MissingField("source.db"))?;
+    let db = renames
+        .iter()
+        .find(|(captured, _)| captured == db)
+        .map_or(db, |(_, logical)| logical.as_str())
+        .to_owned();
+    let table = source
+        .table
+        .as_deref()
+        .ok_or(BadInput::MissingField("source.table"))?
+        .to_owned();
+    let commit_time_us = match (source.ts_us, source.ts_ms) {
+        (Some(us), _) => us,
+        (None, Some(ms)) => ms
+            .checked_mul(1000)
+            .ok_or(BadInput::BadValue("source.ts_ms"))?,
+        (None, None) => return Err(BadInput::MissingField("source.ts_ms")),
+    };
+    let lsn = source.lsn.ok_or(BadInput::MissingField("source.lsn"))?;
+    let snapshot = match non_null(source.snapshot).map(RawValue::get) {
+        None | Some("false" | "\"false\"") => false,
+        Some(_) => true,
+    };
+    let before = non_null(envelope.before);
+    let after = non_null(envelope.after);
+    match op {
+        Op::Create | Op::Update | Op::Read if after.is_none() => {
+            return Err(BadInput::MissingField("after"));
+        }
+        _ => {}
+    }
+    let key = match op {
+        Op::Truncate => String::new(),
+        _ => canonical_key(key)?,
+    };
+    Ok(Decoded::Change(Event {
+        db,
+        table,
+        key,
+        op,
+        commit_time_us,
+        lsn,
+        commit_lsn: source.commit_lsn,
+        snapshot,
+        tx_id: source.tx_id,
+        before,
+        after,
+    }))
+}
+
+/// The key as canonical JSON: object keys sorted, no whitespace, the
+/// schemas-enabled wrapper removed; empty for a null or absent key.
+fn canonical_key(key: Option<&[u8]>) -> Result<String, BadInput> {
+    let Some(key) = key else {
+        return Ok(String::new());
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(key).map_err(|_| BadInput::BadValue("key"))?;
+    let value = match value {
+        serde_json::Value::Object(mut map)
+            if map.contains_key("payload") && map.contains_key("schema") =>
+        {
+            map.remove("payload").unwrap_or(serde_json::Value::Null)
+        }
+        other => other,
+    };
+    if value.is_null() {
+        return Ok(String::new());
+    }
+    // serde_json's map is ordered by key (no `preserve_order` feature).
+    Ok(value.to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const UPDATE: &str = r#"{"before":{"id":7,"price":"1.00"},"after":{"id":7,"price":"2.50"},"source":{"version":"0.1.0","connector":"postgresql","name":"instashop","ts_ms":1795360039853,"snapshot":"false","db":"scratch_db","schema":"public","table":"product","txId":812,"lsn":2000,"xmin":null,"commit_lsn":2100},"op":"u","ts_ms":1795360062077,"transaction":null}"#;
+
+    #[test]
+    fn decodes_an_update_with_positions_and_rename() {
+        let renames = vec![("scratch_db".to_owned(), "instashop".to_owned())];
+        let Decoded::Change(e) =
+            decode(Some(br#"{ "id" : 7 }"#), Some(UPDATE.as_bytes()), &renames).unwrap()
+        else {
+            panic!("not a change")
+        };
+        assert_eq!(e.db, "instashop");
+        assert_eq!(e.table, "product");
+        assert_eq!(e.key, r#"{"id":7}"#);
+        assert_eq!(e.op, Op::Update);
+        assert_eq!(e.commit_time_us, 1_795_360_039_853_000);
+        assert_eq!(e.position(), (2100, 2000));
+        assert_eq!(e.tx_id, Some(812));
+        assert!(!e.snapshot);
+        assert_eq!(e.after.unwrap().get(), r#"{"id":7,"price":"2.50"}"#);
+    }
+
+    #[test]
+    fn debezium_events_without_commit_lsn_order_by_lsn() {
+        let v = UPDATE.replace(r#","commit_lsn":2100"#, "");
+        let Decoded::Change(e) = decode(Some(br#"{"id":7}"#), Some(v.as_bytes()), &[]).unwrap()
+        else {
+            panic!("not a change")
+        };
+        assert_eq!(e.commit_lsn, None);
+        assert_eq!(e.position(), (2000, 2000));
+        assert_eq!(e.db, "scratch_db");
+    }
+
+    #[test]
+    fn tombstones_messages_and_bad_input() {
+        assert!(matches!(
+            decode(Some(b"{}"), None, &[]).unwrap(),
+            Decoded::Tombstone
+        ));
+        assert!(matches!(
+            decode(Some(b"{}"), Some(b"null"), &[]).unwrap(),
+            Decoded::Tombstone
+        ));
+        assert!(matches!(
+            decode(None, Some(br#"{"op":"m","source":{}}"#), &[]).unwrap(),
+            Decoded::Ignored
+        ));
+        assert_eq!(
+            decode(None, Some(b"not json"), &[]).unwrap_err().kind(),
+            "not_json"
+        );
+        assert_eq!(
+            decode(None, Some(br#"{"op":"x"}"#), &[]).unwrap_err(),
+            BadInput::UnknownOp("x".into())
+        );
+        let no_after = UPDATE.replace(r#""after":{"id":7,"price":"2.50"}"#, r#""after":null"#);
+        assert_eq!(
+            decode(Some(b"{\"id\":7}"), Some(no_after.as_bytes()), &[]).unwrap_err(),
+            BadInput::MissingField("after")
+        );
+        let no_lsn = UPDATE.replace(r#""lsn":2000,"#, "");
+        assert_eq!(
+            decode(Some(b"{\"id\":7}"), Some(no_lsn.as_bytes()), &[]).unwrap_err(),
+            BadInput::MissingField("source.lsn")
+        );
+    }
+
+    #[test]
+    fn truncate_has_no_key_and_snapshot_reads_are_marked() {
+        let t = r#"{"before":null,"after":null,"source":{"ts_ms":5,"db":"erp","table":"stock","lsn":9,"snapshot":"false"},"op":"t"}"#;
+        let Decoded::Change(e) = decode(None, Some(t.as_bytes()), &[]).unwrap() else {
+            panic!("not a change")
+        };
+        assert_eq!((e.op, e.key.as_str()), (Op::Truncate, ""));
+        let r = UPDATE
+            .replace(r#""op":"u""#, r#""op":"r""#)
+            .replace(r#""snapshot":"false""#, r#""snapshot":"true""#);
+        let Decoded::Change(e) = decode(Some(b"{\"id\":7}"), Some(r.as_bytes()), &[]).unwrap()
+        else {
+            panic!("not a change")
+        };
+        assert!(e.snapshot);
+        assert_eq!(e.op, Op::Read);
+    }
+
+    #[test]
+    fn schemas_enabled_envelopes_are_unwrapped() {
+        let wrapped = format!(r#"{{"schema":{{}},"payload":{UPDATE}}}"#);
+        let key = br#"{"schema":{},"payload":{"id":7}}"#;
+        let Decoded::Change(e) = decode(Some(key), Some(wrapped.as_bytes()), &[]).unwrap() else {
+            panic!("not a change")
+        };
+        assert_eq!(e.key, r#"{"id":7}"#);
+        assert_eq!(e.op, Op::Update);
+    }
+}

@@ -1,0 +1,499 @@
+//! The SQL that folds one batch's staged rows into the star schema, run in
+//! the batch's transaction after the COPYs into the staging tables.
+//!
+//! Why it is correct whatever the arrival order: every version and fact row
+//! carries the source position `(commit_lsn, lsn)` of the event it came
+//! from, and every step decides by positions, never by arrival:
+//!
+//! * Dimensions (SCD2): each event becomes a version keyed by its position
+//!   (a re-sent event meets that key and adds nothing); then, for the keys
+//!   the batch touched, a version equal in its tracked attributes to the one
+//!   before it is dropped (a re-snapshot, an update of untracked columns),
+//!   and each version's `valid_to` is set to the next version's
+//!   `valid_from`. A delete is a version with `is_deleted`.
+//! * Facts hold the newest state per row: an upsert only replaces an older
+//!   position, a delete only removes an older one, and an event older than
+//!   a delete already recorded in `change_event` is not resurrected.
+//! * Dimension keys of a fact are the versions valid at the fact's creation
+//!   position. They are resolved for the batch's new facts and again for
+//!   the facts at or after the position of any dimension version the batch
+//!   added, so a sale that arrives before its product version is joined
+//!   once that version arrives.
+
+use std::fmt::Write as _;
+
+use crate::shop::Entity;
+
+/// `CREATE TEMP TABLE` statements of the staging tables (per connection).
+pub fn staging_ddl() -> Vec<String> {
+    let mut out = vec![
+        "CREATE TEMP TABLE IF NOT EXISTS stage_event (LIKE change_event INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+            .to_owned(),
+    ];
+    for entity in Entity::ALL {
+        let mut sql = format!(
+            "CREATE TEMP TABLE IF NOT EXISTS {} (op text NOT NULL, id bigint NOT NULL, row_key text NOT NULL, commit_lsn bigint NOT NULL, lsn bigint NOT NULL, commit_time timestamptz NOT NULL",
+            entity.stage()
+        );
+        for c in entity.columns() {
+            let _ = write!(sql, ", {} {}", c.name, c.kind.sql_type());
+        }
+        sql.push_str(") ON COMMIT DELETE ROWS");
+        out.push(sql);
+    }
+    out
+}
+
+/// `COPY <staging table> (...) FROM STDIN` of an entity.
+pub fn copy_into_stage(entity: Entity) -> String {
+    let mut cols = "op, id, row_key, commit_lsn, lsn, commit_time".to_owned();
+    for c in entity.columns() {
+        let _ = write!(cols, ", {}", c.name);
+    }
+    format!("COPY {} ({cols}) FROM STDIN", entity.stage())
+}
+
+/// Moves the staged events into `change_event`: once per (table, key, lsn,
+/// op, commit time), and a snapshot read only when the row's last recorded
+/// state before it differs (see sql/dwh.sql).
+pub const INSERT_EVENTS: &str = "\
+INSERT INTO change_event (source_db, source_table, row_key, op, commit_time, lsn, commit_lsn, snapshot, tx_id, before, after, kafka_topic, kafka_partition, kafka_offset)
+SELECT s.source_db, s.source_table, s.row_key, s.op, s.commit_time, s.lsn, s.commit_lsn, s.snapshot, s.tx_id, s.before, s.after, s.kafka_topic, s.kafka_partition, s.kafka_offset
+FROM stage_event s
+WHERE s.op <> 'r' OR NOT EXISTS (
+    SELECT 1 FROM (
+        SELECT e.op, e.after FROM change_event e
+        WHERE e.source_db = s.source_db AND e.source_table = s.source_table AND e.row_key = s.row_key
+          AND (coalesce(e.commit_lsn, e.lsn), e.lsn) < (coalesce(s.commit_lsn, s.lsn), s.lsn)
+        ORDER BY coalesce(e.commit_lsn, e.lsn) DESC, e.lsn DESC
+        LIMIT 1
+    ) last
+    WHERE last.op <> 'd' AND last.after = s.after)
+ON CONFLICT DO NOTHING";
+
+/// A dimension: its table, natural and surrogate key columns.
+#[derive(Debug, Clone, Copy)]
+struct Dim {
+    entity: Entity,
+    table: &'static str,
+    id: &'static str,
+    key: &'static str,
+}
+
+const DIMS: [Dim; 4] = [
+    Dim {
+        entity: Entity::Customer,
+        table: "dim_customer",
+        id: "customer_id",
+        key: "customer_key",
+    },
+    Dim {
+        entity: Entity::Buyer,
+        table: "dim_buyer",
+        id: "buyer_id",
+        key: "buyer_key",
+    },
+    Dim {
+        entity: Entity::Product,
+        table: "dim_product",
+        id: "product_id",
+        key: "product_key",
+    },
+    Dim {
+        entity: Entity::Carrier,
+        table: "dim_carrier",
+        id: "carrier_id",
+        key: "carrier_key",
+    },
+];
+
+fn dim_of(entity: Entity) -> Option<Dim> {
+    DIMS.into_iter().find(|d| d.entity == entity)
+}
+
+/// Which keys a dimension step looks at: those in the staging table, or
+/// all (after a truncate).
+fn scope(d: &Dim, all: bool) -> String {
+    if all {
+        "true".to_owned()
+    } else {
+        format!("{} IN (SELECT id FROM {})", d.id, d.entity.stage())
+    }
+}
+
+/// Drops versions equal to the one before them, then sets every version's
+/// end to the next one's start, for the keys in scope.
+fn versions_settle(d: &Dim, all: bool) -> Vec<String> {
+    let attrs: Vec<&str> = d.entity.columns().iter().map(|c| c.name).collect();
+    let same = attrs
+        .iter()
+        .map(|a| format!("{a} IS NOT DISTINCT FROM lag({a}) OVER w"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    let scope = scope(d, all);
+    vec![
+        format!(
+            "DELETE FROM {t} v USING (
+                SELECT {k} AS k, row_number() OVER w AS n, is_deleted, lag(is_deleted) OVER w AS prev_deleted, ({same}) AS same
+                FROM {t} WHERE {scope}
+                WINDOW w AS (PARTITION BY {id} ORDER BY valid_from_commit_lsn, valid_from_lsn)
+            ) r
+            WHERE v.{k} = r.k AND r.n > 1 AND r.is_deleted = r.prev_deleted AND (r.is_deleted OR r.same)",
+            t = d.table,
+            k = d.key,
+            id = d.id,
+        ),
+        format!(
+            "UPDATE {t} v SET valid_to = n.next_time, valid_to_commit_lsn = n.next_commit, valid_to_lsn = n.next_lsn,
+                is_current = (n.next_commit IS NULL AND NOT v.is_deleted)
+            FROM (
+                SELECT {k} AS k, lead(valid_from) OVER w AS next_time, lead(valid_from_commit_lsn) OVER w AS next_commit,
+                       lead(valid_from_lsn) OVER w AS next_lsn
+                FROM {t} WHERE {scope}
+                WINDOW w AS (PARTITION BY {id} ORDER BY valid_from_commit_lsn, valid_from_lsn)
+            ) n
+            WHERE v.{k} = n.k AND (v.valid_to_commit_lsn IS DISTINCT FROM n.next_commit
+                OR v.valid_to_lsn IS DISTINCT FROM n.next_lsn
+                OR v.is_current IS DISTINCT FROM (n.next_commit IS NULL AND NOT v.is_deleted))",
+            t = d.table,
+            k = d.key,
+            id = d.id,
+        ),
+    ]
+}
+
+/// The statements of a dimension's staged events.
+fn dimension(d: &Dim) -> Vec<String> {
+    let attrs: Vec<&str> = d.entity.columns().iter().map(|c| c.name).collect();
+    let list = attrs.join(", ");
+    let mut out = vec![format!(
+        "INSERT INTO {t} ({id}, {list}, valid_from, valid_from_commit_lsn, valid_from_lsn, is_deleted)
+        SELECT id, {list}, commit_time, commit_lsn, lsn, op = 'd' FROM {stage}
+        ON CONFLICT ({id}, valid_from_commit_lsn, valid_from_lsn) DO NOTHING",
+        t = d.table,
+        id = d.id,
+        stage = d.entity.stage(),
+    )];
+    out.extend(versions_settle(d, false));
+    out
+}
+
+/// A fact table fed by one entity: its table, key, creation-position
+/// columns and the extra computed columns.
+struct Fact {
+    entity: Entity,
+    table: &'static str,
+    id: &'static str,
+    /// Creation position columns (`sold_*`, `created_*`), if any.
+    created: Option<(&'static str, &'static str, Option<&'static str>)>,
+    /// Extra computed columns: (name, expression over the staged row `l`).
+    computed: &'static [(&'static str, &'static str)],
+}
+
+const FACTS: [Fact; 3] = [
+    Fact {
+        entity: Entity::Purchase,
+        table: "fact_purchase",
+        id: "purchase_id",
+        created: None,
+        computed: &[(
+            "date_key",
+            "to_char(l.purchase_time AT TIME ZONE 'UTC', 'YYYYMMDD')::integer",
+        )],
+    },
+    Fact {
+        entity: Entity::Line,
+        table: "fact_sale_line",
+        id: "line_id",
+        created: Some(("sold_commit_lsn", "sold_lsn", Some("sold_time"))),
+        computed: &[("amount_cents", "l.quantity * l.unit_price_cents")],
+    },
+    Fact {
+        entity: Entity::Shipment,
+        table: "fact_shipment",
+        id: "shipment_id",
+        created: Some(("created_commit_lsn", "created_lsn", None)),
+        computed: &[],
+    },
+];
+
+/// The upsert (and delete) of a fact's staged events: the newest event per
+/// row in the batch wins, if newer than the stored row.
+fn fact(f: &Fact) -> Vec<String> {
+    let (db, table) = f.entity.source();
+    let mut cols: Vec<String> = f
+        .entity
+        .columns()
+        .iter()
+        .map(|c| c.name.to_owned())
+        .collect();
+    let mut exprs: Vec<String> = cols.iter().map(|c| format!("l.{c}")).collect();
+    for (name, expr) in f.computed {
+        cols.push((*name).to_owned());
+        exprs.push((*expr).to_owned());
+    }
+    let updates = cols
+        .iter()
+        .chain(
+            ["commit_time", "last_commit_lsn", "last_lsn"]
+                .map(str::to_owned)
+                .iter(),
+        )
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    cols.extend(["commit_time", "last_commit_lsn", "last_lsn"].map(str::to_owned));
+    exprs.extend(["l.commit_time", "l.commit_lsn", "l.lsn"].map(str::to_owned));
+    let mut first_join = String::new();
+    if let Some((c, l, time)) = f.created {
+        cols.push(c.to_owned());
+        cols.push(l.to_owned());
+        exprs.push("first.commit_lsn".to_owned());
+        exprs.push("first.lsn".to_owned());
+        if let Some(time) = time {
+            cols.push(time.to_owned());
+            exprs.push("first.commit_time".to_owned());
+        }
+        first_join = format!(
+            " JOIN (SELECT DISTINCT ON (id) id, commit_lsn, lsn, commit_time FROM {stage} WHERE op <> 'd' ORDER BY id, commit_lsn, lsn) first ON first.id = l.id",
+            stage = f.entity.stage()
+        );
+    }
+    let latest = format!(
+        "(SELECT DISTINCT ON (id) * FROM {stage} ORDER BY id, commit_lsn DESC, lsn DESC)",
+        stage = f.entity.stage()
+    );
+    vec![
+        format!(
+            "DELETE FROM {t} f USING {latest} l
+            WHERE l.op = 'd' AND f.{id} = l.id AND (f.last_commit_lsn, f.last_lsn) < (l.commit_lsn, l.lsn)",
+            t = f.table,
+            id = f.id,
+        ),
+        format!(
+            "INSERT INTO {t} AS f ({id}, {cols})
+            SELECT l.id, {exprs} FROM {latest} l{first_join}
+            WHERE l.op <> 'd' AND NOT EXISTS (
+                SELECT 1 FROM change_event e
+                WHERE e.source_db = '{db}' AND e.source_table = '{table}' AND e.row_key = l.row_key AND e.op = 'd'
+                  AND (coalesce(e.commit_lsn, e.lsn), e.lsn) > (l.commit_lsn, l.lsn))
+            ON CONFLICT ({id}) DO UPDATE SET {updates}
+            WHERE (f.last_commit_lsn, f.last_lsn) < (excluded.last_commit_lsn, excluded.last_lsn)",
+            t = f.table,
+            id = f.id,
+            cols = cols.join(", "),
+            exprs = exprs.join(", "),
+        ),
+    ]
+}
+
+/// Sets a fact's dimension key to the version valid at the fact's creation
+/// position, for the fact rows `scope` selects (a condition on `f`, with
+/// `from` joined).
+fn resolve(target: Target<'_>, from: &str, scope: &str) -> String {
+    let Target {
+        fact,
+        fk,
+        key,
+        dim,
+        dim_id,
+        created: (c, l),
+    } = target;
+    format!(
+        "UPDATE {fact} f SET {key} = d.{key}
+        FROM {from}{dim} d
+        WHERE ({scope}) AND d.{dim_id} = f.{fk} AND NOT d.is_deleted
+          AND (d.valid_from_commit_lsn, d.valid_from_lsn) <= (f.{c}, f.{l})
+          AND (d.valid_to_commit_lsn IS NULL OR (d.valid_to_commit_lsn, d.valid_to_lsn) > (f.{c}, f.{l}))
+          AND f.{key} IS DISTINCT FROM d.{key}"
+    )
+}
+
+/// A fact's dimension key column and the dimension it points into.
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
+    fact: &'a str,
+    fk: &'a str,
+    key: &'a str,
+    dim: &'a str,
+    dim_id: &'a str,
+    created: (&'a str, &'a str),
+}
+
+/// The facts whose dimension versions may have moved: those at or after
+/// the earliest staged version of their dimension row (drives the update
+/// from the few staged rows through the fact's `(fk, created)` index).
+fn after_staged_versions(target: Target<'_>, dim: Entity) -> String {
+    let (c, l) = target.created;
+    let fk = target.fk;
+    resolve(
+        target,
+        &format!(
+            "(SELECT DISTINCT ON (id) id, commit_lsn, lsn FROM {stage} ORDER BY id, commit_lsn, lsn) s, ",
+            stage = dim.stage()
+        ),
+        &format!(
+            "f.{fk} = s.id AND f.{c} >= s.commit_lsn AND (f.{c}, f.{l}) >= (s.commit_lsn, s.lsn)"
+        ),
+    )
+}
+
+/// Every statement to run for a batch, given which staging tables hold rows.
+/// `staged[i]` is whether entity `i` (see [`Entity::index`]) has rows.
+pub fn batch_statements(staged: &[bool; 7]) -> Vec<String> {
+    let has = |e: Entity| staged[e.index()];
+    let mut out = Vec::new();
+    for d in &DIMS {
+        if has(d.entity) {
+            out.extend(dimension(d));
+        }
+    }
+    if has(Entity::Purchase) {
+        out.push(
+            "INSERT INTO dim_date (date_key, date, year, quarter, month, day, iso_week, day_of_week)
+            SELECT DISTINCT to_char(d, 'YYYYMMDD')::integer, d, extract(year FROM d), extract(quarter FROM d),
+                   extract(month FROM d), extract(day FROM d), extract(week FROM d), extract(isodow FROM d)
+            FROM (SELECT (purchase_time AT TIME ZONE 'UTC')::date AS d FROM stage_purchase WHERE purchase_time IS NOT NULL) x
+            ON CONFLICT DO NOTHING"
+                .to_owned(),
+        );
+    }
+    for f in &FACTS {
+        if has(f.entity) {
+            out.extend(fact(f));
+        }
+    }
+    let sold = ("sold_commit_lsn", "sold_lsn");
+    if has(Entity::Line) || has(Entity::Purchase) {
+        // The purchase's columns on its lines: lines new in the batch, and
+        // the lines of purchases that changed.
+        out.push(
+            "UPDATE fact_sale_line f SET customer_id = p.customer_id, buyer_id = p.buyer_id, status = p.status,
+                purchase_time = p.purchase_time, date_key = p.date_key
+            FROM fact_purchase p
+            WHERE p.purchase_id = f.purchase_id
+              AND f.purchase_id IN (SELECT purchase_id FROM stage_line WHERE purchase_id IS NOT NULL UNION SELECT id FROM stage_purchase)
+              AND (f.customer_id, f.buyer_id, f.status, f.purchase_time, f.date_key)
+                  IS DISTINCT FROM (p.customer_id, p.buyer_id, p.status, p.purchase_time, p.date_key)"
+                .to_owned(),
+        );
+    }
+    // Dimension keys of new or changed sale lines.
+    let line = |fk, key, dim, dim_id| Target {
+        fact: "fact_sale_line",
+        fk,
+        key,
+        dim,
+        dim_id,
+        created: sold,
+    };
+    let lines_in_batch = "f.purchase_id IN (SELECT purchase_id FROM stage_line WHERE purchase_id IS NOT NULL UNION SELECT id FROM stage_purchase)";
+    let product = line("product_id", "product_key", "dim_product", "product_id");
+    let customer = line("customer_id", "customer_key", "dim_customer", "customer_id");
+    let buyer = line("buyer_id", "buyer_key", "dim_buyer", "buyer_id");
+    if has(Entity::Line) || has(Entity::Purchase) {
+        for target in [product, customer, buyer] {
+            out.push(resolve(target, "", lines_in_batch));
+        }
+    }
+    // Sale lines at or after a version the batch added.
+    for (entity, target) in [
+        (Entity::Product, product),
+        (Entity::Customer, customer),
+        (Entity::Buyer, buyer),
+    ] {
+        if has(entity) {
+            out.push(after_staged_versions(target, entity));
+        }
+    }
+    let carrier = Target {
+        fact: "fact_shipment",
+        fk: "carrier_id",
+        key: "carrier_key",
+        dim: "dim_carrier",
+        dim_id: "carrier_id",
+        created: ("created_commit_lsn", "created_lsn"),
+    };
+    if has(Entity::Shipment) {
+        out.push(resolve(
+            carrier,
+            "",
+            "f.shipment_id IN (SELECT id FROM stage_shipment)",
+        ));
+    }
+    if has(Entity::Carrier) {
+        out.push(after_staged_versions(carrier, Entity::Carrier));
+    }
+    out
+}
+
+/// The statements of a truncate at `position` (commit time in µs) of an
+/// entity's table: its facts written before it are removed, its dimension
+/// rows get a deleting version.
+pub fn truncate_statements(
+    entity: Entity,
+    position: (i64, i64),
+    commit_time_us: i64,
+) -> Vec<String> {
+    let (c, l) = position;
+    let time =
+        jiff::Timestamp::from_microsecond(commit_time_us).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    if let Some(d) = dim_of(entity) {
+        let mut out = vec![format!(
+            "INSERT INTO {t} ({id}, valid_from, valid_from_commit_lsn, valid_from_lsn, is_deleted)
+            SELECT DISTINCT {id}, '{time}'::timestamptz, {c}, {l}, true FROM {t}
+            WHERE is_current AND (valid_from_commit_lsn, valid_from_lsn) < ({c}, {l})
+            ON CONFLICT DO NOTHING",
+            t = d.table,
+            id = d.id,
+        )];
+        out.extend(versions_settle(&d, true));
+        return out;
+    }
+    FACTS
+        .iter()
+        .filter(|f| f.entity == entity)
+        .map(|f| {
+            format!(
+                "DELETE FROM {t} WHERE (last_commit_lsn, last_lsn) < ({c}, {l})",
+                t = f.table
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_tables_have_every_column() {
+        let ddl = staging_ddl();
+        assert_eq!(ddl.len(), 1 + Entity::ALL.len());
+        assert!(ddl[3].contains("stage_product"));
+        assert!(ddl[3].contains("price_cents bigint"));
+        assert_eq!(
+            copy_into_stage(Entity::Carrier),
+            "COPY stage_carrier (op, id, row_key, commit_lsn, lsn, commit_time, name, tracking_url_template) FROM STDIN"
+        );
+    }
+
+    #[test]
+    fn statements_only_for_staged_entities() {
+        let none = batch_statements(&[false; 7]);
+        assert!(none.is_empty());
+        let mut only_lines = [false; 7];
+        only_lines[Entity::Line.index()] = true;
+        let sql = batch_statements(&only_lines).join(";\n");
+        assert!(sql.contains("INSERT INTO fact_sale_line"));
+        assert!(sql.contains("product_key"));
+        assert!(!sql.contains("INSERT INTO dim_product"));
+        assert!(!truncate_statements(Entity::Product, (5, 6), 0).is_empty());
+        assert_eq!(
+            truncate_statements(Entity::Line, (5, 6), 0),
+            vec![
+                "DELETE FROM fact_sale_line WHERE (last_commit_lsn, last_lsn) < (5, 6)".to_owned()
+            ]
+        );
+    }
+}

@@ -1,0 +1,346 @@
+//! The warehouse connection: startup checks, the stored offsets, and the
+//! one transaction per batch that writes its rows with its offsets.
+//!
+//! A batch's transaction: create the day partitions it needs, COPY the
+//! events and the typed shop rows into temporary staging tables, move the
+//! events into `change_event` (its unique key drops re-sent events), fold
+//! the staged rows into the star schema ([`crate::star`]), store the next
+//! offsets, commit. Nothing of a batch is visible before the commit, and
+//! all of it after: so the offsets in `sink_offset` always say exactly which
+//! messages the warehouse holds.
+//!
+//! One writer per warehouse: the sink holds a session advisory lock, so a
+//! second sink started by mistake exits instead of interleaving batches.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use bytes::Bytes;
+use futures_util::SinkExt as _;
+use tokio_postgres::{Client, NoTls};
+
+use crate::Error;
+use crate::batch::{Batch, EVENT_COLUMNS};
+use crate::shop::Entity;
+use crate::star;
+
+/// The advisory lock key of the one writer (any constant: it is per
+/// database).
+const WRITER_LOCK: i64 = 0x6477_685f_7369_6e6b; // "dwh_sink"
+
+/// Tables the sink writes; a missing one means the schema was not applied.
+const TABLES: [&str; 10] = [
+    "change_event",
+    "sink_offset",
+    "dim_customer",
+    "dim_buyer",
+    "dim_product",
+    "dim_carrier",
+    "dim_date",
+    "fact_purchase",
+    "fact_sale_line",
+    "fact_shipment",
+];
+
+/// Microseconds per day.
+const DAY_US: i64 = 86_400_000_000;
+
+/// What a written batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Change events inserted into `change_event`.
+    pub inserted: u64,
+    /// Change events already there (re-sent) or repeated snapshot reads.
+    pub duplicates: u64,
+}
+
+/// A connection to the warehouse.
+#[derive(Debug)]
+pub struct Warehouse {
+    client: Client,
+    url: String,
+    partitions: BTreeSet<i64>,
+    locked: bool,
+}
+
+/// Whether a Postgres error may pass on a new connection: the connection
+/// broke, the server is restarting or overloaded, or the transaction lost
+/// a serialization or deadlock race.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        None => {
+            // No SQLSTATE: an IO error of the connection, or a protocol
+            // error of ours (definite).
+            std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+        }
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08")
+                || c.starts_with("53")
+                || matches!(c, "40001" | "40P01" | "57P01" | "57P02" | "57P03" | "55P03")
+        }
+    }
+}
+
+fn classify(what: &'static str, e: tokio_postgres::Error) -> Error {
+    if is_transient(&e) {
+        Error::DwhUnavailable(e)
+    } else {
+        Error::DwhRejected { what, source: e }
+    }
+}
+
+/// `'text'` as a SQL literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The `CREATE TABLE ... PARTITION OF change_event` of a day.
+pub fn partition_ddl(day: i64) -> Option<String> {
+    let from = jiff::Timestamp::from_second(day.checked_mul(86_400)?).ok()?;
+    let to = jiff::Timestamp::from_second((day + 1).checked_mul(86_400)?).ok()?;
+    let name = jiff::tz::Offset::UTC
+        .to_datetime(from)
+        .date()
+        .strftime("%Y%m%d")
+        .to_string();
+    Some(format!(
+        "CREATE TABLE IF NOT EXISTS change_event_{name} PARTITION OF change_event FOR VALUES FROM ('{from}') TO ('{to}')"
+    ))
+}
+
+impl Warehouse {
+    /// Connects, checks the schema and creates the staging tables.
+    pub async fn connect(url: &str) -> Result<Warehouse, Error> {
+        let redacted = local_stack::redact::url(url);
+        let (client, connection) = tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(|source| Error::DwhUnreachable {
+                url: redacted.clone(),
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "warehouse connection ended");
+            }
+        });
+        let missing = client
+            .query(
+                "SELECT t FROM unnest($1::text[]) AS t WHERE to_regclass(t) IS NULL",
+                &[&TABLES.as_slice()],
+            )
+            .await
+            .map_err(|source| Error::DwhUnreachable {
+                url: redacted.clone(),
+                source,
+            })?;
+        if let Some(row) = missing.first() {
+            return Err(Error::SchemaMissing {
+                url: redacted,
+                table: row.get(0),
+            });
+        }
+        client
+            .batch_execute(&format!(
+                "SET TIME ZONE 'UTC'; {}",
+                star::staging_ddl().join(";\n")
+            ))
+            .await
+            .map_err(|e| classify("creating the staging tables", e))?;
+        let days = client
+            .query(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                 WHERE i.inhparent = 'change_event'::regclass",
+                &[],
+            )
+            .await
+            .map_err(|e| classify("listing partitions", e))?;
+        let partitions = days
+            .iter()
+            .filter_map(|r| {
+                let name: String = r.get(0);
+                let date = name.strip_prefix("change_event_")?;
+                let date = jiff::civil::Date::strptime("%Y%m%d", date).ok()?;
+                let ts = jiff::tz::Offset::UTC
+                    .to_timestamp(date.to_datetime(jiff::civil::Time::midnight()))
+                    .ok()?;
+                Some(ts.as_second().div_euclid(86_400))
+            })
+            .collect();
+        Ok(Warehouse {
+            client,
+            url: redacted,
+            partitions,
+            locked: false,
+        })
+    }
+
+    /// Takes the one-writer lock, or fails when another sink holds it.
+    pub async fn lock(&mut self) -> Result<(), Error> {
+        let row = self
+            .client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
+            .await
+            .map_err(|e| classify("taking the writer lock", e))?;
+        if !row.get::<_, bool>(0) {
+            return Err(Error::Busy {
+                url: self.url.clone(),
+            });
+        }
+        self.locked = true;
+        Ok(())
+    }
+
+    /// A new connection after a transient error, with the lock taken again.
+    pub async fn reconnect(&mut self, url: &str) -> Result<(), Error> {
+        let mut fresh = match Warehouse::connect(url).await {
+            Ok(w) => w,
+            Err(Error::DwhUnreachable { source, .. }) => {
+                return Err(Error::DwhUnavailable(source));
+            }
+            Err(e) => return Err(e),
+        };
+        if self.locked {
+            fresh.lock().await?;
+        }
+        *self = fresh;
+        Ok(())
+    }
+
+    /// The stored next offset per topic partition.
+    pub async fn offsets(&self) -> Result<BTreeMap<(String, i32), i64>, Error> {
+        let rows = self
+            .client
+            .query("SELECT topic, partition, next_offset FROM sink_offset", &[])
+            .await
+            .map_err(|e| classify("reading sink_offset", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+            .collect())
+    }
+
+    async fn copy(
+        tx: &tokio_postgres::Transaction<'_>,
+        statement: &str,
+        bytes: &[u8],
+    ) -> Result<(), Error> {
+        let sink = tx
+            .copy_in::<_, Bytes>(statement)
+            .await
+            .map_err(|e| classify("copy into staging", e))?;
+        let mut sink = std::pin::pin!(sink);
+        sink.send(Bytes::copy_from_slice(bytes))
+            .await
+            .map_err(|e| classify("copy into staging", e))?;
+        sink.as_mut()
+            .finish()
+            .await
+            .map_err(|e| classify("copy into staging", e))?;
+        Ok(())
+    }
+
+    /// Writes one batch and its offsets in one transaction.
+    pub async fn write(&mut self, batch: &Batch) -> Result<Written, Error> {
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| classify("begin", e))?;
+        let new_days: Vec<i64> = batch
+            .days
+            .iter()
+            .copied()
+            .filter(|d| !self.partitions.contains(d))
+            .collect();
+        if !new_days.is_empty() {
+            let ddl: Vec<String> = new_days.iter().filter_map(|d| partition_ddl(*d)).collect();
+            tx.batch_execute(&ddl.join(";\n"))
+                .await
+                .map_err(|e| classify("creating day partitions", e))?;
+        }
+        let mut written = Written::default();
+        if !batch.events.is_empty() {
+            Self::copy(
+                &tx,
+                &format!("COPY stage_event ({EVENT_COLUMNS}) FROM STDIN"),
+                batch.events.bytes(),
+            )
+            .await?;
+            written.inserted = tx
+                .execute(star::INSERT_EVENTS, &[])
+                .await
+                .map_err(|e| classify("insert into change_event", e))?;
+            written.duplicates = (batch.events.rows() as u64).saturating_sub(written.inserted);
+        }
+        let mut staged = [false; 7];
+        for entity in Entity::ALL {
+            let rows = &batch.shop[entity.index()];
+            if !rows.is_empty() {
+                Self::copy(&tx, &star::copy_into_stage(entity), rows.bytes()).await?;
+                staged[entity.index()] = true;
+            }
+        }
+        let mut script = star::batch_statements(&staged).join(";\n");
+        for t in &batch.truncates {
+            for statement in star::truncate_statements(t.entity, t.position, t.commit_time_us) {
+                script.push_str(";\n");
+                script.push_str(&statement);
+            }
+        }
+        if !batch.next_offsets.is_empty() {
+            let values = batch
+                .next_offsets
+                .iter()
+                .map(|((topic, partition), next)| {
+                    format!("({}, {partition}, {next})", literal(topic))
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            let _ = write!(
+                script,
+                ";\nINSERT INTO sink_offset (topic, partition, next_offset) VALUES {values}
+                ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset, updated_at = now()"
+            );
+        }
+        tx.batch_execute(&script)
+            .await
+            .map_err(|e| classify("folding the batch into the star schema", e))?;
+        tx.commit().await.map_err(|e| classify("commit", e))?;
+        self.partitions.extend(new_days);
+        Ok(written)
+    }
+
+    /// The connection, for `verify` and tests.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// Day number (days since the epoch) of microseconds since the epoch.
+pub fn day_of(micros: i64) -> i64 {
+    micros.div_euclid(DAY_US)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_bounds_are_utc_days() {
+        assert_eq!(
+            partition_ddl(20_428).unwrap(),
+            "CREATE TABLE IF NOT EXISTS change_event_20251206 PARTITION OF change_event FOR VALUES FROM ('2025-12-06T00:00:00Z') TO ('2025-12-07T00:00:00Z')"
+        );
+        assert_eq!(day_of(-1), -1);
+    }
+
+    #[test]
+    fn literals_are_quoted() {
+        assert_eq!(literal("a'b"), "'a''b'");
+    }
+}
