@@ -148,6 +148,29 @@ pub struct Config {
     /// Seconds to wait for Kafka acknowledgements on shutdown.
     #[arg(long, env = "CDC_SHUTDOWN_TIMEOUT_SECS", default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
+
+    /// Exactly-once topics: each source writes through a transactional
+    /// producer (`transactional.id` from its slot) and keeps its checkpoint
+    /// in Kafka, in the same transactions; `read_committed` consumers then
+    /// see every change once, through crashes and Postgres restarts.
+    #[arg(long, env = "CDC_EXACTLY_ONCE", action = ArgAction::Set, default_value_t = false)]
+    pub exactly_once: bool,
+
+    /// The compacted topic of the sources' checkpoints (created when missing).
+    #[arg(long, env = "CDC_CHECKPOINT_TOPIC", default_value = crate::exactly_once::DEFAULT_CHECKPOINT_TOPIC)]
+    pub checkpoint_topic: String,
+
+    /// With --exactly-once: milliseconds a finished source transaction may
+    /// wait for others before its Kafka transaction is committed.
+    #[arg(long, env = "CDC_TRANSACTION_LINGER_MS", default_value_t = 10)]
+    pub transaction_linger_ms: u64,
+
+    /// With --exactly-once: commit once a Kafka transaction holds this many
+    /// records (at a source transaction's end; a source transaction four
+    /// times larger is split, its position kept in the checkpoint).
+    #[arg(long, env = "CDC_TRANSACTION_MAX_RECORDS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub transaction_max_records: u64,
 }
 
 /// One database to capture, resolved from [`Config`].
@@ -311,6 +334,33 @@ impl Config {
             ));
         }
         Ok(out)
+    }
+
+    /// The exactly-once settings: checkpoint topic, batching, and each
+    /// source's slot and `transactional.id`.
+    pub fn exactly_once_settings(&self) -> Result<crate::exactly_once::ExactlyOnce, Error> {
+        if self.checkpoint_topic.trim().is_empty() {
+            return Err(Error::Config(
+                "--checkpoint-topic must not be empty".to_owned(),
+            ));
+        }
+        let sources = self
+            .source_configs()?
+            .into_iter()
+            .map(|s| {
+                let id = crate::exactly_once::transactional_id(&s.prefix, &s.slot);
+                (s.name, (s.slot, id))
+            })
+            .collect();
+        Ok(crate::exactly_once::ExactlyOnce {
+            checkpoint_topic: self.checkpoint_topic.trim().to_owned(),
+            batching: crate::checkpoint::Batching {
+                max_records: self.transaction_max_records,
+                linger: Duration::from_millis(self.transaction_linger_ms),
+                ..crate::checkpoint::Batching::default()
+            },
+            sources,
+        })
     }
 
     /// Extra producer properties as pairs.

@@ -8,6 +8,7 @@
 //! - definite (one clear line, exit non-zero; retrying cannot help):
 //!   [`Error::Config`], [`Error::Setup`], [`Error::BadData`],
 //!   [`Error::MissingKey`], [`Error::TooLarge`], [`Error::Io`],
+//!   [`Error::Fenced`] (another reader took over the slot's Kafka transactions),
 //!   [`Error::KafkaProbe`] (at startup only: once running, a broker
 //!   outage is [`Error::Kafka`] and retried), and
 //!   [`Error::Postgres`] / [`Error::Server`] with a definite SQLSTATE (see
@@ -118,6 +119,20 @@ pub enum Error {
         limit: String,
     },
 
+    /// Another reader took over this source's `transactional.id` (the same
+    /// slot): this one was fenced by Kafka and must stop, or both would write.
+    #[error(
+        "source {source_name}: another reader on slot \"{slot}\" took over its kafka transactions (transactional.id \"{transactional_id}\") and fenced this one; this reader stops: run one reader per slot"
+    )]
+    Fenced {
+        /// The source.
+        source_name: String,
+        /// Its slot.
+        slot: String,
+        /// The fenced `transactional.id`.
+        transactional_id: String,
+    },
+
     /// The startup check found no Kafka broker answering, or the Kafka
     /// settings make no client. Checked before any other work, never
     /// retried; once running, an outage is transient.
@@ -153,6 +168,7 @@ impl Error {
             | Error::BadData(_)
             | Error::MissingKey { .. }
             | Error::TooLarge { .. }
+            | Error::Fenced { .. }
             | Error::KafkaProbe(_)
             | Error::Io { .. } => false,
         }

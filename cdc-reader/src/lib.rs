@@ -8,6 +8,7 @@
 
 pub mod ack;
 pub mod change;
+pub mod checkpoint;
 pub mod config;
 pub mod decoder;
 pub mod error;
@@ -20,6 +21,7 @@ pub mod snapshot;
 pub mod source;
 // Kafka side: value rendering, envelope, topics, producer.
 pub mod envelope;
+pub mod exactly_once;
 pub mod sink;
 pub mod topic;
 pub mod value;
@@ -56,6 +58,9 @@ pub fn sink_config(config: &Config) -> Result<SinkConfig, Error> {
         ..TopicSettings::default()
     };
     cfg.extra = config.kafka_extra()?;
+    if config.exactly_once {
+        cfg.exactly_once = Some(config.exactly_once_settings()?);
+    }
     Ok(cfg)
 }
 

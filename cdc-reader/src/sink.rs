@@ -48,6 +48,7 @@ use crate::ack::AckTracker;
 use crate::change::{Change, Lsn};
 use crate::envelope::{Encoder, EnvelopeConfig, Record, Route, partitions};
 use crate::error::Error;
+use crate::exactly_once::{ExactlyOnce, TransactionalSink};
 use crate::topic::{TopicSettings, Topics};
 
 /// Producer and encoding settings.
@@ -68,6 +69,9 @@ pub struct SinkConfig {
     pub max_queue_kbytes: u32,
     /// Extra librdkafka properties (applied last; tests use them).
     pub extra: Vec<(String, String)>,
+    /// Transactional producers and checkpoints (`--exactly-once true`);
+    /// `None`: one idempotent producer, at-least-once.
+    pub exactly_once: Option<ExactlyOnce>,
 }
 
 impl SinkConfig {
@@ -81,6 +85,7 @@ impl SinkConfig {
             linger: Duration::from_millis(5),
             max_queue_kbytes: 32 * 1024,
             extra: Vec::new(),
+            exactly_once: None,
         }
     }
 }
@@ -122,6 +127,11 @@ const PROTECTED: [(&str, Option<&str>, &str); 7] = [
 
 /// Checks one user-given producer property against the protected settings.
 pub fn check_override(key: &str, value: &str) -> Result<(), Error> {
+    if key == "transactional.id" {
+        return Err(Error::Config(format!(
+            "--kafka-property transactional.id={value} is not allowed: with --exactly-once true the reader derives one per slot (so a second reader of the slot is fenced)"
+        )));
+    }
     let Some((_, required, why)) = PROTECTED.iter().find(|(k, _, _)| *k == key) else {
         return Ok(());
     };
@@ -444,6 +454,17 @@ impl Sink {
     /// partition's in-flight records too, and resent records must not be
     /// queued behind them.
     pub fn source(&self, name: &str) -> SourceSink {
+        self.source_with(name, false)
+    }
+
+    /// A tracker for a snapshot: with `--exactly-once true` the whole
+    /// snapshot is one Kafka transaction (a reader killed during it leaves
+    /// nothing a `read_committed` consumer sees).
+    pub fn snapshot_source(&self, name: &str) -> SourceSink {
+        self.source_with(name, true)
+    }
+
+    fn source_with(&self, name: &str, whole: bool) -> SourceSink {
         let (confirmed, _) = watch::channel(0);
         let shared = Arc::new(SourceShared {
             name: name.to_owned(),
@@ -466,6 +487,18 @@ impl Sink {
             records: Vec::with_capacity(4),
             ensured: None,
             producer: None,
+            exactly_once: self.inner.config.exactly_once.as_ref().map(|eos| {
+                let (slot, id) = eos.identity(name);
+                Box::new(TransactionalSink::new(
+                    name,
+                    &slot,
+                    id,
+                    eos.clone(),
+                    self.inner.config.clone(),
+                    self.inner.metrics.clone(),
+                    whole,
+                ))
+            }),
         }
     }
 
@@ -500,6 +533,8 @@ pub struct SourceSink {
     /// through the new producer would step over them (a key's version N+1
     /// in Kafka before the resent N).
     producer: Option<Arc<KafkaProducer>>,
+    /// The transactional writer, with `--exactly-once true`.
+    exactly_once: Option<Box<TransactionalSink>>,
 }
 
 impl std::fmt::Debug for SourceSink {
@@ -536,6 +571,9 @@ impl SourceSink {
     /// full). `Error::BadData` for a value that cannot be encoded (nothing
     /// was enqueued); `Error::Kafka`/`KafkaFatal` when Kafka failed.
     pub async fn send(&mut self, change: &Change) -> Result<(), Error> {
+        if let Some(eos) = self.exactly_once.as_mut() {
+            return eos.send(change, &mut self.encoder, &self.sink.topics).await;
+        }
         self.check_fatal()?;
         if let Some(previous) = self.predecessor.take() {
             self.wait_for_predecessor(&previous).await;
@@ -680,6 +718,13 @@ impl SourceSink {
     /// `end_lsn` becomes confirmable. With transaction metadata on, also
     /// enqueues the END record first (errors surface via `take_fatal`).
     pub fn end_transaction(&mut self, end_lsn: Lsn) {
+        if let Some(eos) = self.exactly_once.as_mut() {
+            let end = self.encoder.end_transaction(now_us());
+            if let Err(e) = eos.end_transaction(end_lsn, end) {
+                self.shared.set_fatal(e);
+            }
+            return;
+        }
         if let Some(end) = self.encoder.end_transaction(now_us()) {
             self.enqueue_now(&end);
         }
@@ -744,12 +789,18 @@ impl SourceSink {
 
     /// Watch of the highest confirmable LSN (monotonic; 0 until the first).
     pub fn confirmed(&self) -> watch::Receiver<Lsn> {
+        if let Some(eos) = &self.exactly_once {
+            return eos.confirmed();
+        }
         self.shared.confirmed.subscribe()
     }
 
     /// Enqueued-but-unacknowledged records (0: nothing in flight, the source
     /// may acknowledge keepalive positions).
     pub fn in_flight(&self) -> usize {
+        if let Some(eos) = &self.exactly_once {
+            return eos.in_flight();
+        }
         self.shared.in_flight.load(Ordering::Relaxed)
     }
 
@@ -757,7 +808,47 @@ impl SourceSink {
     /// reconnect and resend from the last confirmed LSN (with a new
     /// [`Sink::source`]).
     pub fn take_fatal(&mut self) -> Option<Error> {
-        self.shared.fatal.lock().ok()?.take()
+        let fatal = self.shared.fatal.lock().ok()?.take();
+        match self.exactly_once.as_mut() {
+            Some(eos) if fatal.is_none() => eos.take_fatal(),
+            _ => fatal,
+        }
+    }
+
+    /// With `--exactly-once true`: takes the slot's `transactional.id`
+    /// (fencing a predecessor) and reads the checkpoint. Call once the slot
+    /// is held; without it the first send does it. No-op otherwise.
+    pub async fn open(&mut self) -> Result<(), Error> {
+        match self.exactly_once.as_mut() {
+            Some(eos) => eos.open(&self.sink.topics).await,
+            None => Ok(()),
+        }
+    }
+
+    /// With `--exactly-once true`: commits the open Kafka transaction (with
+    /// the checkpoint), making the ended source transactions in it
+    /// confirmable. No-op otherwise (acknowledgements confirm by themselves).
+    pub async fn commit(&mut self) -> Result<(), Error> {
+        match self.exactly_once.as_mut() {
+            Some(eos) => eos.commit().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Resolves when the source loop should call [`SourceSink::commit`]
+    /// (never without `--exactly-once`, nor while nothing waits). Owns its
+    /// deadline, so it can sit in a `select!` beside other borrows.
+    pub fn commit_due(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let deadline = self
+            .exactly_once
+            .as_ref()
+            .and_then(|eos| eos.commit_deadline());
+        async move {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        }
     }
 }
 

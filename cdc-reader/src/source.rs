@@ -186,7 +186,8 @@ async fn run_once(
                 } else {
                     slot::create_pending_slot(&mut repl, cfg).await?
                 };
-                let mut snap_sink = sink.source(&cfg.name);
+                let mut snap_sink = sink.snapshot_source(&cfg.name);
+                snap_sink.open().await?;
                 let outcome = snapshot::run(
                     cfg.clone(),
                     &pre.tables,
@@ -200,6 +201,7 @@ async fn run_once(
                     tracing::info!(source = %cfg.name, "shutdown during snapshot; it starts over on the next start");
                     return Ok(());
                 }
+                snap_sink.commit().await?;
                 wait_confirmed(&snap_sink, created.consistent_point, shutdown).await?;
                 if shutdown.is_cancelled() {
                     return Ok(());
@@ -496,7 +498,10 @@ async fn stream(
     session.metrics.set_state(&cfg.name, SourceState::Streaming);
     *streamed_ok = true;
 
-    let out = session.sink.source(&cfg.name);
+    let mut out = session.sink.source(&cfg.name);
+    // Exactly-once: only now, with the slot held, take over its Kafka
+    // transactions (see `exactly_once`).
+    out.open().await?;
     let progress = Arc::new(Progress::default());
     progress.ack.store(start, Ordering::SeqCst);
     let stop = CancellationToken::new();
@@ -568,6 +573,10 @@ impl StreamLoop<'_, '_> {
             let batch = tokio::select! {
                 b = frames.recv() => b.ok_or_else(|| Error::Replication("replication reader task ended".to_owned()))??,
                 Some(e) = failed.recv() => return Err(e),
+                () = self.out.commit_due() => {
+                    self.out.commit().await?;
+                    continue;
+                }
                 () = self.session.shutdown.cancelled() => return Ok(()),
             };
             for frame in batch {
@@ -630,8 +639,11 @@ impl StreamLoop<'_, '_> {
 
     /// Shutdown: flush Kafka and let the tracker catch up, all within
     /// `--shutdown-timeout-secs`; the status task then confirms.
-    async fn drain_on_shutdown(&self) {
+    async fn drain_on_shutdown(&mut self) {
         let cfg = self.session.cfg;
+        if let Err(e) = self.out.commit().await {
+            tracing::warn!(source = %cfg.name, error = %local_stack::one_line(&e), "kafka transaction commit on shutdown failed");
+        }
         let deadline = Instant::now() + cfg.shutdown_timeout;
         if let Err(e) = self.session.sink.flush(cfg.shutdown_timeout).await {
             tracing::warn!(source = %cfg.name, error = %local_stack::one_line(&e), "kafka flush on shutdown failed");
