@@ -109,10 +109,15 @@ def normalise_db(value, pg_type: str):
     return value
 
 
+ISOLATION = "read_uncommitted"
+
+
 def consume_topic(bootstrap: str, topic: str, timeout_s: float):
     """Every message of `topic` from offset 0 to the high watermark, in
     partition order (per-key order is what matters: a key lives in one
-    partition)."""
+    partition). With --isolation read_committed, aborted transactions are
+    skipped and the last offsets may be commit markers, so a partition is
+    done once the consumer's position reaches the watermark."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer(
@@ -121,6 +126,7 @@ def consume_topic(bootstrap: str, topic: str, timeout_s: float):
             "group.id": f"pipeline-check-{os.getpid()}-{time.time_ns()}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            "isolation.level": ISOLATION,
         }
     )
     try:
@@ -140,6 +146,10 @@ def consume_topic(bootstrap: str, topic: str, timeout_s: float):
             if time.monotonic() > deadline:
                 die(f"timed out reading {topic}: partitions {sorted(wanted)} not read to their end")
             msg = consumer.poll(0.5)
+            if ISOLATION == "read_committed":
+                for tp in consumer.position([TopicPartition(topic, p) for p in wanted]):
+                    if tp.offset >= ends[tp.partition]:
+                        wanted.discard(tp.partition)
             if msg is None:
                 continue
             if msg.error():
@@ -412,6 +422,40 @@ def check_dlq(bootstrap: str, topic: str, timeout_s: float) -> list[str]:
     return []
 
 
+# ------------------------------------------------------------ duplicates (c)
+
+
+def count_duplicates(bootstrap: str, timeout_s: float) -> int:
+    """Events of the table topics that occur more than once: the same table,
+    key, source.lsn and op (a truncate counts once per partition, where it
+    is meant to be). Prints the count per topic; returns the total."""
+    total = 0
+    for db, tables in TABLES.items():
+        for table in tables:
+            topic = f"{db}.public.{table}"
+            seen: set = set()
+            dups = 0
+            for partition, messages in consume_topic(bootstrap, topic, timeout_s).items():
+                for _offset, key, value in messages:
+                    if value is None:
+                        continue
+                    try:
+                        event = json.loads(value)
+                    except ValueError:
+                        continue
+                    if "payload" in event and "schema" in event:
+                        event = event["payload"]
+                    op = event.get("op")
+                    lsn = (event.get("source") or {}).get("lsn")
+                    ident = (key, lsn, op, partition if op == "t" else None)
+                    if ident in seen:
+                        dups += 1
+                    seen.add(ident)
+            total += dups
+            print(f"  dups   {topic:<44} {len(seen):>8} events  {dups:>6} duplicates")
+    return total
+
+
 def load_env(path: str | None) -> dict[str, str]:
     env: dict[str, str] = {}
     if path and os.path.exists(path):
@@ -434,7 +478,13 @@ def main() -> int:
     parser.add_argument("--skip-metrics", action="store_true")
     parser.add_argument("--dlq-topic", default="metrics.dlq", help="the consumer's dead-letter topic; empty to skip")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to read one topic")
+    parser.add_argument("--isolation", choices=["read_uncommitted", "read_committed"], default="read_uncommitted",
+                        help="how the topics are read (read_committed: what an exactly-once consumer sees)")
+    parser.add_argument("--max-duplicates", type=int, default=None,
+                        help="also count duplicate events (same table, key, source.lsn, op); FAIL above this many")
     args = parser.parse_args()
+    global ISOLATION
+    ISOLATION = args.isolation
     env = load_env(args.env_file)
     bootstrap = env.get("KAFKA_BOOTSTRAP_SERVERS")
     if not bootstrap:
@@ -448,6 +498,12 @@ def main() -> int:
         diffs += check_metrics(env, args.prefix)
         if args.dlq_topic:
             diffs += check_dlq(bootstrap, args.dlq_topic, args.timeout)
+    if args.max_duplicates is not None:
+        print(f"duplicate events ({args.isolation}):")
+        dups = count_duplicates(bootstrap, args.timeout)
+        print(f"duplicates: {dups}")
+        if dups > args.max_duplicates:
+            diffs.append(f"{dups} duplicate events, more than --max-duplicates {args.max_duplicates}")
     if diffs:
         print("FAIL")
         for d in diffs:
