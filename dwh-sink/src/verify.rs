@@ -51,6 +51,9 @@ pub struct VerifyArgs {
         default_value = "postgres://instashop_app:instashop_app@127.0.0.1:54329/ecommerce"
     )]
     pub ecommerce_url: String,
+    /// Only the checks of these source databases (comma-separated).
+    #[arg(long, default_value = "instashop,crm,erp,ecommerce")]
+    pub databases: String,
     /// Differences printed per check (all are counted).
     #[arg(long, default_value_t = 10)]
     pub show: usize,
@@ -261,6 +264,9 @@ pub async fn run(config: Config, args: VerifyArgs) -> Result<(), Error> {
         ("erp", "PG_ERP_URL", &args.erp_url),
         ("ecommerce", "PG_ECOMMERCE_URL", &args.ecommerce_url),
     ] {
+        if !args.databases.split(',').any(|d| d.trim() == db) {
+            continue;
+        }
         let client = connect(url)
             .await
             .map_err(|source| Error::Source { db, var, source })?;

@@ -28,6 +28,9 @@ use crate::star;
 /// database).
 const WRITER_LOCK: i64 = 0x6477_685f_7369_6e6b; // "dwh_sink"
 
+/// How long a starting sink waits for the writer lock.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Tables the sink writes; a missing one means the schema was not applied.
 const TABLES: [&str; 10] = [
     "change_event",
@@ -178,20 +181,36 @@ impl Warehouse {
         })
     }
 
-    /// Takes the one-writer lock, or fails when another sink holds it.
+    /// Takes the one-writer lock, waiting up to [`LOCK_WAIT`] for it: the
+    /// session of a sink killed a moment ago lingers until its server
+    /// process notices (after the statement it was running). Fails when
+    /// another sink still holds it then.
     pub async fn lock(&mut self) -> Result<(), Error> {
-        let row = self
-            .client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
-            .await
-            .map_err(|e| classify("taking the writer lock", e))?;
-        if !row.get::<_, bool>(0) {
-            return Err(Error::Busy {
-                url: self.url.clone(),
-            });
+        let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+        let mut logged = false;
+        loop {
+            let row = self
+                .client
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&WRITER_LOCK])
+                .await
+                .map_err(|e| classify("taking the writer lock", e))?;
+            if row.get::<_, bool>(0) {
+                self.locked = true;
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Busy {
+                    url: self.url.clone(),
+                });
+            }
+            if !logged {
+                tracing::info!(
+                    "waiting for the writer lock (held by another or a killed sink's session)"
+                );
+                logged = true;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
-        self.locked = true;
-        Ok(())
     }
 
     /// A new connection after a transient error, with the lock taken again.
