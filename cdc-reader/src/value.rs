@@ -281,7 +281,12 @@ pub fn write_text(
                 let days = days
                     .checked_add(time.div_euclid(86_400_000_000))
                     .ok_or_else(|| err("bad timestamp"))?;
-                write_iso_timestamp(out, days, time.rem_euclid(86_400_000_000));
+                write_iso_timestamp(
+                    out,
+                    days,
+                    time.rem_euclid(86_400_000_000),
+                    zoned_fraction_digits(type_modifier),
+                );
             }
         },
         oid::TIMESTAMP => match text {
@@ -765,8 +770,20 @@ fn write_clock(out: &mut Vec<u8>, micros_of_day: i64) {
     }
 }
 
-/// `days` since the epoch and `time` micros since midnight, both UTC.
-fn write_iso_timestamp(out: &mut Vec<u8>, days: i64, time: i64) {
+/// Digits of the second's fraction in a `timestamptz(p)` value, as
+/// Debezium's ZonedTimestamp writes them: exactly `p` (6 when the column
+/// has no precision, as PostgreSQL's default), zeros kept
+/// (`11:51:30.100000Z`); with `p = 0` none.
+fn zoned_fraction_digits(type_modifier: i32) -> usize {
+    match usize::try_from(type_modifier) {
+        Ok(p) => p.min(6),
+        Err(_) => 6,
+    }
+}
+
+/// `days` since the epoch and `time` micros since midnight, both UTC, with
+/// exactly `fraction_digits` (at most 6) digits of the second's fraction.
+fn write_iso_timestamp(out: &mut Vec<u8>, days: i64, time: i64, fraction_digits: usize) {
     let (year, month, day) = civil_from_days(days);
     out.push(b'"');
     if (0..=9999).contains(&year) {
@@ -781,7 +798,17 @@ fn write_iso_timestamp(out: &mut Vec<u8>, days: i64, time: i64) {
         let sign = if year < 0 { '-' } else { '+' };
         let _ = write!(out, "{sign}{:04}-{month:02}-{day:02}T", year.abs());
     }
-    write_clock(out, time);
+    let secs = time / 1_000_000;
+    write_padded(out, secs / 3600, 2);
+    out.push(b':');
+    write_padded(out, secs / 60 % 60, 2);
+    out.push(b':');
+    write_padded(out, secs % 60, 2);
+    if fraction_digits > 0 {
+        let unit = 10_i64.pow(6 - fraction_digits.min(6) as u32);
+        out.push(b'.');
+        write_padded(out, time % 1_000_000 / unit, fraction_digits.min(6));
+    }
     out.extend_from_slice(b"Z\"");
 }
 
@@ -1226,11 +1253,11 @@ mod tests {
         );
         assert_eq!(
             s("2016-11-04 11:51:30+00", oid::TIMESTAMPTZ),
-            json!("2016-11-04T11:51:30Z")
+            json!("2016-11-04T11:51:30.000000Z")
         );
         assert_eq!(
             s("2016-11-04 11:51:30.5+00", oid::TIMESTAMPTZ),
-            json!("2016-11-04T11:51:30.5Z")
+            json!("2016-11-04T11:51:30.500000Z")
         );
         // Other offsets are converted to UTC, across a day boundary.
         assert_eq!(
@@ -1239,17 +1266,36 @@ mod tests {
         );
         assert_eq!(
             s("2016-12-31 23:00:00-08", oid::TIMESTAMPTZ),
-            json!("2017-01-01T07:00:00Z")
+            json!("2017-01-01T07:00:00.000000Z")
         );
         assert_eq!(
             s("1900-01-01 00:00:00+00:19:32", oid::TIMESTAMPTZ),
-            json!("1899-12-31T23:40:28Z")
+            json!("1899-12-31T23:40:28.000000Z")
         );
         assert_eq!(s("infinity", oid::TIMESTAMPTZ), json!("infinity"));
         assert_eq!(s("-infinity", oid::TIMESTAMPTZ), json!("-infinity"));
         assert_eq!(
             s("10000-01-01 00:00:00+00", oid::TIMESTAMPTZ),
-            json!("+10000-01-01T00:00:00Z")
+            json!("+10000-01-01T00:00:00.000000Z")
+        );
+        // Exactly the column's precision in digits, as Debezium writes them.
+        assert_eq!(
+            conv(
+                "2016-11-04 11:51:30.5+00",
+                oid::TIMESTAMPTZ,
+                3,
+                DecimalMode::String
+            ),
+            json!("2016-11-04T11:51:30.500Z")
+        );
+        assert_eq!(
+            conv(
+                "2016-11-04 11:51:30+00",
+                oid::TIMESTAMPTZ,
+                0,
+                DecimalMode::String
+            ),
+            json!("2016-11-04T11:51:30Z")
         );
         fails("2016-11-04 11:51:30", oid::TIMESTAMPTZ);
         fails("2016-13-04 11:51:30+00", oid::TIMESTAMPTZ);
@@ -1401,7 +1447,7 @@ mod tests {
         assert_eq!(s("{1.50,NaN}", 1231), json!(["1.50", "NAN"]));
         assert_eq!(
             s(r#"{"2016-11-04 11:51:30+00"}"#, 1185),
-            json!(["2016-11-04T11:51:30Z"])
+            json!(["2016-11-04T11:51:30.000000Z"])
         );
         assert_eq!(s("{2016-11-04}", 1182), json!([17109]));
         assert_eq!(s(r#"{"{\"a\": 1}"}"#, 3807), json!(["{\"a\": 1}"]));
