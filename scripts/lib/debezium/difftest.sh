@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# The differential test against real Debezium (scripts/debezium test; run by
+# scripts/test). Usage: difftest.sh STATE REST_PORT HEAP
+#
+# 1. A scratch PostgreSQL cluster (initdb in a temporary directory, free
+#    port, wal_level=logical) with the four databases from sql/ under their
+#    own names, so both pipelines start on empty tables and the
+#    metrics-consumer recognises source.db; plus the edge table
+#    (edge-schema.sql) and a one-row `difftest_done` table per database.
+# 2. The cdc-reader (own publication difftest_ours, slots difftest_ours_<db>,
+#    topics RUN.ours.<db>.*) and Debezium (scripts/debezium up: slots and
+#    publications debezium_<db>, topics RUN.debezium.<db>.*), both without a
+#    snapshot, on the stack's Kafka cluster; the workload starts once both
+#    have an active slot in every database.
+# 3. The workload: the generator at --rate for a while on all nine tables,
+#    with edge-workload.sql (edge values, unchanged TOAST, delete, key
+#    change, ALTER TABLE ADD COLUMN, TRUNCATE) in the middle of it; then one
+#    row into difftest_done per database. Done when both topic sets hold
+#    those rows and every slot confirmed them.
+# 4. compare.py: per table, per key, the two ordered event sequences.
+# 5. The metrics-consumer with --topic-prefix on Debezium's topics: its
+#    Redis metrics must equal their SQL definitions (pipeline_check.py).
+# 6. scripts/debezium down; no debezium_% slot may be left.
+set -euo pipefail
+STATE="$1"
+REST_PORT="$2"
+HEAP="$3"
+source "$(dirname "$0")/../common.sh"
+init_state "$STATE"
+cd "$REPO_ROOT"
+
+RATE="${DIFFTEST_RATE:-200}"
+LOAD_SECS="${DIFFTEST_SECONDS:-20}"
+TAG="difftest-$(date -u +%Y%m%d%H%M%S)-$$"
+WORK="$STATE/difftest/$TAG"
+mkdir -p "$WORK"
+[[ -f "$STATE/env" ]] || die "$STATE/env is missing; run scripts/up first"
+BOOTSTRAP_ENV="$(sed -n 's/^KAFKA_BOOTSTRAP_SERVERS=//p' "$STATE/env")"
+REDIS_ENV="$(sed -n 's/^REDIS_URL=//p' "$STATE/env")"
+PY="$STATE/venv/bin/python"
+[[ -x "$PY" ]] || die "$PY is missing; run scripts/up first"
+if ! "$PY" -c 'import psycopg, redis' 2>/dev/null; then
+    "$PY" -m pip install --quiet --disable-pip-version-check 'psycopg[binary]>=3.1' 'redis>=5' >>"$LOG/pip.log" 2>&1 ||
+        die "pip install psycopg redis failed; see $LOG/pip.log"
+fi
+log() { echo "difftest: $*"; }
+failed=()
+
+# ------------------------------------------------------------ binaries
+
+# DIFFTEST_BIN_DIR: use the binaries there instead of building (e.g. a
+# build of another checkout).
+bin_dir="${DIFFTEST_BIN_DIR:-}"
+if [[ -z "$bin_dir" ]]; then
+    log "building release binaries (generator, cdc-reader, metrics-consumer)"
+    cargo build --release --quiet -p generator -p cdc-reader -p metrics-consumer
+    bin_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release"
+fi
+# Copies: a rebuild during the run must not swap a binary under it.
+mkdir -p "$WORK/bin"
+for bin in generator cdc-reader metrics-consumer; do
+    cp "$bin_dir/$bin" "$WORK/bin/$bin"
+done
+
+# ------------------------------------------------------------ scratch postgres
+
+PGTMP="$(mktemp -d /tmp/instashop-difftest.XXXXXX)"
+PG_SCRATCH_PORT="$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+chmod 755 "$PGTMP"
+mkdir -p "$PGTMP/data" "$PGTMP/sock"
+[[ $EUID -eq 0 ]] && chown postgres:postgres "$PGTMP/data" "$PGTMP/sock"
+declare -A PIDS=()
+cleanup() {
+    local rc=$?
+    for name in "${!PIDS[@]}"; do
+        kill -TERM "${PIDS[$name]}" 2>/dev/null || true
+    done
+    for name in "${!PIDS[@]}"; do
+        wait "${PIDS[$name]}" 2>/dev/null || true
+    done
+    if [[ -n "${DBZ_UP:-}" ]]; then
+        "$REPO_ROOT/scripts/debezium" down --state-dir "$STATE" --env-file "$WORK/env" --rest-port "$REST_PORT" >/dev/null 2>&1 || true
+    fi
+    as_pg "$PG_BIN/pg_ctl" stop -D "$PGTMP/data" -m immediate >/dev/null 2>&1 || true
+    rm -rf "$PGTMP"
+    exit "$rc"
+}
+trap cleanup EXIT
+
+log "scratch postgres on 127.0.0.1:$PG_SCRATCH_PORT ($PGTMP)"
+echo postgres >"$PGTMP/pw"
+[[ $EUID -eq 0 ]] && chown postgres "$PGTMP/pw"
+as_pg "$PG_BIN/initdb" -D "$PGTMP/data" -U postgres --pwfile="$PGTMP/pw" --auth-host=scram-sha-256 \
+    --auth-local=trust --encoding=UTF8 --locale=C.UTF-8 >"$WORK/initdb.log" 2>&1 ||
+    die "initdb failed; see $WORK/initdb.log"
+touch "$PGTMP/postgres.log"
+[[ $EUID -eq 0 ]] && chown postgres "$PGTMP/postgres.log"
+as_pg "$PG_BIN/pg_ctl" start -D "$PGTMP/data" -w -t 60 -l "$PGTMP/postgres.log" -o \
+    "-c port=$PG_SCRATCH_PORT -c listen_addresses=127.0.0.1 -c unix_socket_directories=$PGTMP/sock -c wal_level=logical -c max_replication_slots=16 -c max_wal_senders=16 -c timezone=UTC -c shared_buffers=64MB -c wal_writer_delay=10ms -c max_connections=100" \
+    >/dev/null || { cp "$PGTMP/postgres.log" "$WORK/" 2>/dev/null; die "scratch postgres did not start; see $WORK/postgres.log"; }
+
+spsql() { # db, psql args...
+    local db="$1"
+    shift
+    psql -X -q -v ON_ERROR_STOP=1 -h "$PGTMP/sock" -p "$PG_SCRATCH_PORT" -U postgres -d "$db" "$@"
+}
+spsql postgres -f sql/roles.sql >/dev/null
+for db in "${DATABASES[@]}"; do
+    spsql postgres -c "CREATE DATABASE $db OWNER instashop_app" >/dev/null
+    psql -X -q -v ON_ERROR_STOP=1 -h "$PGTMP/sock" -p "$PG_SCRATCH_PORT" -U instashop_app -d "$db" -f "sql/$db.sql" >/dev/null
+    spsql "$db" -c "CREATE TABLE difftest_done (id integer PRIMARY KEY); GRANT SELECT ON difftest_done TO cdc_reader;
+        CREATE PUBLICATION difftest_ours FOR ALL TABLES" >/dev/null
+done
+spsql instashop -f scripts/lib/debezium/edge-schema.sql >/dev/null
+
+url() { echo "postgres://$1:$1@127.0.0.1:$PG_SCRATCH_PORT/$2"; }
+{
+    echo "PG_ADMIN_URL=postgres://postgres:postgres@127.0.0.1:$PG_SCRATCH_PORT/postgres"
+    for db in "${DATABASES[@]}"; do
+        echo "PG_${db^^}_URL=$(url instashop_app "$db")"
+        echo "CDC_PG_${db^^}_URL=$(url cdc_reader "$db")"
+    done
+    echo "REDIS_URL=$REDIS_ENV"
+    echo "KAFKA_BOOTSTRAP_SERVERS=$BOOTSTRAP_ENV"
+} >"$WORK/env"
+
+slot_active() { # slot
+    [[ "$(spsql postgres -tAc "SELECT active FROM pg_replication_slots WHERE slot_name = '$1'")" == t ]]
+}
+
+# ------------------------------------------------------------ both pipelines
+
+sources=() prefixes=()
+for db in "${DATABASES[@]}"; do
+    sources+=(--source "$db=$(url cdc_reader "$db")")
+    prefixes+=(--topic-prefix "$db=$TAG.ours.$db")
+done
+log "starting the cdc-reader (topics $TAG.ours.<db>.*)"
+INSTASHOP_ENV_FILE="" CDC_METRICS_ADDR=127.0.0.1:0 KAFKA_BOOTSTRAP_SERVERS="$BOOTSTRAP_ENV" \
+    "$WORK/bin/cdc-reader" "${sources[@]}" "${prefixes[@]}" --publication difftest_ours \
+    --slot 'difftest_ours_{name}' --snapshot-mode never >"$WORK/cdc-reader.log" 2>&1 &
+PIDS[cdc-reader]=$!
+
+log "starting Debezium (topics $TAG.debezium.<db>.*)"
+DBZ_UP=1
+"$REPO_ROOT/scripts/debezium" up --state-dir "$STATE" --env-file "$WORK/env" --prefix "$TAG.debezium" \
+    --snapshot-mode no_data --rest-port "$REST_PORT" --heap "$HEAP" | sed 's/^/difftest: /'
+
+deadline=$((SECONDS + 60))
+for db in "${DATABASES[@]}"; do
+    until slot_active "difftest_ours_$db"; do
+        kill -0 "${PIDS[cdc-reader]}" 2>/dev/null || { tail -5 "$WORK/cdc-reader.log"; die "the cdc-reader exited; see $WORK/cdc-reader.log"; }
+        ((SECONDS < deadline)) || die "the cdc-reader's slot difftest_ours_$db is not active after 60 s; see $WORK/cdc-reader.log"
+        sleep 0.2
+    done
+done
+
+# ------------------------------------------------------------ workload
+
+log "workload: generator at $RATE events/s for ${LOAD_SECS}s, edge values and schema changes halfway"
+INSTASHOP_ENV_FILE="$WORK/env" GENERATOR_METRICS_ADDR=127.0.0.1:0 \
+    "$WORK/bin/generator" --rate "$RATE" --duration "${LOAD_SECS}s" >"$WORK/generator.log" 2>&1 &
+PIDS[generator]=$!
+gen_start=$SECONDS
+# Halfway, as the generator's rows stream by.
+while ((SECONDS - gen_start < LOAD_SECS / 2)) && kill -0 "${PIDS[generator]}" 2>/dev/null; do
+    sleep 0.2
+done
+spsql instashop -f scripts/lib/debezium/edge-workload.sql >"$WORK/edge.log" 2>&1 ||
+    die "edge-workload.sql failed; see $WORK/edge.log"
+wait "${PIDS[generator]}" || die "the generator failed; see $WORK/generator.log"
+unset 'PIDS[generator]'
+for db in "${DATABASES[@]}"; do
+    spsql "$db" -c "INSERT INTO difftest_done VALUES (1)" >/dev/null
+done
+
+# ------------------------------------------------------------ compare
+
+log "waiting for both pipelines to deliver and confirm everything"
+"$PY" scripts/lib/debezium/compare.py --bootstrap "$BOOTSTRAP_ENV" --env-file "$WORK/env" \
+    --ours "$TAG.ours" --debezium "$TAG.debezium" --databases "${DATABASES[*]}" \
+    --slots "difftest_ours_{db},debezium_{db}" --timeout 180 --report "$WORK/differences.txt" ||
+    failed+=("differential comparison (every difference: $WORK/differences.txt)")
+
+kill -TERM "${PIDS[cdc-reader]}" 2>/dev/null || true
+wait "${PIDS[cdc-reader]}" 2>/dev/null || true
+unset 'PIDS[cdc-reader]'
+
+# ------------------------------------------------------------ drop-in consumer
+
+# The seed's architecture for real: Debezium -> Kafka -> metrics-consumer.
+log "metrics-consumer on Debezium's topics (--topic-prefix $TAG.debezium.)"
+INSTASHOP_ENV_FILE="" METRICS_ADDR=127.0.0.1:0 KAFKA_BOOTSTRAP_SERVERS="$BOOTSTRAP_ENV" REDIS_URL="$REDIS_ENV" \
+    "$WORK/bin/metrics-consumer" --topic-prefix "$TAG.debezium." --group "$TAG" --prefix "$TAG:" \
+    --dlq-topic "$TAG.dlq" >"$WORK/metrics-consumer.log" 2>&1 &
+PIDS[metrics-consumer]=$!
+# Polls the check (each pass reads Redis and SQL once) until it passes or
+# the deadline ends; the last output is kept for the failure message.
+deadline=$((SECONDS + 120))
+until INSTASHOP_ENV_FILE="$WORK/env" "$PY" scripts/lib/pipeline_check.py --env-file "$WORK/env" \
+    --skip-replay --prefix "$TAG:" --dlq-topic "" >"$WORK/metrics-check.log" 2>&1; do
+    if ! kill -0 "${PIDS[metrics-consumer]}" 2>/dev/null; then
+        tail -3 "$WORK/metrics-consumer.log"
+        failed+=("metrics-consumer on Debezium's topics: it exited; see $WORK/metrics-consumer.log")
+        break
+    fi
+    if ((SECONDS >= deadline)); then
+        grep -E 'DIFFERENT|^  - ' "$WORK/metrics-check.log" | head -10
+        failed+=("metrics-consumer on Debezium's topics: metrics differ from SQL after 120 s; see $WORK/metrics-check.log")
+        break
+    fi
+    sleep 1
+done
+if kill -0 "${PIDS[metrics-consumer]}" 2>/dev/null && [[ " ${failed[*]} " != *metrics-consumer* ]]; then
+    log "metrics-consumer on Debezium's topics: every metric equals its SQL definition ($(grep -c ' ok$' "$WORK/metrics-check.log") checked)"
+fi
+kill -TERM "${PIDS[metrics-consumer]}" 2>/dev/null || true
+wait "${PIDS[metrics-consumer]}" 2>/dev/null || true
+unset 'PIDS[metrics-consumer]'
+
+# ------------------------------------------------------------ cleanup check
+
+"$REPO_ROOT/scripts/debezium" down --state-dir "$STATE" --env-file "$WORK/env" --rest-port "$REST_PORT" | sed 's/^/difftest: /'
+DBZ_UP=""
+left="$(spsql postgres -tAc "SELECT string_agg(slot_name || CASE WHEN active THEN ' (active)' ELSE '' END, ', ') FROM pg_replication_slots WHERE slot_name LIKE 'debezium%'")"
+if [[ -n "$left" ]]; then
+    failed+=("scripts/debezium down left replication slots: $left")
+else
+    log "no Debezium slot left after scripts/debezium down"
+fi
+
+if ((${#failed[@]})); then
+    printf 'difftest: FAIL: %s\n' "${failed[@]}"
+    exit 1
+fi
+rm -rf "$WORK"
+log "PASS"
