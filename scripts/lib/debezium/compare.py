@@ -176,8 +176,9 @@ def sequence_exception(ours_event, dbz_event) -> str | None:
     """`source.sequence`'s first element: ours is the event's own
     transaction's commit LSN (so a transaction re-sent after a crash has the
     same pair); Debezium's is the end of the previous commit this connector
-    process saw (null for the first transaction after its start). The second
-    element (the change's LSN) must be equal."""
+    process saw (null for the first transaction after its start), which
+    lies at or before ours. The second element (the change's LSN) must be
+    equal."""
     try:
         o = json.loads(ours_event["source"]["sequence"])
         d = json.loads(dbz_event["source"]["sequence"])
@@ -185,10 +186,12 @@ def sequence_exception(ours_event, dbz_event) -> str | None:
         return None
     if len(o) != 2 or len(d) != 2 or o[1] != d[1]:
         return None
-    lsn = int(o[1])
     if o[0] is None or int(o[0]) != ours_event["source"].get("commit_lsn"):
         return None
-    if d[0] is not None and int(d[0]) > lsn:
+    # Transactions stream in commit order, so the previous commit ends at
+    # or before this one starts (it may end after this change's LSN when
+    # the two transactions ran concurrently).
+    if d[0] is not None and int(d[0]) > int(o[0]):
         return None
     return "sequence_commit_lsn"
 

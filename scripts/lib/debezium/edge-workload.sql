@@ -87,5 +87,12 @@ BEGIN;
 UPDATE edge_values SET c_int8 = c_int8 + 1 WHERE id IN (1, 4);
 INSERT INTO edge_values (id) VALUES (8);
 COMMIT;
+-- An unchanged TOASTed value on a REPLICA IDENTITY FULL table (the old row
+-- carries it).
+INSERT INTO product (customer_id, name, category, price, description)
+SELECT min(id), 'edge toast', 'edge', 1.00,
+       (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 400) i)
+FROM customer;
+UPDATE product SET price = 2.00 WHERE name = 'edge toast';
 TRUNCATE edge_values;
 INSERT INTO edge_values (id, c_text, c_added) VALUES (9, 'after truncate', 10);
