@@ -1,18 +1,22 @@
-//! Prometheus text `/metrics` and `/health`.
+//! The reader's metrics for `/metrics` and its `/health`.
 //!
-//! A plain struct of mutex'd maps rather than a metrics framework: the reader
-//! has a handful of series, and `render()` as a pure function of the state is
-//! easy to test. Hot paths (one call per event) take one short uncontended
-//! lock; the sink reports deliveries through [`crate::sink::SinkMetrics`].
+//! `prometheus-client` counters and gauges, encoded and served by
+//! [`local_stack::exposition`]; the per-source state behind `/health` and the
+//! `state` label of `cdc_source_up` sits in one short mutex. Hot paths (one
+//! call per event batch) take the families' read locks only; the sink
+//! reports deliveries through [`crate::sink::SinkMetrics`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::Router;
-use axum::http::StatusCode;
-use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::{Lsn, Op};
@@ -43,36 +47,76 @@ impl SourceState {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TopicOp {
+    topic: String,
+    op: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TopicLabel {
+    topic: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SourceLabel {
+    source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SourceStateLabels {
+    source: String,
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SourceTable {
+    source: String,
+    table: String,
+}
+
+/// What `/health` and the `state` label need per source.
+#[derive(Debug, Clone, Copy, Default)]
 struct SourceStats {
     state: SourceState,
     lag_bytes: u64,
-    lag_seconds: f64,
-    confirmed_lsn: Lsn,
     server_wal_end: Lsn,
-    reconnects: u64,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct SnapshotStats {
-    copied: u64,
-    estimated: u64,
-    done: bool,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    events: BTreeMap<(String, &'static str), u64>,
-    delivered: BTreeMap<String, (u64, u64)>,
-    delivery_errors: BTreeMap<String, u64>,
-    sources: BTreeMap<String, SourceStats>,
-    snapshot: BTreeMap<(String, String), SnapshotStats>,
-}
+type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// All reader metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    state: Mutex<State>,
+    sources: Mutex<BTreeMap<String, SourceStats>>,
+    events: Family<TopicOp, Counter>,
+    records_delivered: Family<TopicLabel, Counter>,
+    bytes_delivered: Family<TopicLabel, Counter>,
+    delivery_errors: Family<TopicLabel, Counter>,
+    lag_bytes: Family<SourceLabel, Gauge>,
+    lag_seconds: Family<SourceLabel, FloatGauge>,
+    confirmed_lsn: Family<SourceLabel, Gauge>,
+    source_up: Family<SourceStateLabels, Gauge>,
+    reconnects: Family<SourceLabel, Counter>,
+    snapshot_copied: Family<SourceTable, Gauge>,
+    snapshot_estimated: Family<SourceTable, Gauge>,
+    snapshot_done: Family<SourceTable, Gauge>,
+}
+
+fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn source(name: &str) -> SourceLabel {
+    SourceLabel {
+        source: name.to_owned(),
+    }
+}
+
+fn topic(name: &str) -> TopicLabel {
+    TopicLabel {
+        topic: name.to_owned(),
+    }
 }
 
 impl Metrics {
@@ -81,232 +125,190 @@ impl Metrics {
         Arc::new(Metrics::default())
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
+    fn sources(&self) -> MutexGuard<'_, BTreeMap<String, SourceStats>> {
+        self.sources
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Counts `n` change events of `op` on `topic` handed to the sink.
     pub fn events(&self, topic: &str, op: Op, n: u64) {
-        let mut s = self.lock();
-        match s.events.get_mut(&(topic.to_owned(), op.code())) {
-            Some(v) => *v += n,
-            None => {
-                s.events.insert((topic.to_owned(), op.code()), n);
-            }
-        }
+        self.events
+            .get_or_create(&TopicOp {
+                topic: topic.to_owned(),
+                op: op.code(),
+            })
+            .inc_by(n);
     }
 
     /// A record of `bytes` (key + value) was acknowledged by Kafka.
-    pub fn record_delivered(&self, topic: &str, bytes: usize) {
-        let mut s = self.lock();
-        if let Some(v) = s.delivered.get_mut(topic) {
-            v.0 += 1;
-            v.1 += bytes as u64;
-        } else {
-            s.delivered.insert(topic.to_owned(), (1, bytes as u64));
-        }
+    pub fn record_delivered(&self, topic_name: &str, bytes: usize) {
+        let label = topic(topic_name);
+        self.records_delivered.get_or_create(&label).inc();
+        self.bytes_delivered
+            .get_or_create(&label)
+            .inc_by(bytes as u64);
     }
 
     /// A record failed delivery.
-    pub fn record_delivery_error(&self, topic: &str) {
-        *self
-            .lock()
-            .delivery_errors
-            .entry(topic.to_owned())
-            .or_default() += 1;
+    pub fn record_delivery_error(&self, topic_name: &str) {
+        self.delivery_errors.get_or_create(&topic(topic_name)).inc();
     }
 
     /// Sets a source's state.
-    pub fn set_state(&self, source: &str, state: SourceState) {
-        self.lock()
-            .sources
-            .entry(source.to_owned())
-            .or_default()
-            .state = state;
+    pub fn set_state(&self, name: &str, state: SourceState) {
+        let mut sources = self.sources();
+        let stats = sources.entry(name.to_owned()).or_default();
+        let old = std::mem::replace(&mut stats.state, state);
+        if old != state {
+            self.source_up.remove(&SourceStateLabels {
+                source: name.to_owned(),
+                state: old.as_str(),
+            });
+        }
+        let up = matches!(state, SourceState::Streaming | SourceState::Snapshotting);
+        self.source_up
+            .get_or_create(&SourceStateLabels {
+                source: name.to_owned(),
+                state: state.as_str(),
+            })
+            .set(i64::from(up));
+        // A source's series exist from its first state on.
+        self.reconnects.get_or_create(&source(name)).inc_by(0);
     }
 
     /// Counts a reconnect of a source.
-    pub fn reconnected(&self, source: &str) {
-        self.lock()
-            .sources
-            .entry(source.to_owned())
-            .or_default()
-            .reconnects += 1;
+    pub fn reconnected(&self, name: &str) {
+        self.reconnects.get_or_create(&source(name)).inc();
     }
 
     /// Replication progress of a source: confirmed LSN, server WAL end, and
     /// the age of the oldest unconfirmed commit.
-    pub fn set_progress(
-        &self,
-        source: &str,
-        confirmed: Lsn,
-        server_wal_end: Lsn,
-        lag_seconds: f64,
-    ) {
-        let mut s = self.lock();
-        let st = s.sources.entry(source.to_owned()).or_default();
-        st.confirmed_lsn = confirmed;
-        st.server_wal_end = st.server_wal_end.max(server_wal_end);
-        st.lag_bytes = st.server_wal_end.saturating_sub(confirmed);
-        st.lag_seconds = lag_seconds;
+    pub fn set_progress(&self, name: &str, confirmed: Lsn, server_wal_end: Lsn, lag_seconds: f64) {
+        let lag_bytes = {
+            let mut sources = self.sources();
+            let stats = sources.entry(name.to_owned()).or_default();
+            stats.server_wal_end = stats.server_wal_end.max(server_wal_end);
+            stats.lag_bytes = stats.server_wal_end.saturating_sub(confirmed);
+            stats.lag_bytes
+        };
+        let label = source(name);
+        self.confirmed_lsn
+            .get_or_create(&label)
+            .set(gauge_value(confirmed));
+        self.lag_bytes
+            .get_or_create(&label)
+            .set(gauge_value(lag_bytes));
+        self.lag_seconds.get_or_create(&label).set(lag_seconds);
     }
 
     /// Snapshot progress of one table.
     pub fn snapshot_progress(
         &self,
-        source: &str,
+        name: &str,
         table: &str,
         copied: u64,
         estimated: u64,
         done: bool,
     ) {
-        self.lock().snapshot.insert(
-            (source.to_owned(), table.to_owned()),
-            SnapshotStats {
-                copied,
-                estimated,
-                done,
-            },
-        );
+        let label = SourceTable {
+            source: name.to_owned(),
+            table: table.to_owned(),
+        };
+        self.snapshot_copied
+            .get_or_create(&label)
+            .set(gauge_value(copied));
+        self.snapshot_estimated
+            .get_or_create(&label)
+            .set(gauge_value(estimated));
+        self.snapshot_done
+            .get_or_create(&label)
+            .set(i64::from(done));
     }
 
     /// Whether every source is streaming or snapshotting.
     pub fn healthy(&self) -> bool {
-        let s = self.lock();
-        !s.sources.is_empty()
-            && s.sources
-                .values()
+        let s = self.sources();
+        !s.is_empty()
+            && s.values()
                 .all(|v| matches!(v.state, SourceState::Streaming | SourceState::Snapshotting))
     }
 
     /// `/health` body: one line per source.
     pub fn health(&self) -> String {
-        let s = self.lock();
+        let s = self.sources();
         let mut out = String::new();
-        for (name, v) in &s.sources {
+        for (name, v) in s.iter() {
             let _ = writeln!(out, "{name} {} lag_bytes={}", v.state.as_str(), v.lag_bytes);
         }
         out
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let s = self.lock();
-        let mut o = String::with_capacity(4096);
-        o.push_str("# HELP cdc_events_total Change events handed to the sink, by topic and op.\n# TYPE cdc_events_total counter\n");
-        for ((topic, op), v) in &s.events {
-            let _ = writeln!(
-                o,
-                "cdc_events_total{{topic=\"{}\",op=\"{op}\"}} {v}",
-                esc(topic)
-            );
-        }
-        o.push_str("# HELP cdc_kafka_records_delivered_total Records acknowledged by Kafka.\n# TYPE cdc_kafka_records_delivered_total counter\n");
-        for (topic, (n, _)) in &s.delivered {
-            let _ = writeln!(
-                o,
-                "cdc_kafka_records_delivered_total{{topic=\"{}\"}} {n}",
-                esc(topic)
-            );
-        }
-        o.push_str("# HELP cdc_kafka_bytes_delivered_total Key and value bytes acknowledged by Kafka.\n# TYPE cdc_kafka_bytes_delivered_total counter\n");
-        for (topic, (_, b)) in &s.delivered {
-            let _ = writeln!(
-                o,
-                "cdc_kafka_bytes_delivered_total{{topic=\"{}\"}} {b}",
-                esc(topic)
-            );
-        }
-        o.push_str("# HELP cdc_kafka_delivery_errors_total Failed deliveries (the source reconnects and resends).\n# TYPE cdc_kafka_delivery_errors_total counter\n");
-        for (topic, v) in &s.delivery_errors {
-            let _ = writeln!(
-                o,
-                "cdc_kafka_delivery_errors_total{{topic=\"{}\"}} {v}",
-                esc(topic)
-            );
-        }
-        o.push_str("# HELP cdc_replication_lag_bytes Server WAL end minus the confirmed LSN.\n# TYPE cdc_replication_lag_bytes gauge\n");
-        for (name, v) in &s.sources {
-            let _ = writeln!(
-                o,
-                "cdc_replication_lag_bytes{{source=\"{}\"}} {}",
-                esc(name),
-                v.lag_bytes
-            );
-        }
-        o.push_str("# HELP cdc_replication_lag_seconds Age of the oldest commit not yet confirmed.\n# TYPE cdc_replication_lag_seconds gauge\n");
-        for (name, v) in &s.sources {
-            let _ = writeln!(
-                o,
-                "cdc_replication_lag_seconds{{source=\"{}\"}} {:.3}",
-                esc(name),
-                v.lag_seconds
-            );
-        }
-        o.push_str("# HELP cdc_confirmed_lsn Last LSN confirmed to Postgres (as an integer).\n# TYPE cdc_confirmed_lsn gauge\n");
-        for (name, v) in &s.sources {
-            let _ = writeln!(
-                o,
-                "cdc_confirmed_lsn{{source=\"{}\"}} {}",
-                esc(name),
-                v.confirmed_lsn
-            );
-        }
-        o.push_str("# HELP cdc_source_up 1 when the source is streaming or snapshotting.\n# TYPE cdc_source_up gauge\n");
-        for (name, v) in &s.sources {
-            let up = u8::from(matches!(
-                v.state,
-                SourceState::Streaming | SourceState::Snapshotting
-            ));
-            let _ = writeln!(
-                o,
-                "cdc_source_up{{source=\"{}\",state=\"{}\"}} {up}",
-                esc(name),
-                v.state.as_str()
-            );
-        }
-        o.push_str("# HELP cdc_source_reconnects_total Reconnects after a retryable error.\n# TYPE cdc_source_reconnects_total counter\n");
-        for (name, v) in &s.sources {
-            let _ = writeln!(
-                o,
-                "cdc_source_reconnects_total{{source=\"{}\"}} {}",
-                esc(name),
-                v.reconnects
-            );
-        }
-        o.push_str("# HELP cdc_snapshot_rows_copied Rows copied by the initial snapshot.\n# TYPE cdc_snapshot_rows_copied gauge\n");
-        for ((src, table), v) in &s.snapshot {
-            let _ = writeln!(
-                o,
-                "cdc_snapshot_rows_copied{{source=\"{}\",table=\"{}\"}} {}",
-                esc(src),
-                esc(table),
-                v.copied
-            );
-        }
-        o.push_str("# HELP cdc_snapshot_rows_estimated Estimated rows (pg_class.reltuples) of a snapshot table.\n# TYPE cdc_snapshot_rows_estimated gauge\n");
-        for ((src, table), v) in &s.snapshot {
-            let _ = writeln!(
-                o,
-                "cdc_snapshot_rows_estimated{{source=\"{}\",table=\"{}\"}} {}",
-                esc(src),
-                esc(table),
-                v.estimated
-            );
-        }
-        o.push_str("# HELP cdc_snapshot_table_done 1 when the table's snapshot copy finished.\n# TYPE cdc_snapshot_table_done gauge\n");
-        for ((src, table), v) in &s.snapshot {
-            let _ = writeln!(
-                o,
-                "cdc_snapshot_table_done{{source=\"{}\",table=\"{}\"}} {}",
-                esc(src),
-                esc(table),
-                u8::from(v.done)
-            );
-        }
-        o
+    /// The metrics as a registry for `/metrics` (counters without their
+    /// `_total`, which the encoder adds).
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::default();
+        r.register(
+            "cdc_events",
+            "Change events handed to the sink, by topic and op",
+            self.events.clone(),
+        );
+        r.register(
+            "cdc_kafka_records_delivered",
+            "Records acknowledged by Kafka",
+            self.records_delivered.clone(),
+        );
+        r.register(
+            "cdc_kafka_bytes_delivered",
+            "Key and value bytes acknowledged by Kafka",
+            self.bytes_delivered.clone(),
+        );
+        r.register(
+            "cdc_kafka_delivery_errors",
+            "Failed deliveries (the source reconnects and resends)",
+            self.delivery_errors.clone(),
+        );
+        r.register(
+            "cdc_replication_lag_bytes",
+            "Server WAL end minus the confirmed LSN",
+            self.lag_bytes.clone(),
+        );
+        r.register(
+            "cdc_replication_lag_seconds",
+            "Age of the oldest commit not yet confirmed",
+            self.lag_seconds.clone(),
+        );
+        r.register(
+            "cdc_confirmed_lsn",
+            "Last LSN confirmed to Postgres (as an integer)",
+            self.confirmed_lsn.clone(),
+        );
+        r.register(
+            "cdc_source_up",
+            "1 when the source is streaming or snapshotting",
+            self.source_up.clone(),
+        );
+        r.register(
+            "cdc_source_reconnects",
+            "Reconnects after a retryable error",
+            self.reconnects.clone(),
+        );
+        r.register(
+            "cdc_snapshot_rows_copied",
+            "Rows copied by the initial snapshot",
+            self.snapshot_copied.clone(),
+        );
+        r.register(
+            "cdc_snapshot_rows_estimated",
+            "Estimated rows (pg_class.reltuples) of a snapshot table",
+            self.snapshot_estimated.clone(),
+        );
+        r.register(
+            "cdc_snapshot_table_done",
+            "1 when the table's snapshot copy finished",
+            self.snapshot_done.clone(),
+        );
+        r
     }
 }
 
@@ -319,12 +321,6 @@ impl crate::sink::SinkMetrics for Metrics {
     fn record_delivery_error(&self, topic: &str) {
         Metrics::record_delivery_error(self, topic);
     }
-}
-
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// Serves `/metrics` and `/health` on `addr` until `shutdown`; returns the bound address.
@@ -343,29 +339,15 @@ pub async fn serve(
         context: "metrics listener address".to_owned(),
         source,
     })?;
-    let m1 = metrics.clone();
-    let m2 = metrics;
-    let app = Router::new()
-        .route("/metrics", get(move || async move { m1.render() }))
-        .route(
-            "/health",
-            get(move || async move {
-                let code = if m2.healthy() {
-                    StatusCode::OK
-                } else {
-                    StatusCode::SERVICE_UNAVAILABLE
-                };
-                (code, m2.health())
-            }),
-        );
-    let handle = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = result {
-            tracing::warn!(error = %e, "metrics server stopped");
-        }
-    });
+    let registry = Arc::new(metrics.registry());
+    let health: local_stack::exposition::Health =
+        Arc::new(move || (metrics.healthy(), metrics.health()));
+    let handle = tokio::spawn(local_stack::exposition::serve(
+        listener,
+        registry,
+        Some(health),
+        shutdown,
+    ));
     Ok((bound, handle))
 }
 
@@ -381,25 +363,29 @@ mod tests {
         m.events("crm.public.interaction", Op::Create, 2);
         m.record_delivered("crm.public.interaction", 100);
         m.record_delivery_error("crm.public.interaction");
+        m.set_state("crm", SourceState::Snapshotting);
         m.set_state("crm", SourceState::Streaming);
         m.set_progress("crm", 1000, 1500, 0.25);
         m.snapshot_progress("crm", "public.interaction", 10, 20, false);
-        let text = m.render();
-        assert!(text.contains("cdc_events_total{topic=\"crm.public.interaction\",op=\"c\"} 5"));
-        assert!(
-            text.contains("cdc_kafka_bytes_delivered_total{topic=\"crm.public.interaction\"} 100")
-        );
-        assert!(
-            text.contains("cdc_kafka_delivery_errors_total{topic=\"crm.public.interaction\"} 1")
-        );
-        assert!(text.contains("cdc_replication_lag_bytes{source=\"crm\"} 500"));
-        assert!(text.contains("cdc_replication_lag_seconds{source=\"crm\"} 0.250"));
-        assert!(text.contains("cdc_confirmed_lsn{source=\"crm\"} 1000"));
-        assert!(
-            text.contains(
-                "cdc_snapshot_rows_copied{source=\"crm\",table=\"public.interaction\"} 10"
-            )
-        );
+        let text = local_stack::exposition::render(&m.registry());
+        for line in [
+            "cdc_events_total{topic=\"crm.public.interaction\",op=\"c\"} 5\n",
+            "cdc_kafka_records_delivered_total{topic=\"crm.public.interaction\"} 1\n",
+            "cdc_kafka_bytes_delivered_total{topic=\"crm.public.interaction\"} 100\n",
+            "cdc_kafka_delivery_errors_total{topic=\"crm.public.interaction\"} 1\n",
+            "cdc_replication_lag_bytes{source=\"crm\"} 500\n",
+            "cdc_replication_lag_seconds{source=\"crm\"} 0.25\n",
+            "cdc_confirmed_lsn{source=\"crm\"} 1000\n",
+            "cdc_source_up{source=\"crm\",state=\"streaming\"} 1\n",
+            "cdc_source_reconnects_total{source=\"crm\"} 0\n",
+            "cdc_snapshot_rows_copied{source=\"crm\",table=\"public.interaction\"} 10\n",
+            "cdc_snapshot_rows_estimated{source=\"crm\",table=\"public.interaction\"} 20\n",
+            "cdc_snapshot_table_done{source=\"crm\",table=\"public.interaction\"} 0\n",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        // One state per source: the former one's series is gone.
+        assert!(!text.contains("state=\"snapshotting\""), "{text}");
         assert!(m.healthy());
         m.set_state("erp", SourceState::Connecting);
         assert!(!m.healthy());

@@ -24,7 +24,6 @@ pub mod schema;
 pub mod words;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -60,11 +59,9 @@ pub async fn run_with(
             .await
             .map_err(|source| Error::Metrics { addr, source })?;
         tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "serving /metrics");
-        tokio::spawn(progress::serve(
-            listener,
-            counters.clone(),
-            background.clone(),
-        ));
+        let counters = counters.clone();
+        let stop = background.clone();
+        tokio::spawn(async move { progress::serve(listener, &counters, stop).await });
     }
     if config.progress_secs > 0 {
         tokio::spawn(progress::report(
@@ -84,8 +81,8 @@ pub async fn run_with(
     .await;
     background.cancel();
     tracing::info!(
-        events = counters.events.load(Ordering::Relaxed),
-        purchases = counters.purchases.load(Ordering::Relaxed),
+        events = counters.events.get(),
+        purchases = counters.purchases.get(),
         "generator stopped"
     );
     result
@@ -283,9 +280,7 @@ async fn writer(
             let affected = with_retry!(conn, "batch", &shutdown, &mut outage, {
                 conn.write(&groups).await
             });
-            counters
-                .unavailable
-                .fetch_add(outage.outages, Ordering::Relaxed);
+            counters.unavailable.inc_by(outage.outages);
             for (g, n) in groups.iter().zip(affected) {
                 counters.add_rows(g.stmt.table(), g.stmt.change(), n);
                 if matches!(
@@ -295,18 +290,14 @@ async fn writer(
                         | Stmt::UpdateTransactionTotal
                         | Stmt::Delete(_)
                 ) {
-                    counters
-                        .skipped
-                        .fetch_add(g.rows.saturating_sub(n), Ordering::Relaxed);
+                    counters.skipped.inc_by(g.rows.saturating_sub(n));
                 }
             }
-            counters.batches.fetch_add(1, Ordering::Relaxed);
+            counters.batches.inc_by(1);
         }
         if db == Database::Instashop {
-            counters.events.fetch_add(batch.events, Ordering::Relaxed);
-            counters
-                .purchases
-                .fetch_add(batch.purchases, Ordering::Relaxed);
+            counters.events.inc_by(batch.events);
+            counters.purchases.inc_by(batch.purchases);
         }
         let t = Instant::now();
         for (i, tx) in forward.iter().enumerate() {

@@ -1,40 +1,79 @@
 //! Counters of what was written, the progress line, and `/metrics`.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::op::{Change, Database, Table};
 
+/// Labels of `generator_rows_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RowLabels {
+    database: &'static str,
+    table: &'static str,
+    op: &'static str,
+}
+
 /// Counters shared by the writers, the progress line and `/metrics`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Counters {
-    rows: [[AtomicU64; 3]; 9],
+    rows_family: Family<RowLabels, Counter>,
+    /// The family's counters by table and change, fetched once.
+    rows: Vec<[Counter; 3]>,
     /// Events whose instashop batch committed.
-    pub events: AtomicU64,
+    pub events: Counter,
     /// Purchases whose instashop batch committed.
-    pub purchases: AtomicU64,
+    pub purchases: Counter,
     /// Database transactions committed, all databases.
-    pub batches: AtomicU64,
+    pub batches: Counter,
     /// Guarded updates and deletes that found the row changed or still
     /// referenced (another writer on the same databases), and skipped it.
-    pub skipped: AtomicU64,
+    pub skipped: Counter,
     /// Times a database was found unavailable.
-    pub unavailable: AtomicU64,
+    pub unavailable: Counter,
+}
+
+impl Default for Counters {
+    fn default() -> Counters {
+        let rows_family = Family::<RowLabels, Counter>::default();
+        let rows = Table::ALL
+            .iter()
+            .map(|t| {
+                Change::ALL.map(|c| {
+                    rows_family.get_or_create_owned(&RowLabels {
+                        database: t.database().name(),
+                        table: t.name(),
+                        op: c.name(),
+                    })
+                })
+            })
+            .collect();
+        Counters {
+            rows_family,
+            rows,
+            events: Counter::default(),
+            purchases: Counter::default(),
+            batches: Counter::default(),
+            skipped: Counter::default(),
+            unavailable: Counter::default(),
+        }
+    }
 }
 
 impl Counters {
     /// Adds rows written.
     pub fn add_rows(&self, table: Table, change: Change, n: u64) {
-        self.rows[table.index()][change.index()].fetch_add(n, Ordering::Relaxed);
+        self.rows[table.index()][change.index()].inc_by(n);
     }
 
     /// Rows written to a table by one kind of change.
     pub fn rows(&self, table: Table, change: Change) -> u64 {
-        self.rows[table.index()][change.index()].load(Ordering::Relaxed)
+        self.rows[table.index()][change.index()].get()
     }
 
     /// Rows written to a database, all changes.
@@ -46,80 +85,47 @@ impl Counters {
             .sum()
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut s = String::new();
-        s.push_str("# HELP generator_rows_total Rows written, by table and change.\n");
-        s.push_str("# TYPE generator_rows_total counter\n");
-        for t in Table::ALL {
-            for c in Change::ALL {
-                let _ = writeln!(
-                    s,
-                    "generator_rows_total{{database=\"{}\",table=\"{}\",op=\"{}\"}} {}",
-                    t.database().name(),
-                    t.name(),
-                    c.name(),
-                    self.rows(t, c)
-                );
-            }
-        }
-        for (name, help, v) in [
-            ("generator_events_total", "Events written.", &self.events),
+    /// The counters as a registry for `/metrics`.
+    pub fn registry(&self) -> Registry {
+        let mut registry = Registry::default();
+        registry.register(
+            "generator_rows",
+            "Rows written, by table and change",
+            self.rows_family.clone(),
+        );
+        for (name, help, counter) in [
+            ("generator_events", "Events written", &self.events),
+            ("generator_purchases", "Purchases written", &self.purchases),
             (
-                "generator_purchases_total",
-                "Purchases written.",
-                &self.purchases,
-            ),
-            (
-                "generator_batches_total",
-                "Database transactions committed.",
+                "generator_batches",
+                "Database transactions committed",
                 &self.batches,
             ),
             (
-                "generator_skipped_updates_total",
-                "Guarded updates and deletes skipped because the row had changed.",
+                "generator_skipped_updates",
+                "Guarded updates and deletes skipped because the row had changed",
                 &self.skipped,
             ),
             (
-                "generator_errors_total",
-                "Times a database was unavailable (then retried).",
+                "generator_errors",
+                "Times a database was unavailable (then retried)",
                 &self.unavailable,
             ),
         ] {
-            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
-            let _ = writeln!(s, "{name} {}", v.load(Ordering::Relaxed));
+            registry.register(name, help, counter.clone());
         }
-        s
+        registry
     }
 }
 
 /// Serves `GET /metrics` until shutdown.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    counters: Arc<Counters>,
+    counters: &Counters,
     shutdown: CancellationToken,
 ) {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let c = counters.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    c.render(),
-                )
-            }
-        }),
-    );
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "metrics endpoint stopped");
-    }
+    let registry = Arc::new(counters.registry());
+    local_stack::exposition::serve(listener, registry, None, shutdown).await;
 }
 
 /// Logs a progress line every `every` until shutdown.
@@ -133,7 +139,7 @@ pub async fn report(counters: Arc<Counters>, every: Duration, shutdown: Cancella
             _ = tick.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let events = counters.events.load(Ordering::Relaxed);
+        let events = counters.events.get();
         let now = Instant::now();
         let rate = (events - last.1) as f64 / now.duration_since(last.0).as_secs_f64();
         last = (now, events);
@@ -141,7 +147,7 @@ pub async fn report(counters: Arc<Counters>, every: Duration, shutdown: Cancella
             elapsed_s = start.elapsed().as_secs(),
             events_per_s = format!("{rate:.0}"),
             events,
-            purchases = counters.purchases.load(Ordering::Relaxed),
+            purchases = counters.purchases.get(),
             instashop_rows = counters.database_rows(Database::Instashop),
             crm_rows = counters.database_rows(Database::Crm),
             erp_rows = counters.database_rows(Database::Erp),
@@ -159,8 +165,8 @@ mod tests {
     fn renders_prometheus_text() {
         let c = Counters::default();
         c.add_rows(Table::Shipment, Change::Update, 3);
-        c.purchases.fetch_add(2, Ordering::Relaxed);
-        let text = c.render();
+        c.purchases.inc_by(2);
+        let text = local_stack::exposition::render(&c.registry());
         assert!(text.contains(
             "generator_rows_total{database=\"ecommerce\",table=\"shipment\",op=\"update\"} 3\n"
         ));

@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use generator::config::{MetricsAddr, Rate};
@@ -274,8 +273,8 @@ async fn same_seed_gives_same_rows_whatever_the_batching() {
     let mut config_c = c.config(8, 3000);
     config_c.batch = Some(500);
     let (ca, cb, _cc) = tokio::join!(run(config_a), run(config_b), run(config_c));
-    assert_eq!(ca.events.load(Ordering::Relaxed), 3000);
-    assert_eq!(cb.events.load(Ordering::Relaxed), 3000);
+    assert_eq!(ca.events.get(), 3000);
+    assert_eq!(cb.events.get(), 3000);
     let (da, db, dc) = tokio::join!(dump(&a), dump(&b), dump(&c));
     for (table, rows) in &da {
         assert!(!rows.is_empty(), "{table} has rows");
@@ -312,11 +311,7 @@ async fn invariants_hold_across_runs_and_restarts() {
         let counters = run(dbs.config(3, 3000)).await;
         // The model's view matches the rows: no guarded update or delete
         // found its row changed behind its back.
-        assert_eq!(
-            counters.skipped.load(Ordering::Relaxed),
-            0,
-            "skipped writes"
-        );
+        assert_eq!(counters.skipped.get(), 0, "skipped writes");
     }
 
     let shop = dbs.admin(Database::Instashop).await;
@@ -471,7 +466,7 @@ async fn survives_lost_connections_without_losing_or_repeating_events() {
     // sees it closed), so the retry path needs a kill during a write: four
     // rounds make one that lands only on idle sessions unlikely.
     for threshold in [800u64, 1600, 2400, 3200] {
-        while counters.events.load(Ordering::Relaxed) < threshold {
+        while counters.events.get() < threshold {
             assert!(Instant::now() < deadline, "generator stalled");
             if task.is_finished() {
                 let result = task.await.expect("task joins");
@@ -496,8 +491,8 @@ async fn survives_lost_connections_without_losing_or_repeating_events() {
         .expect("generator finishes")
         .expect("task joins");
     result.unwrap_or_else(|e| panic!("generator failed: {e:#}"));
-    assert_eq!(counters.events.load(Ordering::Relaxed), 4000);
-    assert!(counters.unavailable.load(Ordering::Relaxed) >= 1);
+    assert_eq!(counters.events.get(), 4000);
+    assert!(counters.unavailable.get() >= 1);
     let (a, b) = tokio::join!(dump(&clean), dump(&broken));
     for (table, rows) in &a {
         assert!(rows == &b[table], "{table} differs after lost connections");

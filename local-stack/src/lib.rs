@@ -6,6 +6,7 @@
 //! flag > environment variable > env file > built-in default.
 
 pub mod envfile;
+pub mod exposition;
 pub mod redact;
 pub mod shutdown;
 

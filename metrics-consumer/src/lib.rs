@@ -15,7 +15,6 @@ pub mod batch;
 pub mod consumer;
 pub mod dead_letter;
 pub mod fold;
-pub mod http;
 pub mod money;
 pub mod plan;
 pub mod settings;
@@ -367,9 +366,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         source,
     })?;
     tracing::info!(addr = %local, redis = %local_stack::redact::url(&config.redis_url), prefix = %config.prefix, "metrics-consumer starting");
-    let server = tokio::spawn(http::serve(
+    let health: local_stack::exposition::Health = {
+        let telemetry = Arc::clone(&telemetry);
+        Arc::new(move || telemetry.health())
+    };
+    let server = tokio::spawn(local_stack::exposition::serve(
         listener,
-        Arc::clone(&telemetry),
+        Arc::new(telemetry.registry()),
+        Some(health),
         shutdown.clone(),
     ));
 
