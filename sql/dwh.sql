@@ -177,6 +177,9 @@ CREATE TABLE IF NOT EXISTS fact_purchase (
     last_lsn         bigint      NOT NULL
 );
 CREATE INDEX IF NOT EXISTS fact_purchase_date_idx ON fact_purchase (date_key);
+-- Room for HOT updates: a purchase changes status once or twice soon after
+-- its insert, and its lines follow.
+ALTER TABLE fact_purchase SET (fillfactor = 80);
 
 -- One row per purchase line (instashop.transactiondetail), its current
 -- state. The purchase's columns (status, customer, buyer, time) follow the
@@ -205,6 +208,7 @@ CREATE TABLE IF NOT EXISTS fact_sale_line (
     last_commit_lsn  bigint      NOT NULL,
     last_lsn         bigint      NOT NULL
 );
+ALTER TABLE fact_sale_line SET (fillfactor = 80);
 CREATE INDEX IF NOT EXISTS fact_sale_line_purchase_idx ON fact_sale_line (purchase_id);
 CREATE INDEX IF NOT EXISTS fact_sale_line_product_idx ON fact_sale_line (product_id, sold_commit_lsn);
 CREATE INDEX IF NOT EXISTS fact_sale_line_date_idx ON fact_sale_line (date_key);

@@ -59,6 +59,8 @@ pub struct Batch {
     pub messages: usize,
     /// Tombstones and ignored messages.
     pub skipped: usize,
+    /// Snapshot reads (`r`) among the events.
+    pub snapshot_reads: usize,
     /// Change events per source table (`db.table`).
     pub per_table: BTreeMap<String, u64>,
     /// Largest commit time in the batch (µs), for the lag gauge.
@@ -143,6 +145,9 @@ impl Batch {
             .int(Some(i64::from(partition)))
             .int(Some(offset));
         self.events.end_row();
+        if event.op == Op::Read {
+            self.snapshot_reads += 1;
+        }
         if event.op == Op::Truncate {
             if let Some(entity) = Entity::of(&event.db, &event.table) {
                 self.truncates.push(Truncate {

@@ -296,7 +296,9 @@ fn poll_loop(
     let mut held_back = 0u64;
     while !shutdown.is_cancelled() {
         let timeout = started.map_or(Duration::from_millis(100), |t| {
-            linger.saturating_sub(t.elapsed())
+            linger
+                .saturating_sub(t.elapsed())
+                .max(Duration::from_millis(5))
         });
         match consumer.poll(timeout) {
             None => {}
@@ -333,12 +335,20 @@ fn poll_loop(
                 }
             }
         }
-        let due = started.is_some_and(|t| t.elapsed() >= linger);
-        if batch.messages >= batch_size || due {
+        // A full batch waits for the writer; a lingering one is handed
+        // over only when the writer can take it, else it keeps growing
+        // (fewer, larger transactions under load).
+        if batch.messages >= batch_size {
             if tx.blocking_send(std::mem::take(&mut batch)).is_err() {
                 return Ok(());
             }
             started = None;
+        } else if started.is_some_and(|t| t.elapsed() >= linger) {
+            match tx.try_send(std::mem::take(&mut batch)) {
+                Ok(()) => started = None,
+                Err(mpsc::error::TrySendError::Full(back)) => batch = back,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
+            }
         }
     }
     if !batch.is_empty() {

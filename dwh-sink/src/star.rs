@@ -188,6 +188,23 @@ struct Fact {
     created: Option<(&'static str, &'static str, Option<&'static str>)>,
     /// Extra computed columns: (name, expression over the staged row `l`).
     computed: &'static [(&'static str, &'static str)],
+    /// Tables joined to the staged row for `on_insert`.
+    joins: &'static str,
+    /// Columns set only when the row is inserted: (name, expression over
+    /// `l`, the joins and `first`, the row's first staged event).
+    on_insert: &'static [(&'static str, &'static str)],
+}
+
+/// The surrogate key of the version of `dim` (id column `id`) valid at
+/// the position of `first`, for the natural key `fk`.
+macro_rules! version_at_first {
+    ($dim:literal, $key:literal, $id:literal, $fk:literal) => {
+        concat!(
+            "(SELECT d.", $key, " FROM ", $dim, " d WHERE d.", $id, " = ", $fk,
+            " AND NOT d.is_deleted AND (d.valid_from_commit_lsn, d.valid_from_lsn) <= (first.commit_lsn, first.lsn)",
+            " AND (d.valid_to_commit_lsn IS NULL OR (d.valid_to_commit_lsn, d.valid_to_lsn) > (first.commit_lsn, first.lsn)) LIMIT 1)"
+        )
+    };
 }
 
 const FACTS: [Fact; 3] = [
@@ -200,6 +217,8 @@ const FACTS: [Fact; 3] = [
             "date_key",
             "to_char(l.purchase_time AT TIME ZONE 'UTC', 'YYYYMMDD')::integer",
         )],
+        joins: "",
+        on_insert: &[],
     },
     Fact {
         entity: Entity::Line,
@@ -207,6 +226,34 @@ const FACTS: [Fact; 3] = [
         id: "line_id",
         created: Some(("sold_commit_lsn", "sold_lsn", Some("sold_time"))),
         computed: &[("amount_cents", "l.quantity * l.unit_price_cents")],
+        // The purchase's columns and the versions valid when sold, on
+        // insert; later changes of either are applied by the updates in
+        // `batch_statements`.
+        joins: " LEFT JOIN fact_purchase p ON p.purchase_id = l.purchase_id",
+        on_insert: &[
+            ("customer_id", "p.customer_id"),
+            ("buyer_id", "p.buyer_id"),
+            ("status", "p.status"),
+            ("purchase_time", "p.purchase_time"),
+            ("date_key", "p.date_key"),
+            (
+                "product_key",
+                version_at_first!("dim_product", "product_key", "product_id", "l.product_id"),
+            ),
+            (
+                "customer_key",
+                version_at_first!(
+                    "dim_customer",
+                    "customer_key",
+                    "customer_id",
+                    "p.customer_id"
+                ),
+            ),
+            (
+                "buyer_key",
+                version_at_first!("dim_buyer", "buyer_key", "buyer_id", "p.buyer_id"),
+            ),
+        ],
     },
     Fact {
         entity: Entity::Shipment,
@@ -214,6 +261,11 @@ const FACTS: [Fact; 3] = [
         id: "shipment_id",
         created: Some(("created_commit_lsn", "created_lsn", None)),
         computed: &[],
+        joins: "",
+        on_insert: &[(
+            "carrier_key",
+            version_at_first!("dim_carrier", "carrier_key", "carrier_id", "l.carrier_id"),
+        )],
     },
 ];
 
@@ -259,6 +311,11 @@ fn fact(f: &Fact) -> Vec<String> {
             stage = f.entity.stage()
         );
     }
+    for (name, expr) in f.on_insert {
+        cols.push((*name).to_owned());
+        exprs.push((*expr).to_owned());
+    }
+    let joins = f.joins;
     let latest = format!(
         "(SELECT DISTINCT ON (id) * FROM {stage} ORDER BY id, commit_lsn DESC, lsn DESC)",
         stage = f.entity.stage()
@@ -272,7 +329,7 @@ fn fact(f: &Fact) -> Vec<String> {
         ),
         format!(
             "INSERT INTO {t} AS f ({id}, {cols})
-            SELECT l.id, {exprs} FROM {latest} l{first_join}
+            SELECT l.id, {exprs} FROM {latest} l{first_join}{joins}
             WHERE l.op <> 'd' AND NOT EXISTS (
                 SELECT 1 FROM change_event e
                 WHERE e.source_db = '{db}' AND e.source_table = '{table}' AND e.row_key = l.row_key AND e.op = 'd'
@@ -364,15 +421,15 @@ pub fn batch_statements(staged: &[bool; 7]) -> Vec<String> {
         }
     }
     let sold = ("sold_commit_lsn", "sold_lsn");
-    if has(Entity::Line) || has(Entity::Purchase) {
-        // The purchase's columns on its lines: lines new in the batch, and
-        // the lines of purchases that changed.
+    if has(Entity::Purchase) {
+        // The purchase's columns on the lines of purchases that changed
+        // (lines inserted in this batch took them on insert).
         out.push(
             "UPDATE fact_sale_line f SET customer_id = p.customer_id, buyer_id = p.buyer_id, status = p.status,
                 purchase_time = p.purchase_time, date_key = p.date_key
             FROM fact_purchase p
             WHERE p.purchase_id = f.purchase_id
-              AND f.purchase_id IN (SELECT purchase_id FROM stage_line WHERE purchase_id IS NOT NULL UNION SELECT id FROM stage_purchase)
+              AND f.purchase_id IN (SELECT id FROM stage_purchase)
               AND (f.customer_id, f.buyer_id, f.status, f.purchase_time, f.date_key)
                   IS DISTINCT FROM (p.customer_id, p.buyer_id, p.status, p.purchase_time, p.date_key)"
                 .to_owned(),
@@ -387,13 +444,15 @@ pub fn batch_statements(staged: &[bool; 7]) -> Vec<String> {
         dim_id,
         created: sold,
     };
-    let lines_in_batch = "f.purchase_id IN (SELECT purchase_id FROM stage_line WHERE purchase_id IS NOT NULL UNION SELECT id FROM stage_purchase)";
+    // Customer and buyer versions of the lines of changed purchases (a
+    // line that came before its purchase has none yet).
+    let lines_of_purchases = "f.purchase_id IN (SELECT id FROM stage_purchase)";
     let product = line("product_id", "product_key", "dim_product", "product_id");
     let customer = line("customer_id", "customer_key", "dim_customer", "customer_id");
     let buyer = line("buyer_id", "buyer_key", "dim_buyer", "buyer_id");
-    if has(Entity::Line) || has(Entity::Purchase) {
-        for target in [product, customer, buyer] {
-            out.push(resolve(target, "", lines_in_batch));
+    if has(Entity::Purchase) {
+        for target in [customer, buyer] {
+            out.push(resolve(target, "", lines_of_purchases));
         }
     }
     // Sale lines at or after a version the batch added.
@@ -414,13 +473,6 @@ pub fn batch_statements(staged: &[bool; 7]) -> Vec<String> {
         dim_id: "carrier_id",
         created: ("created_commit_lsn", "created_lsn"),
     };
-    if has(Entity::Shipment) {
-        out.push(resolve(
-            carrier,
-            "",
-            "f.shipment_id IN (SELECT id FROM stage_shipment)",
-        ));
-    }
     if has(Entity::Carrier) {
         out.push(after_staged_versions(carrier, Entity::Carrier));
     }

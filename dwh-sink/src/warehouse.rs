@@ -13,7 +13,6 @@
 //! second sink started by mistake exits instead of interleaving batches.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 
 use bytes::Bytes;
 use futures_util::SinkExt as _;
@@ -242,24 +241,71 @@ impl Warehouse {
             .collect())
     }
 
+    async fn copy_raw(
+        tx: &tokio_postgres::Transaction<'_>,
+        statement: &str,
+        bytes: &[u8],
+    ) -> Result<(), tokio_postgres::Error> {
+        let sink = tx.copy_in::<_, Bytes>(statement).await?;
+        let mut sink = std::pin::pin!(sink);
+        sink.send(Bytes::copy_from_slice(bytes)).await?;
+        sink.as_mut().finish().await?;
+        Ok(())
+    }
+
     async fn copy(
         tx: &tokio_postgres::Transaction<'_>,
         statement: &str,
         bytes: &[u8],
     ) -> Result<(), Error> {
-        let sink = tx
-            .copy_in::<_, Bytes>(statement)
+        Self::copy_raw(tx, statement, bytes)
             .await
-            .map_err(|e| classify("copy into staging", e))?;
-        let mut sink = std::pin::pin!(sink);
-        sink.send(Bytes::copy_from_slice(bytes))
+            .map_err(|e| classify("copy into staging", e))
+    }
+
+    /// Inserts the batch's events into `change_event`. Fast path, for a
+    /// batch without snapshot reads: COPY straight into the table; a
+    /// re-sent event makes it fail on the unique key, and then (rolled back
+    /// to a savepoint) the events go through the staging table and
+    /// `ON CONFLICT DO NOTHING`, as every batch with snapshot reads does.
+    async fn insert_events(
+        tx: &tokio_postgres::Transaction<'_>,
+        batch: &Batch,
+    ) -> Result<u64, Error> {
+        if batch.snapshot_reads == 0 {
+            tx.batch_execute("SAVEPOINT direct_copy")
+                .await
+                .map_err(|e| classify("savepoint", e))?;
+            match Self::copy_raw(
+                tx,
+                &format!("COPY change_event ({EVENT_COLUMNS}) FROM STDIN"),
+                batch.events.bytes(),
+            )
             .await
-            .map_err(|e| classify("copy into staging", e))?;
-        sink.as_mut()
-            .finish()
+            {
+                Ok(()) => {
+                    tx.batch_execute("RELEASE SAVEPOINT direct_copy")
+                        .await
+                        .map_err(|e| classify("savepoint", e))?;
+                    return Ok(batch.events.rows() as u64);
+                }
+                Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT direct_copy")
+                        .await
+                        .map_err(|e| classify("savepoint", e))?;
+                }
+                Err(e) => return Err(classify("copy into change_event", e)),
+            }
+        }
+        Self::copy(
+            tx,
+            &format!("COPY stage_event ({EVENT_COLUMNS}) FROM STDIN"),
+            batch.events.bytes(),
+        )
+        .await?;
+        tx.execute(star::INSERT_EVENTS, &[])
             .await
-            .map_err(|e| classify("copy into staging", e))?;
-        Ok(())
+            .map_err(|e| classify("insert into change_event", e))
     }
 
     /// Writes one batch and its offsets in one transaction.
@@ -282,19 +328,12 @@ impl Warehouse {
                 .map_err(|e| classify("creating day partitions", e))?;
         }
         let mut written = Written::default();
+        let started = std::time::Instant::now();
         if !batch.events.is_empty() {
-            Self::copy(
-                &tx,
-                &format!("COPY stage_event ({EVENT_COLUMNS}) FROM STDIN"),
-                batch.events.bytes(),
-            )
-            .await?;
-            written.inserted = tx
-                .execute(star::INSERT_EVENTS, &[])
-                .await
-                .map_err(|e| classify("insert into change_event", e))?;
+            written.inserted = Self::insert_events(&tx, batch).await?;
             written.duplicates = (batch.events.rows() as u64).saturating_sub(written.inserted);
         }
+        let events_done = started.elapsed();
         let mut staged = [false; 7];
         for entity in Entity::ALL {
             let rows = &batch.shop[entity.index()];
@@ -303,12 +342,13 @@ impl Warehouse {
                 staged[entity.index()] = true;
             }
         }
-        let mut script = star::batch_statements(&staged).join(";\n");
+        let mut statements = star::batch_statements(&staged);
         for t in &batch.truncates {
-            for statement in star::truncate_statements(t.entity, t.position, t.commit_time_us) {
-                script.push_str(";\n");
-                script.push_str(&statement);
-            }
+            statements.extend(star::truncate_statements(
+                t.entity,
+                t.position,
+                t.commit_time_us,
+            ));
         }
         if !batch.next_offsets.is_empty() {
             let values = batch
@@ -319,16 +359,33 @@ impl Warehouse {
                 })
                 .collect::<Vec<_>>()
                 .join(", ");
-            let _ = write!(
-                script,
-                ";\nINSERT INTO sink_offset (topic, partition, next_offset) VALUES {values}
+            statements.push(format!(
+                "INSERT INTO sink_offset (topic, partition, next_offset) VALUES {values}
                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset, updated_at = now()"
-            );
+            ));
         }
-        tx.batch_execute(&script)
-            .await
-            .map_err(|e| classify("folding the batch into the star schema", e))?;
+        let staged_done = started.elapsed();
+        let mut slowest = (std::time::Duration::ZERO, 0);
+        for (i, statement) in statements.iter().enumerate() {
+            let at = std::time::Instant::now();
+            tx.batch_execute(statement)
+                .await
+                .map_err(|e| classify("folding the batch into the star schema", e))?;
+            slowest = slowest.max((at.elapsed(), i));
+        }
+        let star_done = started.elapsed();
         tx.commit().await.map_err(|e| classify("commit", e))?;
+        tracing::debug!(
+            events_ms = events_done.as_millis() as u64,
+            shop_copy_ms = (staged_done - events_done).as_millis() as u64,
+            star_ms = (star_done - staged_done).as_millis() as u64,
+            commit_ms = (started.elapsed() - star_done).as_millis() as u64,
+            slowest_ms = slowest.0.as_millis() as u64,
+            slowest = statements
+                .get(slowest.1)
+                .map_or("", |s| s.get(..60).unwrap_or(s)),
+            "batch timings"
+        );
         self.partitions.extend(new_days);
         Ok(written)
     }

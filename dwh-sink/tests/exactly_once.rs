@@ -112,7 +112,7 @@ async fn kill_9_of_sink_and_reader_and_a_replay_from_zero_change_nothing() {
                 )
                 .await
                 .unwrap();
-                if rounds % 7 == 0 {
+                if rounds.is_multiple_of(7) {
                     db.batch_execute(
                         "DELETE FROM transactiondetail WHERE id = (SELECT min(id) FROM transactiondetail);
                          UPDATE product SET category = 'misc' WHERE id = 1 + (random() * 19)::int;
@@ -121,7 +121,7 @@ async fn kill_9_of_sink_and_reader_and_a_replay_from_zero_change_nothing() {
                     .await
                     .unwrap();
                 }
-                if rounds % 23 == 0 {
+                if rounds.is_multiple_of(23) {
                     db.batch_execute(
                         "DELETE FROM transaction WHERE id = (SELECT min(id) FROM transaction WHERE status = 'failed')",
                     )
