@@ -38,6 +38,10 @@ pub enum Op {
     Read,
     /// `t`: table truncated.
     Truncate,
+    /// Not a Debezium op: the end of a table's snapshot, sent as a record
+    /// with a null key, a null value and `cdc.*` headers (see
+    /// [`crate::envelope`]); rows it did not re-read are gone.
+    SnapshotComplete,
 }
 
 impl Op {
@@ -49,6 +53,8 @@ impl Op {
             Op::Delete => "d",
             Op::Read => "r",
             Op::Truncate => "t",
+            // Never written as an `op` field: the marker has no value.
+            Op::SnapshotComplete => "snapshot_complete",
         }
     }
 }

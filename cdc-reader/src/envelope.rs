@@ -114,6 +114,43 @@ pub struct Record {
     pub value: Option<Vec<u8>>,
     /// Where it goes.
     pub route: Route,
+    /// Kafka headers (name, UTF-8 value); only the snapshot-complete
+    /// marker has any.
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl Record {
+    /// The record's headers for the producer; `None` when it has none.
+    pub fn kafka_headers(&self) -> Option<rdkafka::message::OwnedHeaders> {
+        if self.headers.is_empty() {
+            return None;
+        }
+        let headers = rdkafka::message::OwnedHeaders::new_with_capacity(self.headers.len());
+        Some(self.headers.iter().fold(headers, |h, (name, value)| {
+            h.insert(rdkafka::message::Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            })
+        }))
+    }
+}
+
+/// Header names and value of the snapshot-complete marker.
+pub mod marker {
+    /// `snapshot_complete`: what the record is.
+    pub const KIND: &str = "cdc.marker";
+    /// The value of [`KIND`].
+    pub const SNAPSHOT_COMPLETE: &str = "snapshot_complete";
+    /// `source.db` of the table.
+    pub const DB: &str = "cdc.db";
+    /// `source.schema` of the table.
+    pub const SCHEMA: &str = "cdc.schema";
+    /// `source.table`.
+    pub const TABLE: &str = "cdc.table";
+    /// The snapshot rows' `source.commit_lsn` (consistent point - 1), decimal.
+    pub const COMMIT_LSN: &str = "cdc.commit_lsn";
+    /// The snapshot rows' `source.lsn` (the consistent point), decimal.
+    pub const LSN: &str = "cdc.lsn";
 }
 
 /// A value that could not be encoded: which table and column, never the value.
@@ -252,6 +289,7 @@ impl Encoder {
                 key: Some(tx_key(&id)),
                 value: Some(tx_value("BEGIN", &id, now_us, None)),
                 route: Route::ByKey,
+                headers: Vec::new(),
             });
             self.transaction = Some(OpenTransaction {
                 tx_id,
@@ -312,6 +350,7 @@ impl Encoder {
                     ..record(topic, None, Some(value))
                 });
             }
+            Op::SnapshotComplete => out.push(snapshot_complete(topic, change)),
         }
         Ok(())
     }
@@ -334,6 +373,7 @@ impl Encoder {
         Some(Record {
             topic: tx.topic,
             route: Route::ByKey,
+            headers: Vec::new(),
             key: Some(tx_key(&tx.id)),
             value: Some(tx_value(
                 "END",
@@ -446,6 +486,26 @@ fn record(topic: &Arc<str>, key: Option<Vec<u8>>, value: Option<Vec<u8>>) -> Rec
         key,
         value,
         route: Route::ByKey,
+        headers: Vec::new(),
+    }
+}
+
+/// The snapshot-complete marker of `change.table`: null key, null value,
+/// on every partition, positioned by headers at the snapshot rows'
+/// `(commit_lsn, lsn)`.
+fn snapshot_complete(topic: &Arc<str>, change: &Change) -> Record {
+    let table = &change.table;
+    Record {
+        route: Route::EveryPartition,
+        headers: vec![
+            (marker::KIND, marker::SNAPSHOT_COMPLETE.to_owned()),
+            (marker::DB, table.database.clone()),
+            (marker::SCHEMA, table.schema.clone()),
+            (marker::TABLE, table.table.clone()),
+            (marker::COMMIT_LSN, change.source.commit_lsn.to_string()),
+            (marker::LSN, change.source.lsn.to_string()),
+        ],
+        ..record(topic, None, None)
     }
 }
 
@@ -793,6 +853,37 @@ mod tests {
             String::from_utf8(records[0].key.clone().unwrap_or_default()).unwrap_or_default(),
             r#"{"id":7,"name":"x"}"#
         );
+    }
+
+    #[test]
+    fn snapshot_complete_is_a_headers_only_record_on_every_partition() {
+        let rows = Source::snapshot_row(1_000, 5);
+        let marker = crate::snapshot::complete_marker(&table(), &rows);
+        let records = encode(EnvelopeConfig::default(), &marker);
+        assert_eq!(records.len(), 1);
+        let r = &records[0];
+        assert_eq!((r.key.as_ref(), r.value.as_ref()), (None, None));
+        assert_eq!(r.route, Route::EveryPartition);
+        assert_eq!(&*r.topic, "instashop.public.customer");
+        let headers: Vec<(&str, &str)> = r.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(
+            headers,
+            [
+                ("cdc.marker", "snapshot_complete"),
+                ("cdc.db", "instashop"),
+                ("cdc.schema", "public"),
+                ("cdc.table", "customer"),
+                ("cdc.commit_lsn", "999"),
+                ("cdc.lsn", "1000"),
+            ]
+        );
+        assert!(r.kafka_headers().is_some());
+        // The same with transaction metadata on: no BEGIN/END around it.
+        let with_tx = EnvelopeConfig {
+            transaction_metadata: true,
+            ..EnvelopeConfig::default()
+        };
+        assert_eq!(encode(with_tx, &marker).len(), 1);
     }
 
     #[test]

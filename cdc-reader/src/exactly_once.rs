@@ -398,8 +398,8 @@ impl TransactionalSink {
             for partition in partitions(record.route, count) {
                 self.write(
                     &record.topic,
-                    record.key.as_deref(),
-                    record.value.as_deref(),
+                    (record.key.as_deref(), record.value.as_deref()),
+                    record.kafka_headers(),
                     partition,
                 )
                 .await?;
@@ -413,8 +413,8 @@ impl TransactionalSink {
     async fn write(
         &mut self,
         topic: &str,
-        key: Option<&[u8]>,
-        value: Option<&[u8]>,
+        (key, value): (Option<&[u8]>, Option<&[u8]>),
+        headers: Option<rdkafka::message::OwnedHeaders>,
         partition: Option<i32>,
     ) -> Result<(), Error> {
         let Some(open) = self.open.as_mut() else {
@@ -442,6 +442,9 @@ impl TransactionalSink {
         }
         if let Some(partition) = partition {
             base = base.partition(partition);
+        }
+        if let Some(headers) = headers {
+            base = base.headers(headers);
         }
         loop {
             let Some(open) = self.open.as_mut() else {
@@ -572,8 +575,13 @@ impl TransactionalSink {
         let checkpoint = self.ledger.pending();
         let topic = self.settings.checkpoint_topic.clone();
         let key = self.transactional_id.clone().into_bytes();
-        self.write(&topic, Some(&key), Some(&checkpoint.encode()), Some(0))
-            .await?;
+        self.write(
+            &topic,
+            (Some(&key), Some(&checkpoint.encode())),
+            None,
+            Some(0),
+        )
+        .await?;
         let Some(open) = self.open.as_mut() else {
             return Ok(());
         };

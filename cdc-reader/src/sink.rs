@@ -680,6 +680,9 @@ impl SourceSink {
         if let Some(partition) = partition {
             base = base.partition(partition);
         }
+        if let Some(headers) = record.kafka_headers() {
+            base = base.headers(headers);
+        }
         loop {
             let producer = match self.bound_producer() {
                 Ok(p) => p,

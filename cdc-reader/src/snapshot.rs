@@ -14,6 +14,16 @@
 //! `IntervalStyle` and `extra_float_digits`), so a snapshot row and a later
 //! streamed row of the same value render identically.
 //!
+//! Why a snapshot ends with a marker per table: a reader restarted from
+//! scratch (its slot dropped, a new slot and snapshot) never sees the rows
+//! deleted between the old slot's last position and the new snapshot, so no
+//! delete is ever sent for them. After the last row the reader sends, to
+//! every partition of each table's topic, a record with a null key, a null
+//! value and `cdc.*` headers giving the snapshot rows' position (see
+//! `crate::envelope::marker`); a consumer retracts every row of that table
+//! whose last event committed before the snapshot and that the snapshot did
+//! not re-read, exactly as it applies a positioned truncate.
+//!
 //! Why everything funnels through one channel: the source's sink tracker is
 //! single-writer; copiers send batches and the source loop emits them, holding
 //! back one row so the very last one can carry `snapshot: "last"`. The
@@ -341,6 +351,7 @@ pub async fn run(
             }),
         })
         .collect();
+    let table_names: Vec<Arc<TableName>> = jobs.iter().map(|j| j.name.clone()).collect();
     let jobs = Arc::new(Mutex::new(jobs));
     let (tx, mut rx) = mpsc::channel(8);
     let mut handles = Vec::new();
@@ -422,9 +433,29 @@ pub async fn run(
         last.source.snapshot = SnapshotMarker::Last;
         send(sink, &last, shutdown, &handles).await?;
     }
+    // Before the consistent point is handed over: it is confirmed only once
+    // the markers too are acknowledged, so a crash cannot lose them.
+    for name in &table_names {
+        send(sink, &complete_marker(name, &base), shutdown, &handles).await?;
+    }
     sink.end_transaction(created.consistent_point);
     tracing::info!(source = %cfg.name, rows = total, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot rows handed to kafka");
     Ok(SnapshotOutcome::Complete { rows: total })
+}
+
+/// The snapshot-complete marker of one table, at the snapshot rows'
+/// position: a consumer retracts every row of the table whose last event
+/// committed before the snapshot and that the snapshot did not re-read
+/// (deleted while no slot recorded it, as after a restart from scratch).
+pub fn complete_marker(table: &Arc<TableName>, rows: &Source) -> Change {
+    Change {
+        table: table.clone(),
+        columns: Arc::from(Vec::new()),
+        op: Op::SnapshotComplete,
+        before: None,
+        after: None,
+        source: rows.clone(),
+    }
 }
 
 async fn send(

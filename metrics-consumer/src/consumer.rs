@@ -28,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers as _, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use tokio_util::sync::CancellationToken;
@@ -506,7 +506,16 @@ fn poll_loop(
                 let topic = message.topic();
                 let partition = message.partition();
                 let offset = message.offset();
-                match fold::decode_renamed(message.key(), message.payload(), &renames) {
+                let marker = match (message.payload(), message.headers()) {
+                    (None, Some(headers)) => {
+                        fold::decode_marker(headers.iter().map(|h| (h.key, h.value)), &renames)
+                    }
+                    _ => None,
+                };
+                let decoded = marker.unwrap_or_else(|| {
+                    fold::decode_renamed(message.key(), message.payload(), &renames)
+                });
+                match decoded {
                     Ok(change) => {
                         telemetry.received(now_ms(), change.ts_ms().into_iter());
                         batch.push(topic, partition, offset, Some(change));

@@ -308,6 +308,66 @@ struct Row<'a> {
     interaction_type: Option<&'a RawValue>,
 }
 
+/// The reader's snapshot-complete marker, read from a message's headers:
+/// `None` when the message is not one (no `cdc.marker` header, or a marker
+/// kind this consumer does not know, which it skips like a tombstone).
+///
+/// The marker (null key, null value, on every partition of a table's topic)
+/// says the reader's snapshot of the table ended, its rows at
+/// `(cdc.commit_lsn, cdc.lsn)`. Every row of the table whose last event
+/// committed before the snapshot (`commit_lsn` below the marker's) and that
+/// the snapshot did not re-read is gone: the reader restarted from scratch
+/// never saw its delete. It folds as a positioned truncate at
+/// `(cdc.commit_lsn, 0)`: below every snapshot row, above every event
+/// committed before the snapshot (whose commit record starts before the
+/// consistent point - 1), so copies on other partitions, re-deliveries and
+/// snapshot rows read after it in any order give the same result.
+pub fn decode_marker<'a>(
+    headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    renames: &[(String, String)],
+) -> Option<Result<Change, BadInput>> {
+    let (mut kind, mut db, mut table, mut commit_lsn) = (None, None, None, None);
+    for (name, value) in headers {
+        let value = value.and_then(|v| std::str::from_utf8(v).ok());
+        match name {
+            "cdc.marker" => kind = value,
+            "cdc.db" => db = value,
+            "cdc.table" => table = value,
+            "cdc.commit_lsn" => commit_lsn = value,
+            _ => {}
+        }
+    }
+    if kind? != "snapshot_complete" {
+        return None;
+    }
+    Some(marker_change(db, table, commit_lsn, renames))
+}
+
+fn marker_change(
+    db: Option<&str>,
+    table: Option<&str>,
+    commit_lsn: Option<&str>,
+    renames: &[(String, String)],
+) -> Result<Change, BadInput> {
+    let db = db.ok_or(BadInput::MissingField("header cdc.db"))?;
+    let table_name = table.ok_or(BadInput::MissingField("header cdc.table"))?;
+    let commit_lsn: u64 = commit_lsn
+        .ok_or(BadInput::MissingField("header cdc.commit_lsn"))?
+        .parse()
+        .map_err(|_| BadInput::BadValue("header cdc.commit_lsn"))?;
+    let db = renames
+        .iter()
+        .find(|(captured, _)| captured == db)
+        .map_or(db, |(_, logical)| logical.as_str());
+    let table = Table::from_source(db, table_name)
+        .ok_or_else(|| BadInput::UnknownTable(format!("{db}.{table_name}")))?;
+    Ok(Change::Truncate {
+        table,
+        position: Some(Position::at(commit_lsn, 0)),
+        ts_ms: None,
+    })
+}
+
 /// Decodes one Kafka message (key and value bytes) into a [`Change`].
 pub fn decode(key: Option<&[u8]>, value: Option<&[u8]>) -> Result<Change, BadInput> {
     decode_renamed(key, value, &[])
@@ -1344,6 +1404,99 @@ mod tests {
                 if next[p] < parts[p].len() {
                     s.apply(&parts[p][next[p]]);
                     // Now and then a re-delivery of what came before.
+                    if rng.random_bool(0.2) {
+                        s.apply(&parts[p][rng.random_range(0..=next[p])]);
+                    }
+                    next[p] += 1;
+                }
+            }
+            let nonzero = |m: &MemStore| {
+                let mut metrics = m.metrics.clone();
+                metrics.retain(|_, v| *v != 0);
+                metrics
+            };
+            assert_eq!(nonzero(&s), nonzero(&expected), "seed {seed}");
+        }
+    }
+
+    fn marker(commit_lsn: &str) -> Option<Result<Change, BadInput>> {
+        let headers = [
+            ("cdc.marker", "snapshot_complete"),
+            ("cdc.db", "instashop"),
+            ("cdc.schema", "public"),
+            ("cdc.table", "transaction"),
+            ("cdc.commit_lsn", commit_lsn),
+            ("cdc.lsn", "5000"),
+        ];
+        decode_marker(headers.iter().map(|(k, v)| (*k, Some(v.as_bytes()))), &[])
+    }
+
+    #[test]
+    fn snapshot_marker_decodes_from_headers_only() {
+        assert_eq!(
+            marker("4999"),
+            Some(Ok(Change::Truncate {
+                table: Table::from_source("instashop", "transaction").expect("a table"),
+                position: Some(Position::at(4999, 0)),
+                ts_ms: None,
+            }))
+        );
+        assert!(matches!(marker("x"), Some(Err(BadInput::BadValue(_)))));
+        let other = [("cdc.marker", Some(&b"something_else"[..]))];
+        assert_eq!(decode_marker(other, &[]), None);
+        assert_eq!(decode_marker([("traceparent", None)], &[]), None);
+    }
+
+    #[test]
+    fn snapshot_marker_retracts_rows_the_snapshot_did_not_reread_in_any_interleaving() {
+        use rand::{RngExt, SeedableRng};
+        // A reader restarted from scratch: rows 1..=24 were captured by the
+        // old slot; those divisible by 4 were deleted while no slot recorded
+        // it. The new snapshot (consistent point 5000) re-reads the others,
+        // some with a new amount; rows 25..=30 are streamed after it.
+        let marker = marker("4999").and_then(Result::ok).expect("a marker");
+        for seed in 0..200 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut parts: Vec<Vec<Change>> = vec![Vec::new(); 3];
+            let mut expected = MemStore::default();
+            let decoded = |id: i64, value: String| {
+                decode(Some(key(id).as_bytes()), Some(value.as_bytes())).expect("decodes")
+            };
+            for id in 1..=24_i64 {
+                let lsn = 100 + 10 * id as u64;
+                parts[(id % 3) as usize].push(decoded(
+                    id,
+                    tx_event_at("c", id, "completed", 100 * id, lsn, lsn - 1),
+                ));
+            }
+            for id in (1..=24_i64).filter(|id| id % 4 != 0) {
+                let cents = if rng.random_bool(0.5) {
+                    100 * id
+                } else {
+                    7 * id
+                };
+                let row = decoded(id, tx_event_at("r", id, "completed", cents, 4999, 5000));
+                expected.apply(&row);
+                parts[(id % 3) as usize].push(row);
+            }
+            for part in &mut parts {
+                part.push(marker.clone());
+            }
+            for id in 25..=30_i64 {
+                let lsn = 6000 + 10 * id as u64;
+                let row = decoded(
+                    id,
+                    tx_event_at("c", id, "completed", 100 * id, lsn, lsn - 1),
+                );
+                expected.apply(&row);
+                parts[(id % 3) as usize].push(row);
+            }
+            let mut s = MemStore::default();
+            let mut next = [0_usize; 3];
+            while next.iter().zip(&parts).any(|(n, p)| *n < p.len()) {
+                let p = rng.random_range(0..3);
+                if next[p] < parts[p].len() {
+                    s.apply(&parts[p][next[p]]);
                     if rng.random_bool(0.2) {
                         s.apply(&parts[p][rng.random_range(0..=next[p])]);
                     }

@@ -156,12 +156,39 @@ def consume_topic(bootstrap: str, topic: str, timeout_s: float):
                 continue
             p = msg.partition()
             if p in wanted and msg.offset() < ends[p]:
-                out[p].append((msg.offset(), msg.key(), msg.value()))
+                value = msg.value()
+                if value is None:
+                    # A null value may be the reader's snapshot-complete
+                    # marker: its headers carry what it says.
+                    value = snapshot_marker(msg.headers())
+                out[p].append((msg.offset(), msg.key(), value))
                 if msg.offset() + 1 >= ends[p]:
                     wanted.discard(p)
         return out
     finally:
         consumer.close()
+
+
+class SnapshotMarker:
+    """The reader's snapshot-complete marker (null key, null value, headers
+    cdc.marker=snapshot_complete, cdc.db, cdc.schema, cdc.table,
+    cdc.commit_lsn, cdc.lsn), sent to every partition of a table's topic
+    after the table's snapshot rows."""
+
+    def __init__(self, commit_lsn: int, lsn: int):
+        self.commit_lsn = commit_lsn
+        self.lsn = lsn
+
+
+def snapshot_marker(headers) -> SnapshotMarker | None:
+    fields = {k: (v or b"").decode("utf-8", "replace") for k, v in (headers or [])}
+    if fields.get("cdc.marker") != "snapshot_complete":
+        return None
+    try:
+        return SnapshotMarker(int(fields["cdc.commit_lsn"]), int(fields["cdc.lsn"]))
+    except (KeyError, ValueError):
+        die(f"snapshot marker with unreadable headers: {fields}")
+        return None
 
 
 def replay(bootstrap: str, db: str, table: str, types: dict[str, str], timeout_s: float):
@@ -183,8 +210,17 @@ def replay(bootstrap: str, db: str, table: str, types: dict[str, str], timeout_s
     # events whose change LSN precedes the latest truncate are skipped
     # (TRUNCATE takes an exclusive lock, so no transaction that wrote the
     # table before it can commit after it).
+    # A snapshot-complete marker: every row whose newest event committed
+    # before that snapshot (position below (marker commit_lsn, 0)) and that
+    # the snapshot did not re-read is gone (deleted while the reader had no
+    # slot). Each snapshot is a whole image, so the latest marker decides.
     decoded = []
+    snapshot_before = None
     for partition, offset, key, value in sorted(events, key=lambda e: (e[0], e[1])):
+        if isinstance(value, SnapshotMarker):
+            at = (value.commit_lsn, 0)
+            snapshot_before = at if snapshot_before is None else max(snapshot_before, at)
+            continue
         if value is None:
             continue  # tombstone: the delete before it already removed the row
         try:
@@ -234,6 +270,9 @@ def replay(bootstrap: str, db: str, table: str, types: dict[str, str], timeout_s
             pass  # already applied: everything before the latest truncate was dropped above
         else:
             problems.append(f"{topic}: unknown op {op!r}")
+    if snapshot_before is not None:
+        for pk in [pk for pk in rows if newest.get(pk, (-1, -1)) < snapshot_before]:
+            del rows[pk]
     return rows, problems
 
 
@@ -437,7 +476,7 @@ def count_duplicates(bootstrap: str, timeout_s: float) -> int:
             dups = 0
             for partition, messages in consume_topic(bootstrap, topic, timeout_s).items():
                 for _offset, key, value in messages:
-                    if value is None:
+                    if value is None or isinstance(value, SnapshotMarker):
                         continue
                     try:
                         event = json.loads(value)
