@@ -86,6 +86,7 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 log "scratch postgres on 127.0.0.1:$PG_SCRATCH_PORT ($PGTMP)"
 echo postgres >"$PGTMP/pw"
