@@ -21,7 +21,7 @@
 //! | enums and every other unknown type (OID ≥ 16384, geometric types, ranges, ...) | string (Postgres' text form) | `"completed"` |
 //! | `json`, `jsonb` | string holding the document | `"{\"a\": 1}"` |
 //! | `bytea` | base64 string | `"AQI="` |
-//! | `timestamptz` | ISO-8601 string in UTC (`ZonedTimestamp`); `"infinity"` / `"-infinity"` | `"2016-11-04T11:51:30.123456Z"` |
+//! | `timestamptz` | ISO-8601 string in UTC (`ZonedTimestamp`), exactly the column's precision in fraction digits (6 by default); `"infinity"` / `"-infinity"` | `"2016-11-04T11:51:30.120000Z"` |
 //! | `timestamp` | microseconds since the epoch (`MicroTimestamp`); ±infinity as `i64::MAX` / `i64::MIN` | `1478260290123456` |
 //! | `date` | days since 1970-01-01 (`Date`); ±infinity as `i32::MAX` / `i32::MIN` | `17109` |
 //! | `time` | microseconds since midnight (`MicroTime`) | `42690123456` |
