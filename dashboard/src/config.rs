@@ -40,6 +40,15 @@ pub struct Config {
     )]
     pub consumer_metrics_url: String,
 
+    /// The data warehouse written by dwh-sink, for the historical view
+    /// (empty turns the view off).
+    #[arg(
+        long,
+        env = "DWH_URL",
+        default_value = "postgres://dwh_sink:dwh_sink@127.0.0.1:54329/dwh"
+    )]
+    pub dwh_url: String,
+
     /// Milliseconds between two snapshots pushed to open pages.
     #[arg(long, env = "DASHBOARD_INTERVAL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(100..=60_000))]

@@ -15,6 +15,7 @@ pub mod collector;
 pub mod config;
 pub mod error;
 pub mod health;
+pub mod history;
 pub mod pipeline;
 pub mod prometheus;
 pub mod scrape;
@@ -71,6 +72,7 @@ pub async fn serve(
         shutdown.clone(),
     ));
     let app = server::router(server::AppState {
+        history: Arc::new(history::History::new(&config.dwh_url)),
         store,
         frames,
         stats,

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::collector::{Stats, now_ms};
 use crate::error::chain;
+use crate::history::History;
 use crate::prometheus::write_metric;
 use crate::snapshot;
 use crate::store::Store;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub frames: watch::Receiver<Arc<str>>,
     /// Counters for `/metrics`.
     pub stats: Arc<Stats>,
+    /// The warehouse, for `/api/history`.
+    pub history: Arc<History>,
 }
 
 /// The router.
@@ -41,6 +44,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/metrics", get(api_metrics))
         .route("/api/health", get(api_health))
         .route("/api/stream", get(api_stream))
+        .route("/api/history", get(api_history))
         .route("/metrics", get(own_metrics))
         .with_state(state)
 }
@@ -94,6 +98,23 @@ async fn api_health(State(state): State<AppState>) -> Response {
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"state": "red", "reasons": ["dashboard starting: no reading yet"]}).to_string(),
         ),
+    }
+}
+
+/// The historical view from the warehouse, read now; `?product=ID` picks
+/// the product whose price history is shown. Without a warehouse:
+/// `{"error": ...}`.
+async fn api_history(State(state): State<AppState>, uri: axum::http::Uri) -> Response {
+    let product = uri.query().and_then(|q| {
+        q.split('&')
+            .find_map(|pair| pair.strip_prefix("product="))
+            .and_then(|v| v.parse::<i64>().ok())
+    });
+    match state.history.read(product).await {
+        Ok(value) => json_response(StatusCode::OK, value.to_string()),
+        // 200 with the reason: the warehouse is optional, and the page
+        // shows "no data" instead of logging a failed load.
+        Err(err) => json_response(StatusCode::OK, json!({"error": chain(&err)}).to_string()),
     }
 }
 

@@ -345,6 +345,7 @@ fn config(redis_url: &str, prefix: &str, reader: &str, consumer: &str) -> dashbo
         reader_metrics_url: reader.to_owned(),
         consumer_metrics_url: consumer.to_owned(),
         interval_ms: 1000,
+        dwh_url: String::new(),
     }
 }
 
@@ -800,4 +801,143 @@ async fn real_pipeline_page_equals_redis_and_moves() {
     assert!(errors.is_empty(), "browser console errors: {errors:#?}");
     browser.quit().await;
     shutdown.cancel();
+}
+
+/// A scratch warehouse (`sql/dwh.sql`, owner `dwh_sink`) on the local
+/// stack; returns its URL and a superuser session to drop it.
+async fn scratch_warehouse(name: &str) -> (String, tokio_postgres::Client) {
+    local_stack::envfile::load();
+    let var = |k: &str| {
+        std::env::var(k)
+            .unwrap_or_else(|_| panic!("{k} is not set: start the local stack with scripts/up"))
+    };
+    let connect = |url: String| async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("postgres unreachable ({e}): run scripts/up"));
+        tokio::spawn(conn);
+        client
+    };
+    let admin = connect(var("PG_ADMIN_URL")).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name} OWNER dwh_sink"))
+        .await
+        .expect("create the scratch warehouse");
+    let url = format!(
+        "{}/{name}",
+        var("DWH_URL").rsplit_once('/').expect("DWH_URL").0
+    );
+    let schema = std::fs::read_to_string(repo_root().join("sql/dwh.sql")).expect("sql/dwh.sql");
+    connect(url.clone())
+        .await
+        .batch_execute(&schema)
+        .await
+        .expect("apply sql/dwh.sql");
+    (url, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_view_shows_the_warehouse_and_follows_it() {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let name = format!("dwh_browser_{}x{nanos}", std::process::id());
+    let (url, admin) = scratch_warehouse(&name).await;
+    let (dwh, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("scratch warehouse");
+    tokio::spawn(conn);
+    // Two days of purchases; a product at three prices, sold at two of
+    // them in two weeks and categories.
+    dwh.batch_execute(
+        "INSERT INTO dim_date VALUES (20261130, '2026-11-30', 2026, 4, 11, 30, 49, 1), (20261201, '2026-12-01', 2026, 4, 12, 1, 49, 2);
+         INSERT INTO fact_purchase VALUES
+           (1, 1, 1, 2000, 'USD', 'credit_card', 'completed', '2026-11-30 10:00Z', 20261130, '2026-11-30 10:00Z', 100, 100),
+           (2, 1, 1, 2400, 'USD', 'paypal', 'completed', '2026-12-01 10:00Z', 20261201, '2026-12-01 10:00Z', 300, 300),
+           (3, 1, 1, 9999, 'USD', 'paypal', 'pending', '2026-12-01 11:00Z', 20261201, '2026-12-01 11:00Z', 400, 400);
+         INSERT INTO dim_product (product_id, name, category, price_cents, valid_from, valid_to, valid_from_commit_lsn, valid_from_lsn, valid_to_commit_lsn, valid_to_lsn, is_current)
+         OVERRIDING SYSTEM VALUE VALUES
+           (7, 'Lamp', 'home', 1000, '2026-11-29 00:00Z', '2026-12-01 00:00Z', 50, 50, 200, 200, false),
+           (7, 'Lamp', 'garden', 1200, '2026-12-01 00:00Z', '2026-12-02 00:00Z', 200, 200, 500, 500, false),
+           (7, 'Lamp', 'garden', 1500, '2026-12-02 00:00Z', NULL, 500, 500, NULL, NULL, true);
+         INSERT INTO fact_sale_line (line_id, purchase_id, product_id, quantity, unit_price_cents, amount_cents, status, purchase_time, date_key, product_key, sold_time, sold_commit_lsn, sold_lsn, commit_time, last_commit_lsn, last_lsn)
+         SELECT 1, 1, 7, 2, 1000, 2000, 'completed', '2026-11-30 10:00Z'::timestamptz, 20261130, product_key, '2026-11-30 10:00Z'::timestamptz, 100, 100, '2026-11-30 10:00Z'::timestamptz, 100, 100 FROM dim_product WHERE price_cents = 1000
+         UNION ALL
+         SELECT 2, 2, 7, 2, 1200, 2400, 'completed', '2026-12-01 10:00Z'::timestamptz, 20261201, product_key, '2026-12-01 10:00Z'::timestamptz, 300, 300, '2026-12-01 10:00Z'::timestamptz, 300, 300 FROM dim_product WHERE price_cents = 1200;",
+    )
+    .await
+    .expect("seed the warehouse");
+
+    let shutdown = CancellationToken::new();
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let nobody = format!("http://{}/metrics", closed.local_addr().expect("addr"));
+    drop(closed);
+    let mut cfg = config(&redis_url(), "dashboard-history-test:", &nobody, &nobody);
+    cfg.dwh_url = url.clone();
+    let base = start_dashboard(cfg, shutdown.clone()).await;
+    let mut browser = Browser::start().await;
+    browser
+        .call(json!({"cmd": "open", "url": format!("{base}/"), "width": 1280, "height": 1400}))
+        .await;
+    let bars = "JSON.stringify([...document.querySelectorAll('#hist-daily rect[data-day]')].map(r => [r.dataset.day, Number(r.dataset.revenue), Number(r.dataset.purchases)]))";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut seen = Value::Null;
+    while Instant::now() < deadline {
+        seen = browser.eval(bars).await;
+        if seen == json!(r#"[["2026-11-30",2000,1],["2026-12-01",2400,1]]"#) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        seen,
+        json!(r#"[["2026-11-30",2000,1],["2026-12-01",2400,1]]"#),
+        "revenue per day on the page"
+    );
+    let weekly = browser
+        .eval("JSON.stringify([...document.querySelectorAll('#hist-weekly tr[data-week]')].map(r => [r.dataset.week, r.dataset.category, Number(r.dataset.gmv)]))")
+        .await;
+    assert_eq!(
+        weekly,
+        json!(r#"[["2026-11-30","garden",2400],["2026-11-30","home",2000]]"#),
+        "GMV per week and category as sold"
+    );
+    let prices = browser
+        .eval("JSON.stringify([...document.querySelectorAll('#hist-price tr[data-price]')].map(r => Number(r.dataset.price)))")
+        .await;
+    assert_eq!(
+        prices,
+        json!("[1000,1200,1500]"),
+        "price history of product 7"
+    );
+
+    // A new day in the warehouse appears without a reload.
+    dwh.batch_execute(
+        "INSERT INTO dim_date VALUES (20261202, '2026-12-02', 2026, 4, 12, 2, 49, 3);
+         INSERT INTO fact_purchase VALUES (4, 1, 1, 3000, 'USD', 'paypal', 'completed', '2026-12-02 09:00Z', 20261202, '2026-12-02 09:00Z', 600, 600);",
+    )
+    .await
+    .expect("add a day");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        seen = browser.eval(bars).await;
+        if seen.as_str().unwrap_or_default().contains("2026-12-02") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        seen,
+        json!(r#"[["2026-11-30",2000,1],["2026-12-01",2400,1],["2026-12-02",3000,1]]"#),
+        "the history did not follow the warehouse"
+    );
+    browser.screenshot("dashboard-history-test.png").await;
+    let errors = browser.errors().await;
+    assert!(errors.is_empty(), "browser console errors: {errors:#?}");
+    browser.quit().await;
+    shutdown.cancel();
+    drop(dwh);
+    let _ = admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await;
 }

@@ -30,6 +30,7 @@ async fn serves_red_state_and_no_data_when_everything_is_down() {
         reader_metrics_url: format!("http://127.0.0.1:{reader_port}/metrics"),
         consumer_metrics_url: format!("http://127.0.0.1:{consumer_port}/metrics"),
         interval_ms: 200,
+        dwh_url: String::new(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
@@ -152,6 +153,7 @@ async fn a_taken_port_is_a_clear_config_error() {
         reader_metrics_url: "http://127.0.0.1:1/metrics".into(),
         consumer_metrics_url: "http://127.0.0.1:1/metrics".into(),
         interval_ms: 1000,
+        dwh_url: String::new(),
     };
     let err = dashboard::run(config, CancellationToken::new())
         .await
