@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# The InstaShop CDC binaries (generator, cdc-reader, metrics-consumer and,
-# when the workspace has it, dashboard) in one small runtime image.
+# The InstaShop CDC binaries (generator, cdc-reader, metrics-consumer,
+# dwh-sink and, when the workspace has it, dashboard) in one small runtime image.
 # docker-compose.yml runs one service per binary from this image.
 
 FROM rust:1.95-bookworm AS build
@@ -12,7 +12,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --workspace \
     && mkdir -p /out \
-    && for bin in generator cdc-reader metrics-consumer dashboard; do \
+    && for bin in generator cdc-reader metrics-consumer dwh-sink dashboard; do \
          if [ -x "target/release/$bin" ]; then cp "target/release/$bin" /out/; fi; \
        done
 

@@ -33,7 +33,7 @@ APP_ENV = [
     "KAFKA_BOOTSTRAP_SERVERS",
 ]
 NOT_FOR_APPS = {"PG_ADMIN_URL"}
-APPS = ["generator", "cdc-reader", "metrics-consumer"]
+APPS = ["generator", "cdc-reader", "metrics-consumer", "dwh-sink"]
 BROKERS = ["kafka-1", "kafka-2", "kafka-3"]
 HOST_PORTS = {
     "postgres": "54329",
