@@ -223,7 +223,7 @@ def cmd_lag(args):
 
 
 def cmd_consume(args):
-    c = consumer(args.bootstrap)
+    c = consumer(args.bootstrap, **{"isolation.level": args.isolation})
     out = sys.stdout.buffer
     try:
         topics = user_topics(c, args.timeout)
@@ -245,6 +245,15 @@ def cmd_consume(args):
             if args.max is not None and count >= args.max:
                 break
             msg = c.poll(0.5)
+            if not args.follow and args.isolation == "read_committed":
+                # Aborted records are skipped and the last offsets may be
+                # commit markers: a partition is done once the position
+                # passes the watermark seen at start.
+                for tp in c.position([TopicPartition(args.topic, p) for p in remaining]):
+                    if tp.offset >= remaining[tp.partition]:
+                        del remaining[tp.partition]
+                if not remaining:
+                    break
             if msg is None:
                 continue
             if msg.error():
@@ -334,6 +343,7 @@ def main():
     p.add_argument("--from-end", action="store_true")
     p.add_argument("--max", type=int)
     p.add_argument("--value-only", action="store_true")
+    p.add_argument("--isolation", choices=["read_uncommitted", "read_committed"], default="read_uncommitted")
 
     args = parser.parse_args()
     args.func(args)
