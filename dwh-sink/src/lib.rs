@@ -233,7 +233,7 @@ pub enum Error {
     /// The warehouse refused a statement for good (a permission, a schema
     /// that does not match this binary).
     #[error(
-        "the warehouse refused the batch ({what}); fix the cause (schema from sql/dwh.sql, the owner role) and restart"
+        "the warehouse refused {what}; fix the cause (schema from sql/dwh.sql, the owner role) and restart"
     )]
     DwhRejected {
         /// Which step.

@@ -320,6 +320,10 @@ fn fact(f: &Fact) -> Vec<String> {
         "(SELECT DISTINCT ON (id) * FROM {stage} ORDER BY id, commit_lsn DESC, lsn DESC)",
         stage = f.entity.stage()
     );
+    // The resurrection guard looks for a later delete of the row in
+    // change_event; a delete commits after the change it follows, so the
+    // commit-time bound (an hour of slack for the source's clock) lets the
+    // server probe only the day partitions from then on.
     vec![
         format!(
             "DELETE FROM {t} f USING {latest} l
@@ -333,6 +337,7 @@ fn fact(f: &Fact) -> Vec<String> {
             WHERE l.op <> 'd' AND NOT EXISTS (
                 SELECT 1 FROM change_event e
                 WHERE e.source_db = '{db}' AND e.source_table = '{table}' AND e.row_key = l.row_key AND e.op = 'd'
+                  AND e.commit_time >= l.commit_time - interval '1 hour'
                   AND (coalesce(e.commit_lsn, e.lsn), e.lsn) > (l.commit_lsn, l.lsn))
             ON CONFLICT ({id}) DO UPDATE SET {updates}
             WHERE (f.last_commit_lsn, f.last_lsn) < (excluded.last_commit_lsn, excluded.last_lsn)",

@@ -257,6 +257,19 @@ pub async fn run(config: Config, args: VerifyArgs) -> Result<(), Error> {
             url: local_stack::redact::url(&config.dwh_url),
             source,
         })?;
+    let missing = dwh
+        .query_one("SELECT to_regclass('change_event') IS NULL", &[])
+        .await
+        .map_err(|source| Error::DwhUnreachable {
+            url: local_stack::redact::url(&config.dwh_url),
+            source,
+        })?;
+    if missing.get::<_, bool>(0) {
+        return Err(Error::SchemaMissing {
+            url: local_stack::redact::url(&config.dwh_url),
+            table: "change_event".into(),
+        });
+    }
     let mut sources = BTreeMap::new();
     for (db, var, url) in [
         ("instashop", "PG_INSTASHOP_URL", &args.instashop_url),
