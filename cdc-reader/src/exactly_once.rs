@@ -618,6 +618,11 @@ impl TransactionalSink {
         Ok(())
     }
 
+    /// End LSN of the newest source transaction Kafka holds completely.
+    pub(crate) fn committed_end(&self) -> Lsn {
+        self.ledger.committed().end_lsn
+    }
+
     /// Watch of the highest confirmable LSN.
     pub(crate) fn confirmed(&self) -> watch::Receiver<Lsn> {
         self.confirmed.subscribe()

@@ -502,6 +502,18 @@ impl Sink {
         }
     }
 
+    /// With `--exactly-once true`: whether source `name`'s checkpoint in
+    /// Kafka is at or past `lsn` (takes over its `transactional.id` to read
+    /// it). Always `false` otherwise.
+    pub async fn checkpoint_reached(&self, name: &str, lsn: Lsn) -> Result<bool, Error> {
+        let mut probe = self.snapshot_source(name);
+        probe.open().await?;
+        Ok(probe
+            .exactly_once
+            .as_ref()
+            .is_some_and(|eos| eos.committed_end() >= lsn))
+    }
+
     /// Waits until every enqueued record is acknowledged (or failed).
     pub async fn flush(&self, timeout: Duration) -> Result<(), Error> {
         let producer = self.inner.producer()?;

@@ -166,7 +166,23 @@ async fn run_once(
     if pre.slot.is_none() {
         let mut repl = ReplicationConnection::connect(&cfg.params, true).await?;
         let restart = pre.pending.is_some();
+        // Exactly-once: a reader killed after the snapshot's Kafka commit
+        // but before the slot was persisted must not snapshot again (a
+        // read_committed consumer would see every row twice).
+        let committed = match &pre.pending {
+            Some(p) if cfg.snapshot_mode != SnapshotMode::Never => {
+                sink.checkpoint_reached(&cfg.name, p.confirmed_flush)
+                    .await?
+            }
+            _ => false,
+        };
         match cfg.snapshot_mode {
+            _ if committed => {
+                slot::persist_snapshot_slot(&client, cfg).await?;
+                drop(repl);
+                slot::drop_pending_slot(&client, cfg).await?;
+                tracing::info!(source = %cfg.name, slot = %cfg.slot, "the interrupted snapshot was already committed to kafka (checkpoint); slot taken over from the pending snapshot slot");
+            }
             SnapshotMode::Never if restart => {
                 slot::persist_snapshot_slot(&client, cfg).await?;
                 drop(repl);

@@ -244,16 +244,16 @@ def cmd_consume(args):
         while True:
             if args.max is not None and count >= args.max:
                 break
-            msg = c.poll(0.5)
             if not args.follow and args.isolation == "read_committed":
                 # Aborted records are skipped and the last offsets may be
                 # commit markers: a partition is done once the position
-                # passes the watermark seen at start.
+                # (checked before the next poll) passes the start watermark.
                 for tp in c.position([TopicPartition(args.topic, p) for p in remaining]):
                     if tp.offset >= remaining[tp.partition]:
                         del remaining[tp.partition]
                 if not remaining:
                     break
+            msg = c.poll(0.5)
             if msg is None:
                 continue
             if msg.error():

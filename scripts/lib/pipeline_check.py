@@ -145,11 +145,14 @@ def consume_topic(bootstrap: str, topic: str, timeout_s: float):
         while wanted:
             if time.monotonic() > deadline:
                 die(f"timed out reading {topic}: partitions {sorted(wanted)} not read to their end")
-            msg = consumer.poll(0.5)
             if ISOLATION == "read_committed":
+                # Before the next poll: every message below the position was handed out.
                 for tp in consumer.position([TopicPartition(topic, p) for p in wanted]):
                     if tp.offset >= ends[tp.partition]:
                         wanted.discard(tp.partition)
+                if not wanted:
+                    break
+            msg = consumer.poll(0.5)
             if msg is None:
                 continue
             if msg.error():
