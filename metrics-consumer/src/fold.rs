@@ -1360,6 +1360,33 @@ mod tests {
         assert_eq!(s.get("count:instashop.transaction"), 1);
     }
 
+    /// Applies the partitions' changes, each partition in its order, the
+    /// partitions interleaved at random, with now and then a re-delivery of
+    /// something that came before.
+    fn interleaved(parts: &[Vec<Change>], rng: &mut rand::rngs::StdRng) -> MemStore {
+        use rand::RngExt;
+        let mut s = MemStore::default();
+        let mut next = vec![0_usize; parts.len()];
+        while next.iter().zip(parts).any(|(n, p)| *n < p.len()) {
+            let p = rng.random_range(0..parts.len());
+            if next[p] < parts[p].len() {
+                s.apply(&parts[p][next[p]]);
+                if rng.random_bool(0.2) {
+                    s.apply(&parts[p][rng.random_range(0..=next[p])]);
+                }
+                next[p] += 1;
+            }
+        }
+        s
+    }
+
+    /// The metrics without zero entries (a retracted group may stay at 0).
+    fn nonzero(m: &MemStore) -> BTreeMap<String, i64> {
+        let mut metrics = m.metrics.clone();
+        metrics.retain(|_, v| *v != 0);
+        metrics
+    }
+
     #[test]
     fn truncate_copies_on_every_partition_in_any_interleaving_equal_one_truncate() {
         use rand::{RngExt, SeedableRng};
@@ -1397,24 +1424,7 @@ mod tests {
                     .unwrap_or(part.len());
                 part.insert(at, trunc.clone());
             }
-            let mut s = MemStore::default();
-            let mut next = [0_usize; 3];
-            while next.iter().zip(&parts).any(|(n, p)| *n < p.len()) {
-                let p = rng.random_range(0..3);
-                if next[p] < parts[p].len() {
-                    s.apply(&parts[p][next[p]]);
-                    // Now and then a re-delivery of what came before.
-                    if rng.random_bool(0.2) {
-                        s.apply(&parts[p][rng.random_range(0..=next[p])]);
-                    }
-                    next[p] += 1;
-                }
-            }
-            let nonzero = |m: &MemStore| {
-                let mut metrics = m.metrics.clone();
-                metrics.retain(|_, v| *v != 0);
-                metrics
-            };
+            let s = interleaved(&parts, &mut rng);
             assert_eq!(nonzero(&s), nonzero(&expected), "seed {seed}");
         }
     }
@@ -1491,23 +1501,7 @@ mod tests {
                 expected.apply(&row);
                 parts[(id % 3) as usize].push(row);
             }
-            let mut s = MemStore::default();
-            let mut next = [0_usize; 3];
-            while next.iter().zip(&parts).any(|(n, p)| *n < p.len()) {
-                let p = rng.random_range(0..3);
-                if next[p] < parts[p].len() {
-                    s.apply(&parts[p][next[p]]);
-                    if rng.random_bool(0.2) {
-                        s.apply(&parts[p][rng.random_range(0..=next[p])]);
-                    }
-                    next[p] += 1;
-                }
-            }
-            let nonzero = |m: &MemStore| {
-                let mut metrics = m.metrics.clone();
-                metrics.retain(|_, v| *v != 0);
-                metrics
-            };
+            let s = interleaved(&parts, &mut rng);
             assert_eq!(nonzero(&s), nonzero(&expected), "seed {seed}");
         }
     }

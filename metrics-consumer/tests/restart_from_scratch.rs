@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::reader::{Scratch, connect, drop_slots, start_consumer, stop_and_compare};
+use common::reader::{Scratch, connect, start_consumer, stop_and_compare};
 use common::*;
 
 /// Changes made while the reader is down with its slot dropped.
@@ -42,13 +42,8 @@ async fn rows_deleted_while_no_slot_existed_are_retracted_by_the_new_snapshot() 
         .unwrap();
     scratch.wait_confirmed_now(&admin).await;
 
-    if let Some(mut reader) = scratch.reader.take() {
-        reader.kill().unwrap();
-        reader.wait().unwrap();
-    }
-    drop_slots(&admin, &scratch.slot).await;
+    scratch.kill_reader_and_drop_slots(&admin).await;
     owner.batch_execute(WHILE_DOWN).await.unwrap();
-    scratch.slot = format!("{}_again", scratch.db);
     scratch.start_reader(&s.kafka, &topic_prefix);
     scratch.wait_confirmed_now(&admin).await;
     // Streamed after the new snapshot: later traffic goes on as usual.

@@ -17,7 +17,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::reader::{Scratch, connect, drop_slots, start_consumer, stop_and_compare};
+use common::reader::{Scratch, connect, start_consumer, stop_and_compare};
 use common::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -224,12 +224,7 @@ async fn transactions_open_across_the_snapshot_point_are_applied() {
     // The re-snapshot path: the reader starts from scratch (a new slot and
     // a new snapshot) on the same topics, again with transactions held
     // across its snapshot point.
-    if let Some(mut reader) = scratch.reader.take() {
-        reader.kill().unwrap();
-        reader.wait().unwrap();
-    }
-    drop_slots(&admin, &scratch.slot).await;
-    scratch.slot = format!("{}_again", scratch.db);
+    scratch.kill_reader_and_drop_slots(&admin).await;
     reader_across(
         &s,
         &mut scratch,

@@ -207,6 +207,18 @@ impl Scratch {
         );
     }
 
+    /// Restarting from scratch, first half: kills the reader and drops its
+    /// slots; the next [`Scratch::start_reader`] creates the slot
+    /// `<db>_again` and takes a new snapshot.
+    pub async fn kill_reader_and_drop_slots(&mut self, admin: &Client) {
+        if let Some(mut reader) = self.reader.take() {
+            reader.kill().unwrap();
+            reader.wait().unwrap();
+        }
+        drop_slots(admin, &self.slot).await;
+        self.slot = format!("{}_again", self.db);
+    }
+
     /// A column of `pg_replication_slots` of slot `name`, as text.
     pub async fn slot_field(&self, admin: &Client, name: &str, field: &str) -> Option<String> {
         admin
