@@ -234,5 +234,20 @@ if ((${#failed[@]})); then
     printf 'difftest: FAIL: %s\n' "${failed[@]}"
     exit 1
 fi
+# Nothing of a passing run is kept: its topics and Redis keys go (a failing
+# run keeps them, and WORK, for a look).
+"$PY" - "$BOOTSTRAP_ENV" "$REDIS_ENV" "$TAG" <<'PY' || log "could not delete the run's topics or Redis keys (harmless)"
+import sys
+import redis
+from confluent_kafka.admin import AdminClient
+bootstrap, redis_url, tag = sys.argv[1:4]
+admin = AdminClient({"bootstrap.servers": bootstrap})
+topics = [t for t in admin.list_topics(timeout=10).topics if t.startswith(tag + ".")]
+for future in (admin.delete_topics(topics).values() if topics else []):
+    future.result()
+r = redis.Redis.from_url(redis_url)
+for key in r.scan_iter(match=tag + ":*", count=1000):
+    r.delete(key)
+PY
 rm -rf "$WORK"
 log "PASS"
