@@ -154,7 +154,18 @@ async fn api_stream(
 
 /// Prometheus text about the dashboard itself.
 async fn own_metrics(State(state): State<AppState>) -> Response {
-    let s = &state.stats;
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        own_metrics_text(&state.stats),
+    )
+        .into_response()
+}
+
+/// The dashboard's own `/metrics` text.
+pub fn own_metrics_text(s: &Stats) -> String {
     let mut out = String::new();
     let n = |v: u64| v as f64;
     write_metric(
@@ -213,12 +224,5 @@ async fn own_metrics(State(state): State<AppState>) -> Response {
         "Duration of the last tick (Redis read and both scrapes).",
         n(s.last_tick_micros.load(Ordering::Relaxed)) / 1e6,
     );
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out,
-    )
-        .into_response()
+    out
 }
