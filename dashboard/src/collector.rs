@@ -6,9 +6,12 @@
 //! shutdown stops the loop every event stream ends and the server can drain.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -25,23 +28,78 @@ use crate::store::Store;
 /// Timeout of one scrape; shorter than the tick.
 const SCRAPE_TIMEOUT: Duration = Duration::from_millis(700);
 
-/// Counters for the dashboard's own `/metrics`.
+/// A gauge holding a float (seconds).
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The dashboard's own metrics, for its `/metrics`: `prometheus-client`
+/// counters and gauges, encoded by [`local_stack::exposition`].
 #[derive(Debug, Default)]
 pub struct Stats {
     /// Ticks completed.
-    pub ticks: AtomicU64,
+    pub ticks: Counter,
     /// Ticks whose Redis read failed.
-    pub redis_errors: AtomicU64,
+    pub redis_errors: Counter,
     /// Failed scrapes of the reader's endpoint.
-    pub reader_errors: AtomicU64,
+    pub reader_errors: Counter,
     /// Failed scrapes of the consumer's endpoint.
-    pub consumer_errors: AtomicU64,
+    pub consumer_errors: Counter,
     /// Current event-stream subscribers.
-    pub stream_clients: AtomicU64,
+    pub stream_clients: Gauge,
     /// Pipeline state of the last tick (0 green, 1 amber, 2 red).
-    pub state: AtomicU8,
-    /// Duration of the last tick in microseconds.
-    pub last_tick_micros: AtomicU64,
+    pub state: Gauge,
+    /// Duration of the last tick in seconds.
+    pub last_tick_seconds: FloatGauge,
+}
+
+impl Stats {
+    /// The metrics as a registry for `/metrics` (counters without their
+    /// `_total`, which the encoder adds).
+    pub fn registry(&self) -> Registry {
+        let mut r = Registry::default();
+        let up = Gauge::<i64>::default();
+        up.set(1);
+        r.register("dashboard_up", "1 while the dashboard serves", up);
+        for (name, help, counter) in [
+            (
+                "dashboard_ticks",
+                "Snapshots collected and pushed to pages",
+                &self.ticks,
+            ),
+            (
+                "dashboard_redis_errors",
+                "Ticks whose Redis read failed",
+                &self.redis_errors,
+            ),
+            (
+                "dashboard_reader_scrape_errors",
+                "Failed scrapes of the cdc-reader's /metrics",
+                &self.reader_errors,
+            ),
+            (
+                "dashboard_consumer_scrape_errors",
+                "Failed scrapes of the metrics-consumer's /metrics",
+                &self.consumer_errors,
+            ),
+        ] {
+            r.register(name, help, counter.clone());
+        }
+        r.register(
+            "dashboard_stream_clients",
+            "Open /api/stream connections (pages showing the dashboard)",
+            self.stream_clients.clone(),
+        );
+        r.register(
+            "dashboard_pipeline_state",
+            "Pipeline state of the last tick: 0 green, 1 amber, 2 red",
+            self.state.clone(),
+        );
+        r.register(
+            "dashboard_tick_duration_seconds",
+            "Duration of the last tick (Redis read and both scrapes)",
+            self.last_tick_seconds.clone(),
+        );
+        r
+    }
 }
 
 /// Milliseconds since the epoch.
@@ -86,11 +144,8 @@ pub async fn run(
             &mut activity,
         )
         .await;
-        stats.ticks.fetch_add(1, Ordering::Relaxed);
-        stats.last_tick_micros.store(
-            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        stats.ticks.inc();
+        stats.last_tick_seconds.set(started.elapsed().as_secs_f64());
         frames.send_replace(Arc::from(frame.to_string()));
     }
 }
@@ -113,7 +168,7 @@ async fn tick(
     let metrics = match redis {
         Ok(values) => snapshot::assemble(&values, now),
         Err(err) => {
-            stats.redis_errors.fetch_add(1, Ordering::Relaxed);
+            stats.redis_errors.inc();
             tracing::debug!(error = %chain(&err), "redis read failed");
             obs.redis_error = Some(chain(&err));
             Value::Null
@@ -127,14 +182,14 @@ async fn tick(
             obs.reader = Some(reading);
         }
         Err(err) => {
-            stats.reader_errors.fetch_add(1, Ordering::Relaxed);
+            stats.reader_errors.inc();
             obs.reader_error = Some(chain(&err));
         }
     }
     match consumer {
         Ok(text) => obs.consumer = Some(pipeline::consumer(&prometheus::parse(&text))),
         Err(err) => {
-            stats.consumer_errors.fetch_add(1, Ordering::Relaxed);
+            stats.consumer_errors.inc();
             obs.consumer_error = Some(chain(&err));
         }
     }
@@ -170,9 +225,7 @@ async fn tick(
         })
         .unwrap_or_default();
     let verdict = health::evaluate(&obs, thresholds);
-    stats
-        .state
-        .store(verdict.state.as_number(), Ordering::Relaxed);
+    stats.state.set(i64::from(verdict.state.as_number()));
     let health = json!({
         "state": verdict.state.as_str(),
         "reasons": verdict.reasons,

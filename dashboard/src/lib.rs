@@ -75,6 +75,7 @@ pub async fn serve(
         history: Arc::new(history::History::new(&config.dwh_url)),
         store,
         frames,
+        registry: Arc::new(stats.registry()),
         stats,
     });
     let served = axum::serve(listener, app)

@@ -1,5 +1,6 @@
 //! Prometheus text exposition format (version 0.0.4): parsing what the
-//! cdc-reader and the metrics-consumer serve, and writing our own `/metrics`.
+//! cdc-reader and the metrics-consumer serve. The dashboard's own `/metrics`
+//! is written by `prometheus-client` (see [`crate::collector::Stats`]).
 //!
 //! The parser is pure and lenient: comment lines (`# HELP`, `# TYPE`) are
 //! skipped, and a malformed sample line is skipped rather than failing the
@@ -118,25 +119,17 @@ pub fn sum(samples: &[Sample], name: &str) -> Option<f64> {
     found.then_some(total)
 }
 
-/// Escapes a label value for writing.
-pub fn escape_label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// Appends `# HELP`/`# TYPE` and one unlabelled sample to `out`.
-pub fn write_metric(out: &mut String, name: &str, kind: &str, help: &str, value: f64) {
-    use std::fmt::Write as _;
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    let _ = writeln!(out, "{name} {value}");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Escapes a label value as the exposition format writes it.
+    fn escape_label(value: &str) -> String {
+        value
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    }
 
     #[test]
     fn parses_samples_labels_comments_and_timestamps() {
@@ -231,12 +224,17 @@ mod tests {
     }
 
     #[test]
-    fn written_metrics_parse_back() {
-        let mut out = String::new();
-        write_metric(&mut out, "dashboard_up", "gauge", "Always 1.", 1.0);
-        let samples = parse(&out);
-        assert_eq!(samples.len(), 1);
-        assert_eq!(samples[0].value, 1.0);
+    fn own_metrics_parse_back() {
+        let stats = crate::collector::Stats::default();
+        stats.ticks.inc();
+        stats.state.set(2);
+        stats.last_tick_seconds.set(0.25);
+        let samples = parse(&local_stack::exposition::render(&stats.registry()));
+        assert_eq!(sum(&samples, "dashboard_up"), Some(1.0));
+        assert_eq!(sum(&samples, "dashboard_ticks_total"), Some(1.0));
+        assert_eq!(sum(&samples, "dashboard_pipeline_state"), Some(2.0));
+        assert_eq!(sum(&samples, "dashboard_tick_duration_seconds"), Some(0.25));
+        assert_eq!(sum(&samples, "dashboard_stream_clients"), Some(0.0));
         assert_eq!(escape_label("a\"b\\"), "a\\\"b\\\\");
     }
 }

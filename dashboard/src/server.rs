@@ -2,7 +2,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::extract::State;
@@ -11,13 +10,14 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::Stream;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::sync::watch;
 
 use crate::collector::{Stats, now_ms};
 use crate::error::chain;
 use crate::history::History;
-use crate::prometheus::write_metric;
 use crate::snapshot;
 use crate::store::Store;
 
@@ -31,8 +31,10 @@ pub struct AppState {
     pub store: Arc<Store>,
     /// The newest frame (`{"metrics":..,"health":..}`).
     pub frames: watch::Receiver<Arc<str>>,
-    /// Counters for `/metrics`.
+    /// The open-stream gauge among them.
     pub stats: Arc<Stats>,
+    /// The dashboard's metrics, for `/metrics`.
+    pub registry: Arc<Registry>,
     /// The warehouse, for `/api/history`.
     pub history: Arc<History>,
 }
@@ -124,7 +126,7 @@ struct ClientGuard(Arc<Stats>);
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
-        self.0.stream_clients.fetch_sub(1, Ordering::Relaxed);
+        self.0.stream_clients.dec();
     }
 }
 
@@ -132,7 +134,7 @@ impl Drop for ClientGuard {
 async fn api_stream(
     State(state): State<AppState>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    state.stats.stream_clients.fetch_add(1, Ordering::Relaxed);
+    state.stats.stream_clients.inc();
     let guard = ClientGuard(state.stats.clone());
     let mut frames = state.frames;
     frames.mark_changed();
@@ -155,74 +157,8 @@ async fn api_stream(
 /// Prometheus text about the dashboard itself.
 async fn own_metrics(State(state): State<AppState>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        own_metrics_text(&state.stats),
+        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
+        local_stack::exposition::render(&state.registry),
     )
         .into_response()
-}
-
-/// The dashboard's own `/metrics` text.
-pub fn own_metrics_text(s: &Stats) -> String {
-    let mut out = String::new();
-    let n = |v: u64| v as f64;
-    write_metric(
-        &mut out,
-        "dashboard_up",
-        "gauge",
-        "1 while the dashboard serves.",
-        1.0,
-    );
-    write_metric(
-        &mut out,
-        "dashboard_ticks_total",
-        "counter",
-        "Snapshots collected and pushed to pages.",
-        n(s.ticks.load(Ordering::Relaxed)),
-    );
-    write_metric(
-        &mut out,
-        "dashboard_redis_errors_total",
-        "counter",
-        "Ticks whose Redis read failed.",
-        n(s.redis_errors.load(Ordering::Relaxed)),
-    );
-    write_metric(
-        &mut out,
-        "dashboard_reader_scrape_errors_total",
-        "counter",
-        "Failed scrapes of the cdc-reader's /metrics.",
-        n(s.reader_errors.load(Ordering::Relaxed)),
-    );
-    write_metric(
-        &mut out,
-        "dashboard_consumer_scrape_errors_total",
-        "counter",
-        "Failed scrapes of the metrics-consumer's /metrics.",
-        n(s.consumer_errors.load(Ordering::Relaxed)),
-    );
-    write_metric(
-        &mut out,
-        "dashboard_stream_clients",
-        "gauge",
-        "Open /api/stream connections (pages showing the dashboard).",
-        n(s.stream_clients.load(Ordering::Relaxed)),
-    );
-    write_metric(
-        &mut out,
-        "dashboard_pipeline_state",
-        "gauge",
-        "Pipeline state of the last tick: 0 green, 1 amber, 2 red.",
-        f64::from(s.state.load(Ordering::Relaxed)),
-    );
-    write_metric(
-        &mut out,
-        "dashboard_tick_duration_seconds",
-        "gauge",
-        "Duration of the last tick (Redis read and both scrapes).",
-        n(s.last_tick_micros.load(Ordering::Relaxed)) / 1e6,
-    );
-    out
 }

@@ -32,6 +32,18 @@ fn reader_metrics() -> std::sync::Arc<cdc_reader::metrics::Metrics> {
     metrics
 }
 
+/// The sink's metrics with a series in each labelled family.
+fn dwh_sink_metrics() -> dwh_sink::telemetry::Telemetry {
+    let telemetry = dwh_sink::telemetry::Telemetry::default();
+    let per_table = std::collections::BTreeMap::from([("instashop.product".to_owned(), 1)]);
+    telemetry.written(&per_table, 1, 0, 0, std::time::Duration::from_millis(5));
+    telemetry.set_lag(std::collections::BTreeMap::from([(
+        ("instashop.instashop.product".to_owned(), 0),
+        0,
+    )]));
+    telemetry
+}
+
 /// The `/metrics` text of every binary, each family with a series.
 fn expositions() -> Vec<(&'static str, String)> {
     use local_stack::exposition::render;
@@ -47,12 +59,9 @@ fn expositions() -> Vec<(&'static str, String)> {
         ),
         (
             "dashboard",
-            dashboard::server::own_metrics_text(&dashboard::collector::Stats::default()),
+            render(&dashboard::collector::Stats::default().registry()),
         ),
-        (
-            "dwh-sink",
-            dwh_sink::telemetry::Telemetry::default().render(),
-        ),
+        ("dwh-sink", render(&dwh_sink_metrics().registry())),
     ]
 }
 

@@ -74,6 +74,22 @@ async fn each_sale_joins_the_price_it_was_sold_at_whatever_the_arrival_order() {
 
     let mut sink = Sink::start(&dwh, &all, &source.db, &log);
     dwh.wait_caught_up(&all, &mut sink).await;
+    // Its endpoints while it consumes: healthy, and the written events
+    // counted under their exported names.
+    let addr = sink.http_addr().await;
+    assert_eq!(
+        common::http_get(&addr, "/health").await,
+        (200, "ok\n".to_owned())
+    );
+    let (status, metrics) = common::http_get(&addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "\ndwh_sink_up 1\n",
+        "\ndwh_sink_events_total{table=\"instashop.product\"} ",
+        "\n# TYPE dwh_sink_batch_seconds histogram\n",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
     sink.terminate();
 
     let client = dwh.client().await;

@@ -395,6 +395,33 @@ impl Sink {
             .and_then(|c| c.try_wait().ok().flatten())
     }
 
+    /// The address of its `/metrics` and `/health`, from its start line
+    /// (it binds port 0); waits for the line.
+    pub async fn http_addr(&mut self) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let found = text
+                .lines()
+                .rev()
+                .find(|l| l.contains("dwh-sink starting"))
+                .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("addr=")))
+                .map(str::to_owned);
+            if let Some(addr) = found {
+                return addr;
+            }
+            if let Some(status) = self.exited() {
+                panic!("dwh-sink exited ({status}):\n{}", self.log_tail());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no start line in 60 s:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The last lines of the log.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -420,4 +447,22 @@ pub fn verify(dwh: &Dwh, source: &Source) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// `GET path` on `addr`: the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    sock.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    sock.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_owned())
 }
