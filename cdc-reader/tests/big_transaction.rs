@@ -26,6 +26,15 @@ async fn one_million_row_transaction() {
     let reader = Reader::start(&db, &[]);
     db.wait_caught_up(Duration::from_secs(60), Some(&reader.log))
         .await;
+    let topic = support::topic(&db, "big");
+    // The empty table's snapshot left its end markers in the topic: count
+    // what the transaction adds.
+    let before = {
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || support::message_count(&topic))
+            .await
+            .unwrap()
+    };
     let owner = db.owner().await;
     owner
         .batch_execute(&format!(
@@ -40,11 +49,10 @@ async fn one_million_row_transaction() {
         "{ROWS} rows confirmed after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    let topic = support::topic(&db, "big");
     let count = tokio::task::spawn_blocking(move || support::message_count(&topic))
         .await
         .unwrap();
-    assert_eq!(count, ROWS, "every row exactly once in Kafka");
+    assert_eq!(count - before, ROWS, "every row exactly once in Kafka");
     let started = Instant::now();
     support::replay_equals_db(&db, &["big"], false).await;
     println!(

@@ -24,7 +24,7 @@ use cdc_reader::change::{Datum, Lsn, parse_lsn};
 use cdc_reader::value::{DecimalMode, to_json};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio_postgres::{Client, NoTls};
@@ -451,8 +451,9 @@ pub struct Event {
     pub value: Option<Value>,
 }
 
-/// Reads every message of `topics` from the beginning up to the high
-/// watermarks seen at start (missing topics are empty).
+/// Reads every change event of `topics` from the beginning up to the high
+/// watermarks seen at start (missing topics are empty); snapshot-complete
+/// markers are skipped.
 pub fn consume_all(topics: &[String]) -> Vec<Event> {
     let mut events = Vec::new();
     consume_fold(topics, |e| events.push(e));
@@ -513,6 +514,16 @@ pub fn consume_fold(topics: &[String], mut f: impl FnMut(Event)) {
             continue;
         };
         let msg = msg.unwrap();
+        positions.insert((msg.topic().to_owned(), msg.partition()), msg.offset());
+        // The snapshot-complete marker (null key and value, a header naming
+        // it) is the pipeline's own record, not a change of the table.
+        let is_marker = msg.headers().is_some_and(|h| {
+            h.iter()
+                .any(|h| h.key == cdc_reader::envelope::marker::KIND)
+        });
+        if is_marker {
+            continue;
+        }
         let key = msg
             .key()
             .map(|k| serde_json::from_slice::<Value>(k).unwrap().to_string())
@@ -520,7 +531,6 @@ pub fn consume_fold(topics: &[String], mut f: impl FnMut(Event)) {
         let value = msg
             .payload()
             .map(|v| serde_json::from_slice::<Value>(v).unwrap());
-        positions.insert((msg.topic().to_owned(), msg.partition()), msg.offset());
         f(Event {
             topic: msg.topic().to_owned(),
             partition: msg.partition(),
