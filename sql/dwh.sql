@@ -30,11 +30,14 @@ SET client_min_messages = warning;
 -- One row per source change. The unique key is (source db, table, key, lsn,
 -- op) plus the partition key commit_time (a primary key of a partitioned
 -- table must contain it); a re-sent event carries the same commit time, so
--- it is one row. Snapshot reads (`r`) are observations, not changes: one is
--- kept only when it shows something the table does not already hold as the
--- row's state before it (the first sight of a row, or a row that differs
--- from its last recorded state); the `r` events of a repeated snapshot of
--- unchanged rows are not stored again.
+-- it is one row. Snapshot reads (`r`) are observations, not changes: those
+-- of our reader (with commit_lsn) are all kept, as the record that the row
+-- still existed at that snapshot, which its snapshot-complete marker needs
+-- to tell the rows deleted meanwhile (they get a delete event at the
+-- marker's position, lsn = commit_lsn); another source's is kept only when
+-- it shows something the table does not already hold as the row's state
+-- before it (the first sight of a row, or a row that differs from its last
+-- recorded state).
 CREATE TABLE IF NOT EXISTS change_event (
     source_db       text        NOT NULL,
     source_table    text        NOT NULL,

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::copy::CopyRows;
-use crate::event::{BadInput, Decoded, Event, Op};
+use crate::event::{BadInput, Decoded, Event, Marker, Op};
 use crate::shop::{self, Entity, Field};
 
 /// Microseconds per day.
@@ -21,6 +21,25 @@ pub struct Truncate {
     pub position: (i64, i64),
     /// Its commit time (µs).
     pub commit_time_us: i64,
+}
+
+/// A snapshot-complete marker as read from one partition: it ends the
+/// rows of its table that this partition holds (their last event was read
+/// from it) and that the snapshot did not read again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MarkerAt {
+    /// The marker.
+    pub marker: Marker,
+    /// The topic it was read from.
+    pub topic: String,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its Kafka timestamp (µs): the deletes it records carry it as their
+    /// commit time (the source's is unknown, somewhen while no slot
+    /// existed).
+    pub time_us: i64,
 }
 
 /// A message that could not be decoded, for the dead-letter topic.
@@ -49,6 +68,8 @@ pub struct Batch {
     pub shop: [CopyRows; 7],
     /// Truncates in the batch.
     pub truncates: Vec<Truncate>,
+    /// Snapshot-complete markers in the batch, in the order read.
+    pub markers: Vec<MarkerAt>,
     /// Days (as days since the epoch) of the events' commit times.
     pub days: BTreeSet<i64>,
     /// Next offset per `(topic, partition)`.
@@ -112,6 +133,52 @@ impl Batch {
             });
         }
         result
+    }
+
+    /// Adds a snapshot-complete marker read at `offset` with Kafka
+    /// timestamp `time_us`; a bad one is kept for the dead-letter topic.
+    /// Its offset counts as covered either way.
+    pub fn push_marker(
+        &mut self,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        marker: Result<Marker, BadInput>,
+        headers: &[(String, Vec<u8>)],
+        time_us: i64,
+    ) -> Result<(), BadInput> {
+        self.messages += 1;
+        self.next_offsets
+            .insert((topic.to_owned(), partition), offset + 1);
+        match marker {
+            Ok(marker) => {
+                self.days.insert(time_us.div_euclid(DAY_US));
+                self.markers.push(MarkerAt {
+                    marker,
+                    topic: topic.to_owned(),
+                    partition,
+                    offset,
+                    time_us,
+                });
+                Ok(())
+            }
+            Err(bad) => {
+                let headers = headers
+                    .iter()
+                    .map(|(k, v)| format!("{k}={}", String::from_utf8_lossy(v)))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                self.dead.push(DeadLetter {
+                    topic: topic.to_owned(),
+                    partition,
+                    offset,
+                    key: None,
+                    payload: None,
+                    error: format!("snapshot-complete marker with headers {headers}: {bad}"),
+                });
+                Err(bad)
+            }
+        }
     }
 
     fn add(
@@ -205,5 +272,35 @@ mod tests {
         assert_eq!(b.days.iter().copied().collect::<Vec<_>>(), vec![1]);
         assert_eq!(b.next_offsets[&("t".to_owned(), 0)], 12);
         assert_eq!(b.next_offsets[&("t".to_owned(), 1)], 6);
+    }
+
+    #[test]
+    fn markers_are_kept_with_their_partition_and_day() {
+        let mut b = Batch::default();
+        let marker = Marker {
+            db: "instashop".into(),
+            table: "product".into(),
+            commit_lsn: 100,
+        };
+        b.push_marker("t", 2, 7, Ok(marker.clone()), &[], 2 * DAY_US + 5)
+            .unwrap();
+        let bad = b.push_marker(
+            "t",
+            1,
+            3,
+            Err(BadInput::MissingField("header cdc.table")),
+            &[("cdc.marker".to_owned(), b"snapshot_complete".to_vec())],
+            0,
+        );
+        assert!(bad.is_err());
+        assert_eq!(b.messages, 2);
+        assert_eq!(b.markers.len(), 1);
+        assert_eq!(b.markers[0].marker, marker);
+        assert_eq!((b.markers[0].partition, b.markers[0].offset), (2, 7));
+        assert_eq!(b.days.iter().copied().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(b.dead.len(), 1);
+        assert!(b.dead[0].error.contains("cdc.marker=snapshot_complete"));
+        assert_eq!(b.next_offsets[&("t".to_owned(), 1)], 4);
+        assert_eq!(b.next_offsets[&("t".to_owned(), 2)], 8);
     }
 }

@@ -315,14 +315,8 @@ fn poll_loop(
                 if batch.is_empty() {
                     started = Some(Instant::now());
                 }
-                if let Err(bad) = batch.push(
-                    m.topic(),
-                    m.partition(),
-                    m.offset(),
-                    m.key(),
-                    m.payload(),
-                    renames,
-                ) && logged.insert(bad.kind())
+                if let Err(bad) = push(&mut batch, &m, renames)
+                    && logged.insert(bad.kind())
                 {
                     tracing::warn!(
                         kind = bad.kind(),
@@ -355,6 +349,44 @@ fn poll_loop(
         let _ = tx.blocking_send(batch);
     }
     Ok(())
+}
+
+/// Adds one message to the batch: a snapshot-complete marker (null key
+/// and value, `cdc.marker` header) or a change event.
+fn push(
+    batch: &mut Batch,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    renames: &[(String, String)],
+) -> Result<(), crate::event::BadInput> {
+    use rdkafka::message::Headers as _;
+    let headers = m
+        .headers()
+        .filter(|_| m.key().is_none() && m.payload().is_none());
+    let marker = headers
+        .and_then(|h| crate::event::decode_marker(h.iter().map(|h| (h.key, h.value)), renames));
+    match marker {
+        Some(marker) => {
+            let time_us = m
+                .timestamp()
+                .to_millis()
+                .and_then(|ms| ms.checked_mul(1000))
+                .unwrap_or_else(now_us);
+            let raw: Vec<(String, Vec<u8>)> = headers
+                .into_iter()
+                .flat_map(|h| h.iter())
+                .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                .collect();
+            batch.push_marker(m.topic(), m.partition(), m.offset(), marker, &raw, time_us)
+        }
+        None => batch.push(
+            m.topic(),
+            m.partition(),
+            m.offset(),
+            m.key(),
+            m.payload(),
+            renames,
+        ),
+    }
 }
 
 /// The thread that keeps the per-partition lag gauge, on a client of its own.

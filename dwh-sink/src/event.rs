@@ -153,6 +153,67 @@ fn non_null(raw: Option<&RawValue>) -> Option<&RawValue> {
     raw.filter(|r| r.get() != "null")
 }
 
+/// The reader's snapshot-complete marker: the snapshot of `db.table` ended,
+/// its rows at `commit_lsn` (the consistent point - 1).
+///
+/// It comes on every partition of the table's topic after that partition's
+/// snapshot rows, as a record with a null key and a null value and the
+/// `cdc.*` headers. Every row of the table whose last event committed
+/// before the snapshot and that this snapshot did not read again is gone
+/// (deleted while no slot recorded anything); the warehouse ends those rows
+/// at `(commit_lsn, commit_lsn)`, below every snapshot row (at
+/// `(commit_lsn, commit_lsn + 1)`) and above every earlier
+/// event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marker {
+    /// `cdc.db`, after `--source-dbs` renames.
+    pub db: String,
+    /// `cdc.table`.
+    pub table: String,
+    /// `cdc.commit_lsn`.
+    pub commit_lsn: i64,
+}
+
+/// The snapshot-complete marker in a message's headers: `None` when the
+/// message is not one (no `cdc.marker` header, or a kind this sink does not
+/// know, which it skips like a tombstone).
+pub fn decode_marker<'a>(
+    headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    renames: &[(String, String)],
+) -> Option<Result<Marker, BadInput>> {
+    let (mut kind, mut db, mut table, mut commit_lsn) = (None, None, None, None);
+    for (name, value) in headers {
+        let value = value.and_then(|v| std::str::from_utf8(v).ok());
+        match name {
+            "cdc.marker" => kind = value,
+            "cdc.db" => db = value,
+            "cdc.table" => table = value,
+            "cdc.commit_lsn" => commit_lsn = value,
+            _ => {}
+        }
+    }
+    if kind? != "snapshot_complete" {
+        return None;
+    }
+    Some((|| {
+        let db = db.ok_or(BadInput::MissingField("header cdc.db"))?;
+        let table = table.ok_or(BadInput::MissingField("header cdc.table"))?;
+        let commit_lsn = commit_lsn
+            .ok_or(BadInput::MissingField("header cdc.commit_lsn"))?
+            .parse()
+            .map_err(|_| BadInput::BadValue("header cdc.commit_lsn"))?;
+        let db = renames
+            .iter()
+            .find(|(captured, _)| captured == db)
+            .map_or(db, |(_, logical)| logical.as_str());
+        Ok(Marker {
+            db: db.to_owned(),
+            table: table.to_owned(),
+            commit_lsn,
+        })
+    })())
+}
+
 /// Decodes one Kafka message. `renames` maps a captured database name to
 /// its logical name.
 pub fn decode<'a>(
@@ -353,6 +414,44 @@ mod tests {
         };
         assert!(e.snapshot);
         assert_eq!(e.op, Op::Read);
+    }
+
+    #[test]
+    fn snapshot_complete_markers_are_read_from_headers() {
+        let renames = vec![("scratch".to_owned(), "instashop".to_owned())];
+        let headers = |commit: &'static str| {
+            vec![
+                ("cdc.marker", Some(&b"snapshot_complete"[..])),
+                ("cdc.db", Some(&b"scratch"[..])),
+                ("cdc.schema", Some(&b"public"[..])),
+                ("cdc.table", Some(&b"product"[..])),
+                ("cdc.commit_lsn", Some(commit.as_bytes())),
+                ("cdc.lsn", Some(&b"101"[..])),
+            ]
+        };
+        assert_eq!(
+            decode_marker(headers("100"), &renames),
+            Some(Ok(Marker {
+                db: "instashop".into(),
+                table: "product".into(),
+                commit_lsn: 100,
+            }))
+        );
+        assert_eq!(
+            decode_marker(headers("x"), &renames),
+            Some(Err(BadInput::BadValue("header cdc.commit_lsn")))
+        );
+        let mut no_table = headers("100");
+        no_table.retain(|(k, _)| *k != "cdc.table");
+        assert_eq!(
+            decode_marker(no_table, &[]),
+            Some(Err(BadInput::MissingField("header cdc.table")))
+        );
+        assert_eq!(decode_marker([("other", None)], &[]), None);
+        assert_eq!(
+            decode_marker([("cdc.marker", Some(&b"later_kind"[..]))], &[]),
+            None
+        );
     }
 
     #[test]

@@ -9,8 +9,11 @@
 //! after a crash) meets the unique key of `change_event` and changes
 //! nothing; the star schema is derived from event positions, not from
 //! arrival order, so replays and out-of-order arrivals change nothing either.
+//! The reader's snapshot-complete marker ends, per partition, the rows its
+//! snapshot did not read again (deleted while the reader had no slot).
 //!
-//! Modules: [`event`] decodes a Debezium message (pure); [`shop`] extracts
+//! Modules: [`event`] decodes a Debezium message and the snapshot-complete
+//! marker (pure); [`shop`] extracts
 //! the typed rows of the nine shop tables (pure); [`copy`] encodes rows in
 //! PostgreSQL's COPY text format (pure); [`batch`] collects one
 //! transaction's rows; [`warehouse`] writes a batch with its offsets;

@@ -29,6 +29,8 @@ pub fn staging_ddl() -> Vec<String> {
     let mut out = vec![
         "CREATE TEMP TABLE IF NOT EXISTS stage_event (LIKE change_event INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
             .to_owned(),
+        "CREATE TEMP TABLE IF NOT EXISTS marker_gone (row_key text NOT NULL, id bigint, before jsonb) ON COMMIT DELETE ROWS"
+            .to_owned(),
     ];
     for entity in Entity::ALL {
         let mut sql = format!(
@@ -54,13 +56,17 @@ pub fn copy_into_stage(entity: Entity) -> String {
 }
 
 /// Moves the staged events into `change_event`: once per (table, key, lsn,
-/// op, commit time), and a snapshot read only when the row's last recorded
-/// state before it differs (see sql/dwh.sql).
+/// op, commit time). A snapshot read of our reader (it carries `commit_lsn`)
+/// is always kept: it is the record that the row still existed at that
+/// snapshot, which its snapshot-complete marker needs to tell the rows read
+/// again from those deleted meanwhile. Another source's snapshot read (no
+/// marker follows it) only when the row's last recorded state before it
+/// differs (see sql/dwh.sql).
 pub const INSERT_EVENTS: &str = "\
 INSERT INTO change_event (source_db, source_table, row_key, op, commit_time, lsn, commit_lsn, snapshot, tx_id, before, after, kafka_topic, kafka_partition, kafka_offset)
 SELECT s.source_db, s.source_table, s.row_key, s.op, s.commit_time, s.lsn, s.commit_lsn, s.snapshot, s.tx_id, s.before, s.after, s.kafka_topic, s.kafka_partition, s.kafka_offset
 FROM stage_event s
-WHERE s.op <> 'r' OR NOT EXISTS (
+WHERE s.op <> 'r' OR s.commit_lsn IS NOT NULL OR NOT EXISTS (
     SELECT 1 FROM (
         SELECT e.op, e.after FROM change_event e
         WHERE e.source_db = s.source_db AND e.source_table = s.source_table AND e.row_key = s.row_key
@@ -111,19 +117,28 @@ fn dim_of(entity: Entity) -> Option<Dim> {
     DIMS.into_iter().find(|d| d.entity == entity)
 }
 
-/// Which keys a dimension step looks at: those in the staging table, or
-/// all (after a truncate).
-fn scope(d: &Dim, all: bool) -> String {
-    if all {
-        "true".to_owned()
-    } else {
-        format!("{} IN (SELECT id FROM {})", d.id, d.entity.stage())
+/// Which keys a dimension step looks at.
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    /// Those in the entity's staging table.
+    Staged,
+    /// All (after a truncate).
+    All,
+    /// Those a snapshot-complete marker ended (`marker_gone`).
+    MarkerGone,
+}
+
+fn scope(d: &Dim, scope: Scope) -> String {
+    match scope {
+        Scope::All => "true".to_owned(),
+        Scope::Staged => format!("{} IN (SELECT id FROM {})", d.id, d.entity.stage()),
+        Scope::MarkerGone => format!("{} IN (SELECT id FROM marker_gone)", d.id),
     }
 }
 
 /// Drops versions equal to the one before them, then sets every version's
 /// end to the next one's start, for the keys in scope.
-fn versions_settle(d: &Dim, all: bool) -> Vec<String> {
+fn versions_settle(d: &Dim, all: Scope) -> Vec<String> {
     let attrs: Vec<&str> = d.entity.columns().iter().map(|c| c.name).collect();
     let same = attrs
         .iter()
@@ -174,7 +189,7 @@ fn dimension(d: &Dim) -> Vec<String> {
         id = d.id,
         stage = d.entity.stage(),
     )];
-    out.extend(versions_settle(d, false));
+    out.extend(versions_settle(d, Scope::Staged));
     out
 }
 
@@ -504,7 +519,7 @@ pub fn truncate_statements(
             t = d.table,
             id = d.id,
         )];
-        out.extend(versions_settle(&d, true));
+        out.extend(versions_settle(&d, Scope::All));
         return out;
     }
     FACTS
@@ -519,6 +534,90 @@ pub fn truncate_statements(
         .collect()
 }
 
+/// The statements of a snapshot-complete marker of `db.table` read from
+/// `topic`/`partition` at `offset` (Kafka timestamp `time_us`), its
+/// snapshot rows at `commit_lsn`: the rows whose last event was read from
+/// that partition, committed before the snapshot, is not a delete and was
+/// not followed by a truncate (the snapshot read every row it found again,
+/// and those reads are in `change_event` by now: they precede the marker in
+/// the partition) get a delete event at `(commit_lsn, commit_lsn)` in
+/// `change_event`, and their facts and current dimension versions end as a
+/// delete would end them.
+///
+/// The position `(commit_lsn, commit_lsn)` is below the snapshot rows'
+/// `(commit_lsn, commit_lsn + 1)` and above every event committed before
+/// the snapshot; as the delete's `lsn` it differs from one snapshot to the
+/// next, so a row ended by two markers has two distinct delete events.
+///
+/// Per partition, because a row's events all come through one partition:
+/// another partition's copy of the marker may come before this partition's
+/// snapshot rows, and must not end them. A copy read again finds its rows'
+/// last event a delete and does nothing.
+pub fn marker_statements(
+    entity: Option<Entity>,
+    marker: &crate::event::Marker,
+    at: (&str, i32, i64),
+    time_us: i64,
+) -> Vec<String> {
+    let (topic, partition, offset) = at;
+    let c = marker.commit_lsn;
+    let (db, table, topic) = (literal(&marker.db), literal(&marker.table), literal(topic));
+    let time = jiff::Timestamp::from_microsecond(time_us).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    let mut out = vec![
+        "DELETE FROM marker_gone".to_owned(),
+        format!(
+            "INSERT INTO marker_gone (row_key, id, before)
+            SELECT row_key, CASE WHEN jsonb_typeof(row_key::jsonb -> 'id') = 'number' THEN (row_key::jsonb ->> 'id')::bigint END, after
+            FROM (
+                SELECT DISTINCT ON (row_key) row_key, op, commit_lsn, lsn, after, kafka_topic, kafka_partition
+                FROM change_event
+                WHERE source_db = {db} AND source_table = {table} AND row_key <> ''
+                ORDER BY row_key, coalesce(commit_lsn, lsn) DESC, lsn DESC
+            ) last
+            WHERE last.op <> 'd' AND last.kafka_topic = {topic} AND last.kafka_partition = {partition}
+              AND (coalesce(last.commit_lsn, last.lsn), last.lsn) < ({c}, {c})
+              AND NOT EXISTS (
+                  SELECT 1 FROM change_event t
+                  WHERE t.source_db = {db} AND t.source_table = {table} AND t.op = 't'
+                    AND (coalesce(t.commit_lsn, t.lsn), t.lsn) > (coalesce(last.commit_lsn, last.lsn), last.lsn))"
+        ),
+        format!(
+            "INSERT INTO change_event (source_db, source_table, row_key, op, commit_time, lsn, commit_lsn, snapshot, tx_id, before, after, kafka_topic, kafka_partition, kafka_offset)
+            SELECT {db}, {table}, row_key, 'd', '{time}'::timestamptz, {c}, {c}, true, NULL, before, NULL, {topic}, {partition}, {offset}
+            FROM marker_gone
+            ON CONFLICT DO NOTHING"
+        ),
+    ];
+    let Some(entity) = entity else {
+        return out;
+    };
+    if let Some(d) = dim_of(entity) {
+        out.push(format!(
+            "INSERT INTO {t} ({id}, valid_from, valid_from_commit_lsn, valid_from_lsn, is_deleted)
+            SELECT {id}, '{time}'::timestamptz, {c}, {c}, true FROM {t}
+            WHERE is_current AND {id} IN (SELECT id FROM marker_gone)
+              AND (valid_from_commit_lsn, valid_from_lsn) < ({c}, {c})
+            ON CONFLICT DO NOTHING",
+            t = d.table,
+            id = d.id,
+        ));
+        out.extend(versions_settle(&d, Scope::MarkerGone));
+    }
+    for f in FACTS.iter().filter(|f| f.entity == entity) {
+        out.push(format!(
+            "DELETE FROM {t} WHERE {id} IN (SELECT id FROM marker_gone) AND (last_commit_lsn, last_lsn) < ({c}, {c})",
+            t = f.table,
+            id = f.id,
+        ));
+    }
+    out
+}
+
+/// A SQL string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,12 +625,50 @@ mod tests {
     #[test]
     fn staging_tables_have_every_column() {
         let ddl = staging_ddl();
-        assert_eq!(ddl.len(), 1 + Entity::ALL.len());
-        assert!(ddl[3].contains("stage_product"));
-        assert!(ddl[3].contains("price_cents bigint"));
+        assert_eq!(ddl.len(), 2 + Entity::ALL.len());
+        assert!(ddl[4].contains("stage_product"));
+        assert!(ddl[4].contains("price_cents bigint"));
         assert_eq!(
             copy_into_stage(Entity::Carrier),
             "COPY stage_carrier (op, id, row_key, commit_lsn, lsn, commit_time, name, tracking_url_template) FROM STDIN"
+        );
+    }
+
+    #[test]
+    fn a_marker_ends_the_rows_of_its_partition_below_its_snapshot() {
+        let marker = crate::event::Marker {
+            db: "erp".into(),
+            table: "o'stock".into(),
+            commit_lsn: 700,
+        };
+        let sql = marker_statements(None, &marker, ("t", 3, 9), 0);
+        assert_eq!(sql.len(), 3, "change_event only for a table without entity");
+        let all = sql.join(";\n");
+        assert!(
+            all.contains("last.kafka_topic = 't' AND last.kafka_partition = 3"),
+            "{all}"
+        );
+        assert!(all.contains("source_table = 'o''stock'"), "{all}");
+        assert!(all.contains("< (700, 700)"), "{all}");
+        assert!(
+            all.contains("'d', '1970-01-01T00:00:00Z'::timestamptz, 700, 700, true"),
+            "{all}"
+        );
+        let product = crate::event::Marker {
+            db: "instashop".into(),
+            table: "product".into(),
+            commit_lsn: 700,
+        };
+        let all = marker_statements(Some(Entity::Product), &product, ("t", 0, 1), 0).join(";\n");
+        assert!(all.contains("INSERT INTO dim_product"), "{all}");
+        assert!(
+            all.contains("product_id IN (SELECT id FROM marker_gone)"),
+            "{all}"
+        );
+        let all = marker_statements(Some(Entity::Line), &product, ("t", 0, 1), 0).join(";\n");
+        assert!(
+            all.contains("DELETE FROM fact_sale_line WHERE line_id IN (SELECT id FROM marker_gone) AND (last_commit_lsn, last_lsn) < (700, 700)"),
+            "{all}"
         );
     }
 

@@ -350,6 +350,14 @@ impl Warehouse {
                 t.commit_time_us,
             ));
         }
+        for m in &batch.markers {
+            statements.extend(star::marker_statements(
+                Entity::of(&m.marker.db, &m.marker.table),
+                &m.marker,
+                (&m.topic, m.partition, m.offset),
+                m.time_us,
+            ));
+        }
         if !batch.next_offsets.is_empty() {
             let values = batch
                 .next_offsets

@@ -114,6 +114,9 @@ pub struct Source {
     pub url: String,
     pub reader: Option<Child>,
     pub log: PathBuf,
+    /// The reader's slot: the database's name, until a restart from
+    /// scratch gives it another.
+    pub slot: String,
     admin_url: String,
 }
 
@@ -142,6 +145,7 @@ impl Source {
         connect(&url).await.batch_execute(&schema).await.unwrap();
         Source {
             log: std::env::temp_dir().join(format!("{db}.reader.log")),
+            slot: db.clone(),
             db,
             url,
             reader: None,
@@ -167,7 +171,7 @@ impl Source {
                     "instashop={}",
                     with_db(&var("CDC_PG_INSTASHOP_URL"), &self.db)
                 ))
-                .args(["--slot", &self.db])
+                .args(["--slot", &self.slot])
                 .args(["--topic-prefix", &format!("instashop={}", self.db)])
                 .args([
                     "--metrics-addr",
@@ -184,6 +188,40 @@ impl Source {
                 .spawn()
                 .unwrap(),
         );
+    }
+
+    /// Kills the reader and drops its slot, so the next start takes a new
+    /// snapshot on a new slot: nothing records the changes made meanwhile.
+    pub async fn kill_reader_and_drop_slot(&mut self) {
+        self.kill_reader();
+        let admin = connect(&self.admin_url).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let _ = admin
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                    &[&self.slot],
+                )
+                .await;
+            let left: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.slot],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if left == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "slot {} not dropped in 20 s",
+                self.slot
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.slot = format!("{}_again", self.db);
     }
 
     /// Kills the reader with SIGKILL.
@@ -214,7 +252,7 @@ impl Source {
             let past: Option<bool> = admin
                 .query_opt(
                     "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&self.db, &end],
+                    &[&self.slot, &end],
                 )
                 .await
                 .unwrap()
