@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use support::{
     Reader, SHOP_TABLES, TestDb, check_duplicates, replay_equals_db, shop_batch_sql, shop_load,
@@ -23,17 +23,7 @@ async fn kill_9_at_random_moments_under_load_loses_nothing() {
         .unwrap();
     let stop = CancellationToken::new();
     let load = tokio::spawn(shop_load(db.owner_url.clone(), 30, stop.clone()));
-    let mut seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    let mut next = move |max_ms: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % max_ms
-    };
+    let mut next = support::random_below();
     let mut reader = Reader::start(&db, &[]);
     let kills = 12;
     for i in 0..kills {

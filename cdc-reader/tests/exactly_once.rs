@@ -9,7 +9,7 @@ mod support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cdc_reader::change::{Change, Column, Datum, Op, SnapshotMarker, Source, TableName};
@@ -156,17 +156,7 @@ async fn kill_9_under_load_writes_every_change_once() {
         .unwrap();
     let stop = CancellationToken::new();
     let load = tokio::spawn(shop_load(db.owner_url.clone(), 30, stop.clone()));
-    let mut seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    let mut next = move |max_ms: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % max_ms
-    };
+    let mut next = support::random_below();
     let mut reader = Reader::start(&db, &EXACTLY_ONCE);
     db.wait_streaming(&reader).await;
     let kills = 5;

@@ -75,6 +75,22 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A xorshift generator of numbers below its argument, seeded from the
+/// clock, so each run kills at other moments.
+pub fn random_below() -> impl FnMut(u64) -> u64 {
+    let mut seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    move |max: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % max
+    }
+}
+
 /// Replaces the database of a URL.
 pub fn with_db(url: &str, db: &str) -> String {
     let base = url.rsplit_once('/').unwrap().0;
