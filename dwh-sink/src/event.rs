@@ -181,37 +181,21 @@ pub fn decode_marker<'a>(
     headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
     renames: &[(String, String)],
 ) -> Option<Result<Marker, BadInput>> {
-    let (mut kind, mut db, mut table, mut commit_lsn) = (None, None, None, None);
-    for (name, value) in headers {
-        let value = value.and_then(|v| std::str::from_utf8(v).ok());
-        match name {
-            "cdc.marker" => kind = value,
-            "cdc.db" => db = value,
-            "cdc.table" => table = value,
-            "cdc.commit_lsn" => commit_lsn = value,
-            _ => {}
-        }
-    }
-    if kind? != "snapshot_complete" {
-        return None;
-    }
-    Some((|| {
-        let db = db.ok_or(BadInput::MissingField("header cdc.db"))?;
-        let table = table.ok_or(BadInput::MissingField("header cdc.table"))?;
-        let commit_lsn = commit_lsn
-            .ok_or(BadInput::MissingField("header cdc.commit_lsn"))?
-            .parse()
-            .map_err(|_| BadInput::BadValue("header cdc.commit_lsn"))?;
-        let db = renames
-            .iter()
-            .find(|(captured, _)| captured == db)
-            .map_or(db, |(_, logical)| logical.as_str());
-        Ok(Marker {
-            db: db.to_owned(),
-            table: table.to_owned(),
-            commit_lsn,
-        })
-    })())
+    use catalog::marker::Unreadable;
+    let marker = match catalog::marker::read(headers)? {
+        Ok(m) => m,
+        Err(Unreadable::Missing(header)) => return Some(Err(BadInput::MissingField(header))),
+        Err(Unreadable::BadValue(header)) => return Some(Err(BadInput::BadValue(header))),
+    };
+    // The warehouse keeps positions as bigint, like every event's LSN.
+    let Ok(commit_lsn) = i64::try_from(marker.commit_lsn) else {
+        return Some(Err(BadInput::BadValue("header cdc.commit_lsn")));
+    };
+    Some(Ok(Marker {
+        db: catalog::alias::logical(marker.db, renames).to_owned(),
+        table: marker.table.to_owned(),
+        commit_lsn,
+    }))
 }
 
 /// Decodes one Kafka message. `renames` maps a captured database name to
@@ -254,11 +238,7 @@ pub fn decode<'a>(
         .db
         .as_deref()
         .ok_or(BadInput::MissingField("source.db"))?;
-    let db = renames
-        .iter()
-        .find(|(captured, _)| captured == db)
-        .map_or(db, |(_, logical)| logical.as_str())
-        .to_owned();
+    let db = catalog::alias::logical(db, renames).to_owned();
     let table = source
         .table
         .as_deref()

@@ -143,19 +143,7 @@ impl Config {
 
     /// `(captured name, logical database)` pairs from `--source-dbs`.
     pub fn renames(&self) -> Result<Vec<(String, String)>, Error> {
-        self.source_dbs
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .map(|e| match e.split_once('=') {
-                Some((logical, name)) if !logical.is_empty() && !name.is_empty() => {
-                    Ok((name.trim().to_owned(), logical.trim().to_owned()))
-                }
-                _ => Err(Error::Config(format!(
-                    "--source-dbs entry `{e}` is not LOGICAL=NAME"
-                ))),
-            })
-            .collect()
+        catalog::alias::parse(&self.source_dbs).map_err(Error::Config)
     }
 
     fn validate(&self) -> Result<(), Error> {

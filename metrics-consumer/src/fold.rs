@@ -326,46 +326,22 @@ pub fn decode_marker<'a>(
     headers: impl IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
     renames: &[(String, String)],
 ) -> Option<Result<Change, BadInput>> {
-    let (mut kind, mut db, mut table, mut commit_lsn) = (None, None, None, None);
-    for (name, value) in headers {
-        let value = value.and_then(|v| std::str::from_utf8(v).ok());
-        match name {
-            "cdc.marker" => kind = value,
-            "cdc.db" => db = value,
-            "cdc.table" => table = value,
-            "cdc.commit_lsn" => commit_lsn = value,
-            _ => {}
-        }
-    }
-    if kind? != "snapshot_complete" {
-        return None;
-    }
-    Some(marker_change(db, table, commit_lsn, renames))
-}
-
-fn marker_change(
-    db: Option<&str>,
-    table: Option<&str>,
-    commit_lsn: Option<&str>,
-    renames: &[(String, String)],
-) -> Result<Change, BadInput> {
-    let db = db.ok_or(BadInput::MissingField("header cdc.db"))?;
-    let table_name = table.ok_or(BadInput::MissingField("header cdc.table"))?;
-    let commit_lsn: u64 = commit_lsn
-        .ok_or(BadInput::MissingField("header cdc.commit_lsn"))?
-        .parse()
-        .map_err(|_| BadInput::BadValue("header cdc.commit_lsn"))?;
-    let db = renames
-        .iter()
-        .find(|(captured, _)| captured == db)
-        .map_or(db, |(_, logical)| logical.as_str());
-    let table = Table::from_source(db, table_name)
-        .ok_or_else(|| BadInput::UnknownTable(format!("{db}.{table_name}")))?;
-    Ok(Change::Truncate {
-        table,
-        position: Some(Position::at(commit_lsn, 0)),
-        ts_ms: None,
-    })
+    use catalog::marker::Unreadable;
+    let marker = match catalog::marker::read(headers)? {
+        Ok(m) => m,
+        Err(Unreadable::Missing(header)) => return Some(Err(BadInput::MissingField(header))),
+        Err(Unreadable::BadValue(header)) => return Some(Err(BadInput::BadValue(header))),
+    };
+    let db = catalog::alias::logical(marker.db, renames);
+    Some(
+        Table::from_source(db, marker.table)
+            .ok_or_else(|| BadInput::UnknownTable(format!("{db}.{}", marker.table)))
+            .map(|table| Change::Truncate {
+                table,
+                position: Some(Position::at(marker.commit_lsn, 0)),
+                ts_ms: None,
+            }),
+    )
 }
 
 /// Decodes one Kafka message (key and value bytes) into a [`Change`].
@@ -413,10 +389,7 @@ pub fn decode_renamed(
         .table
         .as_deref()
         .ok_or(BadInput::MissingField("source.table"))?;
-    let db = renames
-        .iter()
-        .find(|(captured, _)| captured == db)
-        .map_or(db, |(_, logical)| logical.as_str());
+    let db = catalog::alias::logical(db, renames);
     let table = Table::from_source(db, table_name)
         .ok_or_else(|| BadInput::UnknownTable(format!("{db}.{table_name}")))?;
     let ts_ms = source.ts_ms;
