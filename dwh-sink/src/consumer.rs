@@ -405,27 +405,17 @@ fn spawn_lag(
     std::thread::Builder::new()
         .name("lag".into())
         .spawn(move || {
-            while !shutdown.is_cancelled() {
-                let snapshot: Offsets = positions.lock().map(|p| p.clone()).unwrap_or_default();
-                let mut lag = BTreeMap::new();
-                for ((topic, partition), next) in snapshot {
-                    if shutdown.is_cancelled() {
-                        return Ok(());
-                    }
-                    if let Ok((_, high)) =
-                        watermarks.fetch_watermarks(&topic, partition, Duration::from_secs(2))
-                    {
-                        lag.insert((topic, partition), (high - next).max(0));
-                    }
-                }
-                telemetry.set_lag(lag);
-                for _ in 0..50 {
-                    if shutdown.is_cancelled() {
-                        return Ok(());
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
+            kafka_probe::lag::watch(
+                &watermarks,
+                || {
+                    positions
+                        .lock()
+                        .ok()
+                        .map(|p| p.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                },
+                |lag| telemetry.set_lag(lag),
+                &shutdown,
+            );
             Ok(())
         })
         .map_err(|source| Error::Spawn {

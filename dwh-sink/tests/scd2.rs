@@ -90,6 +90,23 @@ async fn each_sale_joins_the_price_it_was_sold_at_whatever_the_arrival_order() {
     ] {
         assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
     }
+    // The lag, measured every 5 s on a client of its own: none once caught up.
+    let caught_up = format!(
+        "\ndwh_sink_lag_messages{{topic=\"{}.public.product\",partition=\"0\"}} 0\n",
+        source.db
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, metrics) = common::http_get(&addr, "/metrics").await;
+        if metrics.contains(&caught_up) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {caught_up:?} within 20 s:\n{metrics}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     sink.terminate();
 
     let client = dwh.client().await;

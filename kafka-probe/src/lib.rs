@@ -1,4 +1,6 @@
-//! The startup check that a Kafka broker answers.
+//! What the binaries ask Kafka itself: the startup check that a broker
+//! answers ([`await_broker`]), and how far a consumer is behind the high
+//! watermarks ([`lag`]).
 //!
 //! librdkafka never fails on an unreachable bootstrap address: it reports
 //! `AllBrokersDown` and retries forever. That is right for an outage of a
@@ -8,6 +10,8 @@
 //! metadata with the settings its own clients use (security included),
 //! polling until a deadline; a cluster that never answers is a definite
 //! error, which each binary words with its own flag names.
+
+pub mod lag;
 
 use std::sync::Arc;
 use std::time::Duration;

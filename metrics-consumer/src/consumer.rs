@@ -419,7 +419,10 @@ impl Pipeline {
     }
 }
 
-/// The thread that keeps the lag gauge, on a client of its own.
+/// The thread that keeps the lag gauge (the sum over the partitions of how
+/// far the applied offsets are behind the high watermarks), on a client of
+/// its own: watermark queries can be slow on a busy broker and must not
+/// stall the poll loop.
 fn spawn_lag(
     settings: &crate::settings::KafkaSettings,
     positions: &Arc<Mutex<Offsets>>,
@@ -435,7 +438,17 @@ fn spawn_lag(
     std::thread::Builder::new()
         .name("lag".into())
         .spawn(move || {
-            lag_loop(&watermarks, &positions, &telemetry, &shutdown);
+            kafka_probe::lag::watch(
+                &watermarks,
+                || {
+                    positions
+                        .lock()
+                        .ok()
+                        .map(|p| p.iter().map(|(k, v)| (k.clone(), *v)).collect())
+                },
+                |lag| telemetry.set_consumer_lag(lag.values().sum()),
+                &shutdown,
+            );
             Ok(())
         })
         .map_err(|source| Error::Spawn {
@@ -574,40 +587,6 @@ fn commit(consumer: &BaseConsumer<Rebalancer>, offsets: &Offsets, mode: CommitMo
     if let Err(e) = consumer.commit(&tpl, mode) {
         // Advisory only: Redis holds the offsets that count.
         tracing::debug!(error = %e, "group offset commit failed");
-    }
-}
-
-/// Sums, every few seconds, how far the applied offsets are behind the
-/// partitions' high watermarks. Runs on its own thread and client: watermark
-/// queries can be slow on a busy broker and must not stall the poll loop.
-fn lag_loop(
-    kafka: &BaseConsumer,
-    positions: &Mutex<Offsets>,
-    telemetry: &Telemetry,
-    shutdown: &CancellationToken,
-) {
-    while !shutdown.is_cancelled() {
-        let snapshot: Vec<((String, i32), i64)> = match positions.lock() {
-            Ok(p) => p.iter().map(|(k, v)| (k.clone(), *v)).collect(),
-            Err(_) => return,
-        };
-        let mut lag = 0;
-        for ((topic, partition), next) in snapshot {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            if let Ok((_, high)) = kafka.fetch_watermarks(&topic, partition, Duration::from_secs(2))
-            {
-                lag += (high - next).max(0);
-            }
-        }
-        telemetry.set_consumer_lag(lag);
-        for _ in 0..50 {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 }
 
