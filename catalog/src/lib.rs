@@ -151,6 +151,8 @@ impl Table {
 /// benchmark's or a test's scratch databases): `--source-dbs
 /// LOGICAL=NAME,...` of the consumers, and the lookup from the `source.db`
 /// an event carries to the database it stands for.
+pub mod envelope;
+
 pub mod alias {
     /// `(captured name, logical database)` pairs from `LOGICAL=NAME,...`;
     /// the error names the entry that is not of that form.

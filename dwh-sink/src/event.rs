@@ -5,38 +5,9 @@
 //! message): the warehouse parses them into `jsonb` itself, so the sink
 //! never re-renders a value the source wrote.
 
-use std::borrow::Cow;
-
-use serde::Deserialize;
 use serde_json::value::RawValue;
 
-/// The change's kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// `c`: insert.
-    Create,
-    /// `u`: update.
-    Update,
-    /// `d`: delete.
-    Delete,
-    /// `r`: snapshot read.
-    Read,
-    /// `t`: truncate.
-    Truncate,
-}
-
-impl Op {
-    /// The op's letter, as in the event and in `change_event.op`.
-    pub fn letter(self) -> &'static str {
-        match self {
-            Op::Create => "c",
-            Op::Update => "u",
-            Op::Delete => "d",
-            Op::Read => "r",
-            Op::Truncate => "t",
-        }
-    }
-}
+pub use catalog::envelope::Op;
 
 /// One change event.
 #[derive(Debug, Clone)]
@@ -114,41 +85,6 @@ impl BadInput {
     }
 }
 
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(borrow, default)]
-    before: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    after: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    source: Option<Source<'a>>,
-    #[serde(borrow, default)]
-    op: Option<Cow<'a, str>>,
-    /// Schemas-enabled form: the envelope sits in `payload`.
-    #[serde(borrow, default)]
-    payload: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct Source<'a> {
-    #[serde(borrow, default)]
-    db: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    table: Option<Cow<'a, str>>,
-    #[serde(default)]
-    ts_ms: Option<i64>,
-    #[serde(default)]
-    ts_us: Option<i64>,
-    #[serde(default)]
-    lsn: Option<i64>,
-    #[serde(default)]
-    commit_lsn: Option<i64>,
-    #[serde(borrow, default)]
-    snapshot: Option<&'a RawValue>,
-    #[serde(rename = "txId", default)]
-    tx_id: Option<i64>,
-}
-
 fn non_null(raw: Option<&RawValue>) -> Option<&RawValue> {
     raw.filter(|r| r.get() != "null")
 }
@@ -205,35 +141,17 @@ pub fn decode<'a>(
     value: Option<&'a [u8]>,
     renames: &[(String, String)],
 ) -> Result<Decoded<'a>, BadInput> {
-    let Some(value) = value else {
-        return Ok(Decoded::Tombstone);
+    use catalog::envelope::{Parsed, Unreadable};
+    let envelope = match catalog::envelope::parse::<&'a RawValue>(value) {
+        Ok(Parsed::Change(envelope)) => envelope,
+        Ok(Parsed::Tombstone) => return Ok(Decoded::Tombstone),
+        Ok(Parsed::Ignored) => return Ok(Decoded::Ignored),
+        Err(Unreadable::NotJson(why)) => return Err(BadInput::NotJson(why)),
+        Err(Unreadable::MissingField(field)) => return Err(BadInput::MissingField(field)),
+        Err(Unreadable::UnknownOp(op)) => return Err(BadInput::UnknownOp(op)),
     };
-    let text = std::str::from_utf8(value).map_err(|_| BadInput::NotJson("not utf-8".into()))?;
-    if text.trim() == "null" {
-        return Ok(Decoded::Tombstone);
-    }
-    let mut envelope: Envelope<'a> =
-        serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
-    if let (None, Some(payload)) = (&envelope.op, envelope.payload) {
-        if payload.get() == "null" {
-            return Ok(Decoded::Tombstone);
-        }
-        envelope =
-            serde_json::from_str(payload.get()).map_err(|e| BadInput::NotJson(e.to_string()))?;
-    }
-    let op = match envelope.op.as_deref().ok_or(BadInput::MissingField("op"))? {
-        "c" => Op::Create,
-        "u" => Op::Update,
-        "d" => Op::Delete,
-        "r" => Op::Read,
-        "t" => Op::Truncate,
-        "m" => return Ok(Decoded::Ignored),
-        other => return Err(BadInput::UnknownOp(other.chars().take(16).collect())),
-    };
-    let source = envelope
-        .source
-        .as_ref()
-        .ok_or(BadInput::MissingField("source"))?;
+    let op = envelope.op;
+    let source = &envelope.source;
     let db = source
         .db
         .as_deref()
@@ -251,11 +169,17 @@ pub fn decode<'a>(
             .ok_or(BadInput::BadValue("source.ts_ms"))?,
         (None, None) => return Err(BadInput::MissingField("source.ts_ms")),
     };
-    let lsn = source.lsn.ok_or(BadInput::MissingField("source.lsn"))?;
-    let snapshot = match non_null(source.snapshot).map(RawValue::get) {
-        None | Some("false" | "\"false\"") => false,
-        Some(_) => true,
-    };
+    // The warehouse keeps positions as bigint.
+    let position = |lsn: u64, field| i64::try_from(lsn).map_err(|_| BadInput::BadValue(field));
+    let lsn = position(
+        source.lsn.ok_or(BadInput::MissingField("source.lsn"))?,
+        "source.lsn",
+    )?;
+    let commit_lsn = source
+        .commit_lsn
+        .map(|c| position(c, "source.commit_lsn"))
+        .transpose()?;
+    let snapshot = source.is_snapshot();
     let before = non_null(envelope.before);
     let after = non_null(envelope.after);
     match op {
@@ -275,7 +199,7 @@ pub fn decode<'a>(
         op,
         commit_time_us,
         lsn,
-        commit_lsn: source.commit_lsn,
+        commit_lsn,
         snapshot,
         tx_id: source.tx_id,
         before,

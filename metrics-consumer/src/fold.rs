@@ -257,35 +257,6 @@ impl BadInput {
     }
 }
 
-#[derive(Deserialize)]
-struct Envelope<'a> {
-    #[serde(borrow, default)]
-    before: Option<Row<'a>>,
-    #[serde(borrow, default)]
-    after: Option<Row<'a>>,
-    #[serde(borrow, default)]
-    source: Option<Source<'a>>,
-    #[serde(borrow, default)]
-    op: Option<Cow<'a, str>>,
-    /// Schemas-enabled form: the envelope sits in `payload`.
-    #[serde(borrow, default)]
-    payload: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct Source<'a> {
-    #[serde(borrow, default)]
-    db: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    table: Option<Cow<'a, str>>,
-    #[serde(default)]
-    ts_ms: Option<i64>,
-    #[serde(default)]
-    lsn: Option<u64>,
-    #[serde(default)]
-    commit_lsn: Option<u64>,
-}
-
 #[derive(Deserialize, Default)]
 struct Row<'a> {
     #[serde(borrow, default)]
@@ -357,30 +328,16 @@ pub fn decode_renamed(
     value: Option<&[u8]>,
     renames: &[(String, String)],
 ) -> Result<Change, BadInput> {
-    let Some(value) = value else {
-        return Ok(Change::Tombstone);
+    use catalog::envelope::{Op, Parsed, Unreadable};
+    let envelope = match catalog::envelope::parse::<Row<'_>>(value) {
+        Ok(Parsed::Change(envelope)) => envelope,
+        Ok(Parsed::Tombstone) => return Ok(Change::Tombstone),
+        Ok(Parsed::Ignored) => return Ok(Change::Ignored),
+        Err(Unreadable::NotJson(why)) => return Err(BadInput::NotJson(why)),
+        Err(Unreadable::MissingField(field)) => return Err(BadInput::MissingField(field)),
+        Err(Unreadable::UnknownOp(op)) => return Err(BadInput::UnknownOp(op)),
     };
-    let text = std::str::from_utf8(value).map_err(|_| BadInput::NotJson("not utf-8".into()))?;
-    if text.trim() == "null" {
-        return Ok(Change::Tombstone);
-    }
-    let mut envelope: Envelope<'_> =
-        serde_json::from_str(text).map_err(|e| BadInput::NotJson(e.to_string()))?;
-    if let (None, Some(payload)) = (&envelope.op, envelope.payload) {
-        if payload.get() == "null" {
-            return Ok(Change::Tombstone);
-        }
-        envelope =
-            serde_json::from_str(payload.get()).map_err(|e| BadInput::NotJson(e.to_string()))?;
-    }
-    let op = envelope.op.as_deref().ok_or(BadInput::MissingField("op"))?;
-    if op == "m" {
-        return Ok(Change::Ignored);
-    }
-    let source = envelope
-        .source
-        .as_ref()
-        .ok_or(BadInput::MissingField("source"))?;
+    let source = &envelope.source;
     let db = source
         .db
         .as_deref()
@@ -397,13 +354,13 @@ pub fn decode_renamed(
         commit_lsn: source.commit_lsn,
         lsn,
     });
-    match op {
-        "t" => Ok(Change::Truncate {
+    match envelope.op {
+        Op::Truncate => Ok(Change::Truncate {
             table,
             position,
             ts_ms,
         }),
-        "c" | "u" | "r" => {
+        Op::Create | Op::Update | Op::Read => {
             let after = envelope
                 .after
                 .as_ref()
@@ -420,7 +377,7 @@ pub fn decode_renamed(
                 ts_ms,
             })
         }
-        "d" => {
+        Op::Delete => {
             let before_id = envelope.before.as_ref().and_then(|b| b.id);
             let id = row_id(key, before_id)?;
             Ok(Change::Row {
@@ -433,7 +390,6 @@ pub fn decode_renamed(
                 ts_ms,
             })
         }
-        other => Err(BadInput::UnknownOp(other.chars().take(16).collect())),
     }
 }
 
