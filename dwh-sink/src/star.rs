@@ -211,12 +211,18 @@ struct Fact {
 }
 
 /// The surrogate key of the version of `dim` (id column `id`) valid at
-/// the position of `first`, for the natural key `fk`.
+/// the position of `first`, for the natural key `fk`. A fact older than
+/// every version of its dimension row (a late-arriving dimension: the
+/// source's history before it never reached the topics, e.g. a snapshot
+/// attempt killed after some partitions were written) joins the row's
+/// first version, as an inferred member, until an older version arrives.
 macro_rules! version_at_first {
     ($dim:literal, $key:literal, $id:literal, $fk:literal) => {
         concat!(
             "(SELECT d.", $key, " FROM ", $dim, " d WHERE d.", $id, " = ", $fk,
-            " AND NOT d.is_deleted AND (d.valid_from_commit_lsn, d.valid_from_lsn) <= (first.commit_lsn, first.lsn)",
+            " AND NOT d.is_deleted AND ((d.valid_from_commit_lsn, d.valid_from_lsn) <= (first.commit_lsn, first.lsn)",
+            " OR NOT EXISTS (SELECT 1 FROM ", $dim, " e WHERE e.", $id, " = d.", $id,
+            " AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))",
             " AND (d.valid_to_commit_lsn IS NULL OR (d.valid_to_commit_lsn, d.valid_to_lsn) > (first.commit_lsn, first.lsn)) LIMIT 1)"
         )
     };
@@ -365,8 +371,9 @@ fn fact(f: &Fact) -> Vec<String> {
 }
 
 /// Sets a fact's dimension key to the version valid at the fact's creation
-/// position, for the fact rows `scope` selects (a condition on `f`, with
-/// `from` joined).
+/// position (the first version for a fact older than every version, as in
+/// [`version_at_first`]), for the fact rows `scope` selects (a condition
+/// on `f`, with `from` joined).
 fn resolve(target: Target<'_>, from: &str, scope: &str) -> String {
     let Target {
         fact,
@@ -380,7 +387,9 @@ fn resolve(target: Target<'_>, from: &str, scope: &str) -> String {
         "UPDATE {fact} f SET {key} = d.{key}
         FROM {from}{dim} d
         WHERE ({scope}) AND d.{dim_id} = f.{fk} AND NOT d.is_deleted
-          AND (d.valid_from_commit_lsn, d.valid_from_lsn) <= (f.{c}, f.{l})
+          AND ((d.valid_from_commit_lsn, d.valid_from_lsn) <= (f.{c}, f.{l})
+            OR NOT EXISTS (SELECT 1 FROM {dim} e WHERE e.{dim_id} = d.{dim_id}
+              AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))
           AND (d.valid_to_commit_lsn IS NULL OR (d.valid_to_commit_lsn, d.valid_to_lsn) > (f.{c}, f.{l}))
           AND f.{key} IS DISTINCT FROM d.{key}"
     )
@@ -398,11 +407,18 @@ struct Target<'a> {
 }
 
 /// The facts whose dimension versions may have moved: those at or after
-/// the earliest staged version of their dimension row (drives the update
-/// from the few staged rows through the fact's `(fk, created)` index).
+/// the earliest staged version of their dimension row, and every fact of
+/// the row when that version is now its first (facts older than it join
+/// it as their inferred member). Drives the update from the few staged
+/// rows through the fact's `(fk, created)` index.
 fn after_staged_versions(target: Target<'_>, dim: Entity) -> String {
     let (c, l) = target.created;
-    let fk = target.fk;
+    let Target {
+        fk,
+        dim: table,
+        dim_id,
+        ..
+    } = target;
     resolve(
         target,
         &format!(
@@ -410,7 +426,9 @@ fn after_staged_versions(target: Target<'_>, dim: Entity) -> String {
             stage = dim.stage()
         ),
         &format!(
-            "f.{fk} = s.id AND f.{c} >= s.commit_lsn AND (f.{c}, f.{l}) >= (s.commit_lsn, s.lsn)"
+            "f.{fk} = s.id AND ((f.{c} >= s.commit_lsn AND (f.{c}, f.{l}) >= (s.commit_lsn, s.lsn))
+              OR NOT EXISTS (SELECT 1 FROM {table} e WHERE e.{dim_id} = s.id
+                AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (s.commit_lsn, s.lsn)))"
         ),
     )
 }
