@@ -9,6 +9,7 @@
 pub mod ack;
 pub mod change;
 pub mod checkpoint;
+pub mod chunk;
 pub mod config;
 pub mod decoder;
 pub mod error;
