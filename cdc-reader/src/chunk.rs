@@ -749,6 +749,43 @@ impl Incremental {
     }
 }
 
+/// `--snapshot-mode initial-incremental` on a new slot: every captured
+/// table queued for an incremental snapshot, written before the slot is
+/// created.
+pub async fn queue_tables(
+    cfg: &SourceConfig,
+    client: &Client,
+    tables: &[crate::slot::TableInfo],
+) -> Result<(), Error> {
+    let plan = Plan {
+        queue: tables
+            .iter()
+            .map(|t| Job {
+                table: format!("{}.{}", t.schema, t.name),
+                filter: None,
+                after: None,
+                chunks: 0,
+                rows: 0,
+            })
+            .collect(),
+        ..Plan::default()
+    };
+    let sql = format!(
+        "INSERT INTO {} (id, type, data) VALUES ($1, $2, $3) \
+         ON CONFLICT (id) DO UPDATE SET type = EXCLUDED.type, data = EXCLUDED.data",
+        signal_table(cfg)
+    );
+    client
+        .execute(
+            &sql,
+            &[&progress_id(cfg), &crate::signal::PROGRESS_TYPE, &plan.to_json()],
+        )
+        .await
+        .map_err(|e| Error::postgres(format!("queueing the initial incremental snapshot in {} (the CDC role needs INSERT and UPDATE on it, see sql/)", signal_table(cfg)), e))?;
+    tracing::info!(source = %cfg.name, tables = plan.queue.len(), "initial incremental snapshot queued");
+    Ok(())
+}
+
 /// `cdc-reader signal`: validates the row as the reader will, then
 /// writes it; returns its id.
 pub async fn send_signal(cmd: &crate::config::SignalCommand) -> Result<String, Error> {

@@ -26,6 +26,11 @@ pub enum SnapshotMode {
     Never,
     /// Like `initial`, and also drop and recreate a lost slot, then snapshot again.
     WhenNeeded,
+    /// Like `initial`, but the existing rows come as an incremental
+    /// snapshot (chunks between watermarks, while streaming): no exported
+    /// snapshot is held for the whole copy, and a kill -9 resumes with the
+    /// next chunk instead of starting over.
+    InitialIncremental,
 }
 
 /// The four databases of the local stack and their env variables.

@@ -190,6 +190,20 @@ async fn run_once(
                 slot::drop_pending_slot(&client, cfg).await?;
                 tracing::info!(source = %cfg.name, slot = %cfg.slot, "interrupted snapshot not repeated (never); slot taken over from the pending snapshot slot");
             }
+            SnapshotMode::InitialIncremental => {
+                // The queue first, the slot after: a reader killed in
+                // between finds no slot and queues again.
+                crate::chunk::queue_tables(cfg, &client, &pre.tables).await?;
+                if restart {
+                    slot::persist_snapshot_slot(&client, cfg).await?;
+                    drop(repl);
+                    slot::drop_pending_slot(&client, cfg).await?;
+                } else {
+                    let created = slot::create_permanent_slot(&mut repl, cfg).await?;
+                    drop(repl);
+                    tracing::info!(source = %cfg.name, slot = %cfg.slot, consistent_point = %lsn_to_string(created.consistent_point), "created slot; existing rows follow as an incremental snapshot");
+                }
+            }
             SnapshotMode::Never => {
                 let created = slot::create_permanent_slot(&mut repl, cfg).await?;
                 drop(repl);
