@@ -23,6 +23,7 @@
 //! one table. A kill -9 between the acknowledgement and the write re-reads
 //! one chunk: its rows are sent again, newer or equal, never older.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,9 @@ use crate::snapshot::{parse_copy_line, table_columns};
 /// How many recent changes of the table being snapshotted are remembered
 /// with their xids (see [`Window`]).
 const RECENT_CHANGES: usize = 65_536;
+
+/// Chunks sent ahead of Kafka's acknowledgements.
+const MAX_UNACKED: usize = 4;
 
 /// How long a failed chunk read waits before the next attempt.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -197,12 +201,23 @@ impl From<tokio_postgres::Error> for ReadError {
     }
 }
 
+/// What a chunk read needs to know about its table, looked up once per
+/// table (and again after any failure: the table may have changed).
+#[derive(Clone)]
+struct TableMeta {
+    quoted: String,
+    columns: Arc<[Column]>,
+    key_types: Vec<String>,
+    name: Arc<TableName>,
+}
+
 async fn reader_task(
     cfg: Arc<SourceConfig>,
     mut requests: mpsc::Receiver<Request>,
     answers: mpsc::Sender<Answer>,
 ) {
     let mut client: Option<Client> = None;
+    let mut meta: Option<(String, TableMeta)> = None;
     while let Some(req) = requests.recv().await {
         let id = req.id;
         if client.as_ref().is_none_or(Client::is_closed) {
@@ -215,11 +230,15 @@ async fn reader_task(
             }
         }
         let Some(c) = client.as_ref() else { continue };
-        let answer = match read_chunk(&cfg, c, req, &answers).await {
+        let answer = match read_chunk(&cfg, c, req, &mut meta, &answers).await {
             Ok(()) => continue,
-            Err(ReadError::Unreadable(reason)) => Answer::Unreadable { id, reason },
+            Err(ReadError::Unreadable(reason)) => {
+                meta = None;
+                Answer::Unreadable { id, reason }
+            }
             Err(ReadError::Failed(error)) => {
                 client = None;
+                meta = None;
                 Answer::Failed { id, error }
             }
         };
@@ -230,22 +249,42 @@ async fn reader_task(
 }
 
 async fn emit(client: &Client, slot: &str, mark: Mark, id: u64) -> Result<(), ReadError> {
-    client
-        .execute(
-            "SELECT pg_logical_emit_message(false, $1, $2)",
-            &[&WATERMARK_PREFIX, &watermark_content(slot, mark, id)],
-        )
-        .await?;
+    let content = watermark_content(slot, mark, id);
+    match mark {
+        Mark::Low => {
+            client
+                .execute(
+                    "SELECT pg_logical_emit_message(false, $1, $2)",
+                    &[&WATERMARK_PREFIX, &content],
+                )
+                .await?;
+        }
+        // A non-transactional message is not flushed: the walsender would
+        // send it only when someone's commit (or the WAL writer, up to
+        // wal_writer_delay later) flushed it, which on a quiet database
+        // made every chunk wait ~200 ms. A transactional message in the
+        // same implicit transaction takes an xid, so its commit flushes
+        // the WAL up to and including the high watermark.
+        Mark::High => {
+            client
+                .batch_execute(&format!(
+                    "SELECT pg_logical_emit_message(false, {p}, {c}); \
+                     SELECT pg_logical_emit_message(true, {p}, 'flush')",
+                    p = quote_literal(WATERMARK_PREFIX),
+                    c = quote_literal(&content)
+                ))
+                .await?;
+        }
+    }
     Ok(())
 }
 
-async fn read_chunk(
+async fn table_meta(
     cfg: &SourceConfig,
     client: &Client,
-    req: Request,
-    answers: &mpsc::Sender<Answer>,
-) -> Result<(), ReadError> {
-    let name = Collection::parse(&req.job.table)
+    table: &str,
+) -> Result<TableMeta, ReadError> {
+    let name = Collection::parse(table)
         .ok_or_else(|| ReadError::Unreadable("not a schema.table name".to_owned()))?;
     let row = client
         .query_opt(
@@ -301,14 +340,43 @@ async fn read_chunk(
         key_types.push(t);
     }
     let quoted = format!("{}.{}", quote_ident(&name.schema), quote_ident(&name.table));
+    Ok(TableMeta {
+        quoted,
+        columns,
+        key_types,
+        name: Arc::new(TableName {
+            prefix: cfg.prefix.clone(),
+            database: cfg.params.dbname.clone(),
+            schema: name.schema.clone(),
+            table: name.table.clone(),
+        }),
+    })
+}
+
+async fn read_chunk(
+    cfg: &SourceConfig,
+    client: &Client,
+    req: Request,
+    cache: &mut Option<(String, TableMeta)>,
+    answers: &mpsc::Sender<Answer>,
+) -> Result<(), ReadError> {
+    let meta = match cache {
+        Some((table, meta)) if *table == req.job.table => meta.clone(),
+        _ => {
+            let meta = table_meta(cfg, client, &req.job.table).await?;
+            *cache = Some((req.job.table.clone(), meta.clone()));
+            meta
+        }
+    };
     let sql = chunk_query(
-        &quoted,
-        &columns,
-        &key_types,
+        &meta.quoted,
+        &meta.columns,
+        &meta.key_types,
         req.job.filter.as_deref(),
         req.job.after.as_ref(),
         req.limit,
     );
+    let columns = meta.columns.clone();
 
     emit(client, &cfg.slot, Mark::Low, req.id).await?;
     client
@@ -339,12 +407,7 @@ async fn read_chunk(
             return Err(e);
         }
     };
-    let table = Arc::new(TableName {
-        prefix: cfg.prefix.clone(),
-        database: cfg.params.dbname.clone(),
-        schema: name.schema.clone(),
-        table: name.table.clone(),
-    });
+    let table = meta.name.clone();
     // The rows go first, the high watermark after: the loop meets the
     // watermark only once the rows wait in its channel.
     let read = Answer::Read {
@@ -416,9 +479,13 @@ pub struct Incremental {
     in_flight: Option<(u64, String)>,
     /// Its rows, once read.
     ready: Option<ReadyChunk>,
-    /// The high watermark whose rows Kafka must acknowledge before the
-    /// progress is written and the next chunk requested.
-    awaiting: Option<Lsn>,
+    /// Chunks sent and not yet acknowledged by Kafka: their high
+    /// watermark and the plan as it stood after each. Reads go on while
+    /// Kafka catches up; the progress written is only ever an
+    /// acknowledged one.
+    unacked: VecDeque<(Lsn, Plan)>,
+    /// The plan as last written (acknowledged progress, every signal).
+    saved: Plan,
     retry_at: Option<Instant>,
     next_id: u64,
     progress_warned: bool,
@@ -442,13 +509,14 @@ impl Incremental {
             .map_or(1, |d| d.as_micros() as u64);
         Ok(Incremental {
             cfg,
+            saved: plan.clone(),
             plan,
             window: Window::new(RECENT_CHANGES),
             requests,
             answers,
             in_flight: None,
             ready: None,
-            awaiting: None,
+            unacked: VecDeque::new(),
             retry_at: None,
             next_id,
             progress_warned: false,
@@ -458,7 +526,17 @@ impl Incremental {
 
     /// Whether a chunk's acknowledgement is awaited.
     pub fn awaiting(&self) -> Option<Lsn> {
-        self.awaiting
+        self.unacked.front().map(|(lsn, _)| *lsn)
+    }
+
+    /// Applies a change of the queue to the live plan, the saved one and
+    /// every unacknowledged one, so a later write keeps it.
+    fn each_plan(&mut self, mut f: impl FnMut(&mut Plan)) {
+        f(&mut self.plan);
+        f(&mut self.saved);
+        for (_, p) in &mut self.unacked {
+            f(p);
+        }
     }
 
     /// The next answer of the chunk reader.
@@ -490,7 +568,7 @@ impl Incremental {
             self.window.follow(&table);
         }
         if self.in_flight.is_some()
-            || self.awaiting.is_some()
+            || self.unacked.len() >= MAX_UNACKED
             || self.retry_at.is_some_and(|t| Instant::now() < t)
         {
             return;
@@ -554,9 +632,7 @@ impl Incremental {
                     tracing::warn!(source = %self.cfg.name, table = %table, "incremental snapshot of {table} skipped: {reason}");
                     metrics.signal_ignored(&self.cfg.name);
                     self.abandon();
-                    if self.plan.queue.front().is_some_and(|j| j.table == table) {
-                        self.plan.skip_current();
-                    }
+                    self.each_plan(|p| p.queue.retain(|j| j.table != table));
                     self.persist(client).await?;
                 }
             }
@@ -593,6 +669,12 @@ impl Incremental {
             return Ok(());
         }
         let applied = self.plan.apply(&signal);
+        self.saved.first_time(id);
+        self.saved.apply(&signal);
+        for (_, p) in &mut self.unacked {
+            p.first_time(id);
+            p.apply(&signal);
+        }
         match &applied {
             Applied::Queued(t) => {
                 tracing::info!(source = %self.cfg.name, signal = %id, tables = %t.join(","), "incremental snapshot queued");
@@ -621,24 +703,25 @@ impl Incremental {
         self.persist(client).await
     }
 
-    /// A watermark of ours came through the stream at `lsn`.
+    /// A watermark of ours came through the stream at `lsn`; returns the
+    /// position handed to the sink as a transaction end, if any.
     pub async fn on_watermark(
         &mut self,
         lsn: Lsn,
         content: &str,
         out: &mut SourceSink,
         metrics: &Metrics,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Lsn>, Error> {
         let Some((slot, mark, id)) = parse_watermark(content) else {
-            return Ok(());
+            return Ok(None);
         };
         if slot != self.cfg.slot || self.in_flight.as_ref().is_none_or(|(i, _)| *i != id) {
-            return Ok(());
+            return Ok(None);
         }
         match mark {
             Mark::Low => {
                 let _ = self.window.low(id);
-                Ok(())
+                Ok(None)
             }
             Mark::High => {
                 // The rows were queued before the watermark was written.
@@ -658,11 +741,11 @@ impl Incremental {
                     }
                 }
                 let Some((table, columns, chunk)) = self.ready.take() else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 let Ok(emit) = self.window.high(chunk) else {
                     self.abandon();
-                    return Ok(());
+                    return Ok(None);
                 };
                 let taken_ms = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -705,8 +788,8 @@ impl Incremental {
                         self.window.idle();
                     }
                 }
-                self.awaiting = Some(lsn);
-                Ok(())
+                self.unacked.push_back((lsn, self.plan.clone()));
+                Ok(Some(lsn))
             }
         }
     }
@@ -714,9 +797,13 @@ impl Incremental {
     /// Kafka confirmed up to `confirmed`: once the last chunk's rows are
     /// in, the progress is written and the next chunk may be requested.
     pub async fn on_confirmed(&mut self, confirmed: Lsn, client: &Client) -> Result<(), Error> {
-        if self.awaiting.is_some_and(|l| l <= confirmed) {
+        let mut acked = None;
+        while self.unacked.front().is_some_and(|(l, _)| *l <= confirmed) {
+            acked = self.unacked.pop_front().map(|(_, p)| p);
+        }
+        if let Some(p) = acked {
+            self.saved = p;
             self.persist(client).await?;
-            self.awaiting = None;
         }
         Ok(())
     }
@@ -728,7 +815,7 @@ impl Incremental {
             signal_table(&self.cfg)
         );
         let id = progress_id(&self.cfg);
-        let data = self.plan.to_json();
+        let data = self.saved.to_json();
         match client
             .execute(&sql, &[&id, &crate::signal::PROGRESS_TYPE, &data])
             .await

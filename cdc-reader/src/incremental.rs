@@ -435,11 +435,6 @@ impl Plan {
             false
         }
     }
-
-    /// Drops the table in progress (it cannot be read); returns it.
-    pub fn skip_current(&mut self) -> Option<Job> {
-        self.queue.pop_front()
-    }
 }
 
 #[cfg(test)]

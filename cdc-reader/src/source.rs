@@ -703,11 +703,12 @@ impl StreamLoop<'_, '_> {
                     .await?;
             }
             Action::Watermark { lsn, content } => {
-                self.incremental
+                if let Some(end) = self
+                    .incremental
                     .on_watermark(lsn, &content, &mut self.out, self.session.metrics)
-                    .await?;
-                if self.incremental.awaiting() == Some(lsn) {
-                    self.last_end = self.last_end.max(lsn);
+                    .await?
+                {
+                    self.last_end = self.last_end.max(end);
                 }
             }
         }
