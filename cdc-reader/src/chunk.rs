@@ -170,6 +170,7 @@ enum Answer {
         table: Arc<TableName>,
         columns: Arc<[Column]>,
         chunk: ChunkRead<Row>,
+        estimated: u64,
     },
     /// The attempt failed; try again later.
     Failed { id: u64, error: Error },
@@ -209,6 +210,8 @@ struct TableMeta {
     columns: Arc<[Column]>,
     key_types: Vec<String>,
     name: Arc<TableName>,
+    /// `pg_class.reltuples` when the table's turn came (an estimate).
+    estimated: u64,
 }
 
 async fn reader_task(
@@ -290,7 +293,7 @@ async fn table_meta(
         .query_opt(
             "SELECT c.oid, \
              EXISTS (SELECT FROM pg_publication_tables p WHERE p.pubname = $3 AND p.schemaname = $1 AND p.tablename = $2), \
-             has_table_privilege(c.oid, 'SELECT') \
+             has_table_privilege(c.oid, 'SELECT'), greatest(c.reltuples, 0)::int8 \
              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&name.schema, &name.table, &cfg.publication],
@@ -301,7 +304,8 @@ async fn table_meta(
             "the table does not exist; check the name in data-collections".to_owned(),
         ));
     };
-    let (oid, published, readable): (u32, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    let (oid, published, readable, estimated): (u32, bool, bool, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
     if !published || !cfg.includes(&name.schema, &name.table) {
         return Err(ReadError::Unreadable(format!(
             "the table is not captured: ALTER PUBLICATION {} ADD TABLE {} (and check --include-tables/--exclude-tables)",
@@ -344,6 +348,7 @@ async fn table_meta(
         quoted,
         columns,
         key_types,
+        estimated: u64::try_from(estimated).unwrap_or(0),
         name: Arc::new(TableName {
             prefix: cfg.prefix.clone(),
             database: cfg.params.dbname.clone(),
@@ -412,6 +417,7 @@ async fn read_chunk(
     // watermark only once the rows wait in its channel.
     let read = Answer::Read {
         table,
+        estimated: meta.estimated,
         columns,
         chunk: ChunkRead {
             id: req.id,
@@ -609,7 +615,9 @@ impl Incremental {
                 table,
                 columns,
                 chunk,
+                estimated,
             } => {
+                metrics.incremental_estimated(&self.cfg.name, &table.topic(), estimated);
                 if self
                     .in_flight
                     .as_ref()
@@ -731,7 +739,15 @@ impl Incremental {
                             table,
                             columns,
                             chunk,
-                        }) if chunk.id == id => self.ready = Some((table, columns, chunk)),
+                            estimated,
+                        }) if chunk.id == id => {
+                            metrics.incremental_estimated(
+                                &self.cfg.name,
+                                &table.topic(),
+                                estimated,
+                            );
+                            self.ready = Some((table, columns, chunk));
+                        }
                         Some(_) => {}
                         None => {
                             return Err(Error::Replication(

@@ -105,6 +105,7 @@ pub struct Metrics {
     incremental_chunks: Family<SourceTable, Counter>,
     incremental_rows: Family<SourceTable, Counter>,
     incremental_dropped: Family<SourceTable, Counter>,
+    incremental_estimated: Family<SourceTable, Gauge>,
 }
 
 fn gauge_value(v: u64) -> i64 {
@@ -249,6 +250,17 @@ impl Metrics {
             .inc_by(dropped);
     }
 
+    /// The estimated row count (`pg_class.reltuples`) of a table whose
+    /// incremental snapshot runs.
+    pub fn incremental_estimated(&self, name: &str, table: &str, estimated: u64) {
+        self.incremental_estimated
+            .get_or_create(&SourceTable {
+                source: name.to_owned(),
+                table: table.to_owned(),
+            })
+            .set(gauge_value(estimated));
+    }
+
     /// Whether every source is streaming or snapshotting.
     pub fn healthy(&self) -> bool {
         let s = self.sources();
@@ -330,6 +342,11 @@ impl Metrics {
             "cdc_incremental_rows_superseded",
             "Incremental snapshot rows not sent because the stream delivered a newer state",
             self.incremental_dropped.clone(),
+        );
+        r.register(
+            "cdc_incremental_rows_estimated",
+            "Estimated rows of a table under incremental snapshot (pg_class.reltuples)",
+            self.incremental_estimated.clone(),
         );
         r.register(
             "cdc_source_reconnects",
