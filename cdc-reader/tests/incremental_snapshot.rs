@@ -293,7 +293,24 @@ GRANT SELECT, INSERT, UPDATE ON cdc_signal TO cdc_reader;
     assert_eq!(p["queue"][0]["table"], "public.extra", "{p}");
     assert_eq!(chunks_done(&p), Some(0), "no chunk while paused: {p}");
 
-    signal(&db, "r1", "resume-snapshot", None).await;
+    // Resumed from the command line, with the reader's own settings.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cdc-reader"))
+        .args([
+            "signal",
+            "resume-snapshot",
+            "--db",
+            &db.name,
+            "--",
+            "--source",
+        ])
+        .arg(format!("{}={}", db.name, db.cdc_url))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cdc-reader signal: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_progress(&db, &reader, "(extra done)", |p| {
         p["queue"].as_array().is_some_and(Vec::is_empty)
     })
