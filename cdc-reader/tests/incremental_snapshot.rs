@@ -2,8 +2,9 @@
 //! deletes rows of the same table, with the reader killed (kill -9) in the
 //! middle of it: the reader started with `--snapshot-mode never`, so the
 //! rows that existed before reach the topic only through the incremental
-//! snapshot, and the topic must still replay to the table. The restarted
-//! reader resumes from its saved progress, not from the first chunk.
+//! snapshot, and the topic must still replay to the table. Killed three
+//! times; each restarted reader resumes from its saved progress, not from
+//! the first chunk.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -128,7 +129,25 @@ async fn a_signalled_snapshot_under_load_and_kill_9_replays_to_the_table() {
         tail(&log, 30)
     );
     reader.kill9();
-    let killed_at = chunks_done(&p).unwrap();
+    let mut killed_at = vec![chunks_done(&p).unwrap()];
+
+    // Two more kills, each a few chunks after the restart resumed.
+    for _ in 0..2 {
+        let reader = Reader::start(&db, &args);
+        let resumed = wait_log(&reader, &["resuming incremental snapshot"]).await;
+        let last = *killed_at.last().unwrap();
+        assert!(
+            !resumed.contains("chunks_done=0"),
+            "resumed from saved progress (killed after {last} chunks): {resumed}"
+        );
+        let p = wait_progress(&db, &reader, "of 5 more chunks", |p| {
+            chunks_done(p).is_some_and(|c| c >= last + 5)
+        })
+        .await;
+        let mut reader = reader;
+        reader.kill9();
+        killed_at.push(chunks_done(&p).unwrap());
+    }
 
     let mut reader = Reader::start(&db, &args);
     let restarted = Instant::now();
@@ -143,11 +162,11 @@ async fn a_signalled_snapshot_under_load_and_kill_9_replays_to_the_table() {
         .unwrap_or_else(|| panic!("no resume line:\n{}", tail(&log, 30)));
     assert!(
         !resumed.contains("chunks_done=0"),
-        "resumed from saved progress (killed after {killed_at} chunks): {resumed}"
+        "resumed from saved progress (killed after {killed_at:?} chunks): {resumed}"
     );
     assert!(done["paused"].as_bool() == Some(false));
     eprintln!(
-        "killed after {killed_at} chunks; the restarted reader finished in {:.1} s",
+        "killed after {killed_at:?} chunks; the last reader finished in {:.1} s",
         restarted.elapsed().as_secs_f64()
     );
 
