@@ -185,7 +185,7 @@ pub struct Config {
     pub signal_table: String,
 
     /// Rows per chunk of an incremental snapshot.
-    #[arg(long, env = "CDC_INCREMENTAL_CHUNK_SIZE", default_value_t = 1024,
+    #[arg(long, env = "CDC_INCREMENTAL_CHUNK_SIZE", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub incremental_chunk_size: u64,
 }
@@ -525,7 +525,7 @@ mod tests {
             .source_configs()
             .unwrap();
         assert_eq!(s[0].signal_table.to_string(), "public.cdc_signal");
-        assert_eq!(s[0].chunk_size, 1024);
+        assert_eq!(s[0].chunk_size, 4096);
         assert!(!s[0].includes("public", "cdc_signal"), "never a topic");
         let e = parse(&[
             "--source",
