@@ -502,9 +502,7 @@ impl Incremental {
     /// Loads the persisted plan and starts the chunk reader.
     pub async fn start(cfg: Arc<SourceConfig>, client: &Client) -> Result<Self, Error> {
         let plan = load_plan(&cfg, client).await?;
-        if cfg.exactly_once && !plan.queue.is_empty() {
-            tracing::warn!(source = %cfg.name, queued = plan.queue.len(), "the saved incremental snapshot waits: it does not work with --exactly-once true yet");
-        } else if let Some(job) = plan.queue.front() {
+        if let Some(job) = plan.queue.front() {
             tracing::info!(source = %cfg.name, table = %job.table, chunks_done = job.chunks, queued = plan.queue.len(), paused = plan.paused, "resuming incremental snapshot");
         }
         let (requests, req_rx) = mpsc::channel(1);
@@ -572,9 +570,6 @@ impl Incremental {
 
     /// Requests the next chunk when nothing is in flight.
     pub fn poll(&mut self) {
-        if self.cfg.exactly_once {
-            return;
-        }
         if let Some(table) = self.plan.queue.front().and_then(Job::collection) {
             self.window.follow(&table);
         }
@@ -679,13 +674,6 @@ impl Incremental {
         };
         if !self.plan.first_time(id) {
             tracing::info!(source = %self.cfg.name, signal = %id, "signal already acted on (re-sent after a restart)");
-            return Ok(());
-        }
-        if self.cfg.exactly_once && matches!(signal, Signal::ExecuteSnapshot(_)) {
-            // Seen: with --exactly-once the chunks' Kafka transactions were
-            // never confirmed and the snapshot stalled after its first table.
-            tracing::warn!(source = %self.cfg.name, signal = %id, "signal {id:?} ignored: incremental snapshots do not work with --exactly-once true yet; restart without it to run one");
-            metrics.signal_ignored(&self.cfg.name);
             return Ok(());
         }
         let applied = self.plan.apply(&signal);

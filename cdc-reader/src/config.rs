@@ -309,8 +309,6 @@ pub struct SourceConfig {
     pub signal_table: Collection,
     /// Rows per incremental snapshot chunk.
     pub chunk_size: usize,
-    /// `--exactly-once`: incremental snapshots are refused (not supported yet).
-    pub exactly_once: bool,
 }
 
 impl SourceConfig {
@@ -360,11 +358,6 @@ fn split_pair(s: &str, what: &str) -> Result<(String, String), Error> {
 impl Config {
     /// Resolves the list of sources (flags, then `CDC_SOURCES`, then the defaults).
     pub fn source_configs(&self) -> Result<Vec<SourceConfig>, Error> {
-        if self.exactly_once && self.snapshot_mode == SnapshotMode::InitialIncremental {
-            return Err(Error::Config(
-                "--snapshot-mode initial-incremental does not work with --exactly-once true yet: use --snapshot-mode initial".to_owned(),
-            ));
-        }
         let signal_table = Collection::parse(self.signal_table.trim()).ok_or_else(|| {
             Error::Config(format!(
                 "--signal-table {:?}: write schema.table, e.g. public.cdc_signal",
@@ -458,7 +451,6 @@ impl Config {
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
                 signal_table: signal_table.clone(),
                 chunk_size: self.incremental_chunk_size as usize,
-                exactly_once: self.exactly_once,
             });
         }
         let mut slots: Vec<&str> = out.iter().map(|s| s.slot.as_str()).collect();
@@ -536,17 +528,6 @@ mod tests {
         .source_configs()
         .unwrap_err();
         assert!(e.to_string().contains("schema.table"), "{e}");
-        let e = parse(&[
-            "--source",
-            "shop=postgres://u@h/db",
-            "--snapshot-mode",
-            "initial-incremental",
-            "--exactly-once",
-            "true",
-        ])
-        .source_configs()
-        .unwrap_err();
-        assert!(e.to_string().contains("--exactly-once"), "{e}");
     }
 
     #[test]
