@@ -112,3 +112,29 @@ BEGIN
     END IF;
 END
 $$;
+
+-- The CDC signal table (README, "Incremental snapshots and signals"):
+-- Debezium's columns; a user inserts execute-snapshot, stop-snapshot,
+-- pause-snapshot or resume-snapshot rows, the reader sees them through the
+-- publication (never as a topic) and keeps its own snapshot progress in one
+-- row of type 'snapshot-progress' per slot. Hence INSERT and UPDATE for the
+-- CDC role on this table only. Tables the application creates later are
+-- readable by the CDC role without a manual GRANT (default privileges), so
+-- adding one to the publication and signalling a snapshot is enough.
+CREATE TABLE IF NOT EXISTS cdc_signal (
+    id   text PRIMARY KEY,
+    type text NOT NULL,
+    data text
+);
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_publication_tables
+                   WHERE pubname = 'instashop_cdc' AND schemaname = 'public' AND tablename = 'cdc_signal') THEN
+        ALTER PUBLICATION instashop_cdc ADD TABLE cdc_signal;
+    END IF;
+    IF EXISTS (SELECT FROM pg_roles WHERE rolname = 'cdc_reader') THEN
+        GRANT SELECT, INSERT, UPDATE ON cdc_signal TO cdc_reader;
+        ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO cdc_reader;
+    END IF;
+END
+$$;

@@ -119,6 +119,8 @@ pub enum SnapshotMarker {
     InProgress,
     /// Last row of the snapshot: `"last"`.
     Last,
+    /// A row of an incremental snapshot chunk: `"incremental"`.
+    Incremental,
 }
 
 /// The `source` block's facts that come from the replication stream.

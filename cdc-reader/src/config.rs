@@ -12,6 +12,7 @@ use clap::{ArgAction, Parser, ValueEnum};
 
 use crate::error::Error;
 use crate::replication::ConnectParams;
+use crate::signal::Collection;
 use crate::value::DecimalMode;
 
 /// When to copy the rows that already exist.
@@ -25,6 +26,11 @@ pub enum SnapshotMode {
     Never,
     /// Like `initial`, and also drop and recreate a lost slot, then snapshot again.
     WhenNeeded,
+    /// Like `initial`, but the existing rows come as an incremental
+    /// snapshot (chunks between watermarks, while streaming): no exported
+    /// snapshot is held for the whole copy, and a kill -9 resumes with the
+    /// next chunk instead of starting over.
+    InitialIncremental,
 }
 
 /// The four databases of the local stack and their env variables.
@@ -171,6 +177,105 @@ pub struct Config {
     #[arg(long, env = "CDC_TRANSACTION_MAX_RECORDS", default_value_t = 20_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub transaction_max_records: u64,
+
+    /// The signal table (`schema.table`, Debezium's columns `id`, `type`,
+    /// `data`): inserts into it steer incremental snapshots. It must be in
+    /// the publication; it is never published as a topic.
+    #[arg(long, env = "CDC_SIGNAL_TABLE", default_value = "public.cdc_signal")]
+    pub signal_table: String,
+
+    /// Rows per chunk of an incremental snapshot.
+    #[arg(long, env = "CDC_INCREMENTAL_CHUNK_SIZE", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub incremental_chunk_size: u64,
+}
+
+/// What `cdc-reader signal` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SignalKind {
+    /// Queue tables for an incremental snapshot.
+    ExecuteSnapshot,
+    /// Drop tables (all when none is named) from the snapshot queue.
+    StopSnapshot,
+    /// No new chunk until resumed; streaming goes on.
+    PauseSnapshot,
+    /// Resume a paused snapshot.
+    ResumeSnapshot,
+}
+
+/// `cdc-reader signal ACTION [TABLE...]`: writes one row into a source's
+/// signal table, with the reader's own connection settings (flags or the
+/// env file), so nobody has to write the JSON by hand. The running reader
+/// acts on it when the row arrives through the stream.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "cdc-reader signal")]
+pub struct SignalCommand {
+    /// What to ask for.
+    #[arg(value_enum)]
+    pub action: SignalKind,
+    /// Tables as schema.table (execute-snapshot: at least one).
+    pub tables: Vec<String>,
+    /// The source (database logical name) to signal.
+    #[arg(long, default_value = "instashop")]
+    pub db: String,
+    /// Row filter for execute-snapshot (`additional-conditions`), an SQL
+    /// boolean expression applied to every named table.
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Reader options (`--source NAME=URL`, `--signal-table`, ...), after `--`.
+    #[arg(last = true)]
+    pub reader: Vec<String>,
+}
+
+impl SignalCommand {
+    /// The row's `type` and `data`.
+    pub fn row(&self) -> (&'static str, Option<String>) {
+        let tables = serde_json::Value::from(self.tables.clone());
+        match self.action {
+            SignalKind::ExecuteSnapshot => {
+                let mut data = serde_json::json!({
+                    "data-collections": tables,
+                    "type": "incremental",
+                });
+                if let Some(f) = &self.filter {
+                    let conditions: Vec<serde_json::Value> = self
+                        .tables
+                        .iter()
+                        .map(|t| serde_json::json!({"data-collection": t, "filter": f}))
+                        .collect();
+                    data["additional-conditions"] = conditions.into();
+                }
+                ("execute-snapshot", Some(data.to_string()))
+            }
+            SignalKind::StopSnapshot if self.tables.is_empty() => ("stop-snapshot", None),
+            SignalKind::StopSnapshot => (
+                "stop-snapshot",
+                Some(
+                    serde_json::json!({"data-collections": tables, "type": "incremental"})
+                        .to_string(),
+                ),
+            ),
+            SignalKind::PauseSnapshot => ("pause-snapshot", None),
+            SignalKind::ResumeSnapshot => ("resume-snapshot", None),
+        }
+    }
+
+    /// The source to write to, resolved like the reader's.
+    pub fn source(&self) -> Result<SourceConfig, Error> {
+        let mut args = vec!["cdc-reader".to_owned()];
+        args.extend(self.reader.iter().cloned());
+        let config = Config::try_parse_from(args).map_err(|e| Error::Config(e.to_string()))?;
+        config
+            .source_configs()?
+            .into_iter()
+            .find(|s| s.name == self.db)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "no source named {:?}; name one with --db or pass --source NAME=URL after --",
+                    self.db
+                ))
+            })
+    }
 }
 
 /// One database to capture, resolved from [`Config`].
@@ -200,14 +305,28 @@ pub struct SourceConfig {
     pub heartbeat: Option<Duration>,
     /// How long shutdown waits for Kafka acknowledgements (`--shutdown-timeout-secs`).
     pub shutdown_timeout: Duration,
+    /// The signal table.
+    pub signal_table: Collection,
+    /// Rows per incremental snapshot chunk.
+    pub chunk_size: usize,
 }
 
 impl SourceConfig {
     /// Whether `schema.table` is captured.
     pub fn includes(&self, schema: &str, table: &str) -> bool {
+        if self.is_signal_table(schema, table) {
+            return false;
+        }
         let matches = |entry: &String| table_matches(entry, schema, table);
         (self.include.is_empty() || self.include.iter().any(matches))
             && !self.exclude.iter().any(matches)
+    }
+}
+
+impl SourceConfig {
+    /// Whether `schema.table` is the signal table (read, never published).
+    pub fn is_signal_table(&self, schema: &str, table: &str) -> bool {
+        self.signal_table.schema == schema && self.signal_table.table == table
     }
 }
 
@@ -239,6 +358,12 @@ fn split_pair(s: &str, what: &str) -> Result<(String, String), Error> {
 impl Config {
     /// Resolves the list of sources (flags, then `CDC_SOURCES`, then the defaults).
     pub fn source_configs(&self) -> Result<Vec<SourceConfig>, Error> {
+        let signal_table = Collection::parse(self.signal_table.trim()).ok_or_else(|| {
+            Error::Config(format!(
+                "--signal-table {:?}: write schema.table, e.g. public.cdc_signal",
+                self.signal_table
+            ))
+        })?;
         let mut pairs = Vec::new();
         if !self.sources.is_empty() {
             for s in &self.sources {
@@ -324,6 +449,8 @@ impl Config {
                 heartbeat: (self.heartbeat_secs > 0)
                     .then(|| Duration::from_secs(self.heartbeat_secs)),
                 shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+                signal_table: signal_table.clone(),
+                chunk_size: self.incremental_chunk_size as usize,
             });
         }
         let mut slots: Vec<&str> = out.iter().map(|s| s.slot.as_str()).collect();
@@ -382,6 +509,25 @@ mod tests {
         let mut v = vec!["cdc-reader"];
         v.extend_from_slice(args);
         Config::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn signal_table_and_incremental_settings() {
+        let s = parse(&["--source", "shop=postgres://u@h/db"])
+            .source_configs()
+            .unwrap();
+        assert_eq!(s[0].signal_table.to_string(), "public.cdc_signal");
+        assert_eq!(s[0].chunk_size, 4096);
+        assert!(!s[0].includes("public", "cdc_signal"), "never a topic");
+        let e = parse(&[
+            "--source",
+            "shop=postgres://u@h/db",
+            "--signal-table",
+            "cdc_signal",
+        ])
+        .source_configs()
+        .unwrap_err();
+        assert!(e.to_string().contains("schema.table"), "{e}");
     }
 
     #[test]

@@ -13,9 +13,10 @@
 
 use std::sync::Arc;
 
-use crate::change::{Change, Lsn, Op, Row, SnapshotMarker, Source, TableName};
+use crate::change::{Change, Datum, Lsn, Op, Row, SnapshotMarker, Source, TableName};
 use crate::config::SourceConfig;
 use crate::error::Error;
+use crate::incremental::WATERMARK_PREFIX;
 use crate::pgoutput::{Message, PG_EPOCH_OFFSET_US, ReplicationFrame};
 use crate::relation::{CatalogKey, KnownKeys, RelationCache, to_row, update_rows};
 
@@ -86,6 +87,22 @@ pub enum Action {
     Idle(Lsn),
     /// The server asked for a status update now.
     ReplyNow,
+    /// A row inserted into the signal table (its columns as text).
+    Signal {
+        /// `id`.
+        id: String,
+        /// `type`.
+        kind: String,
+        /// `data`.
+        data: Option<String>,
+    },
+    /// A watermark message of ours (see `incremental`).
+    Watermark {
+        /// The message's LSN.
+        lsn: Lsn,
+        /// Its content.
+        content: String,
+    },
 }
 
 /// The transaction being decoded.
@@ -237,7 +254,36 @@ impl<'k> Decoder<'k> {
                 self.relations
                     .replace(oid, table, replica_identity, &columns, included);
             }
+            Message::LogicalMessage {
+                prefix,
+                content,
+                lsn,
+                ..
+            } if prefix == WATERMARK_PREFIX => {
+                actions.push(Action::Watermark {
+                    lsn,
+                    content: String::from_utf8_lossy(&content).into_owned(),
+                });
+            }
             Message::Type { .. } | Message::Origin { .. } | Message::LogicalMessage { .. } => {}
+            Message::Insert { oid, new } if self.is_signal(oid) => {
+                let rel = self.relations.get(oid)?;
+                let row = to_row(&rel.columns, new)?;
+                let text = |name: &str| {
+                    rel.columns
+                        .iter()
+                        .position(|c| c.name == name)
+                        .and_then(|i| match &row[i] {
+                            Datum::Text(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                            _ => None,
+                        })
+                };
+                actions.push(Action::Signal {
+                    id: text("id").unwrap_or_default(),
+                    kind: text("type").unwrap_or_default(),
+                    data: text("data"),
+                });
+            }
             Message::Insert { oid, new } => {
                 self.change(oid, wal_start, Op::Create, actions, |columns| {
                     Ok((None, Some(to_row(columns, new)?)))
@@ -261,6 +307,13 @@ impl<'k> Decoder<'k> {
             }
         }
         Ok(())
+    }
+
+    /// Whether relation `oid` is the signal table.
+    fn is_signal(&self, oid: u32) -> bool {
+        self.relations
+            .get(oid)
+            .is_ok_and(|r| self.cfg.is_signal_table(&r.table.schema, &r.table.table))
     }
 
     /// One row change (or truncate) of relation `oid`, when it is captured;
@@ -396,6 +449,84 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// An insert into the signal table becomes a signal, never a change
+    /// to send; our watermark messages are handed on, others' ignored.
+    #[test]
+    fn signal_rows_and_watermarks() {
+        let mut keys = KnownKeys::new();
+        let mut d = Decoder::new(cfg(&[]), &mut keys);
+        let col = |n: &str| RelationColumn {
+            is_key: n == "id",
+            name: n.into(),
+            type_oid: 25,
+            type_modifier: -1,
+        };
+        let text = |v: &str| TupleValue::Text(Bytes::copy_from_slice(v.as_bytes()));
+        let actions = run(
+            &mut d,
+            vec![
+                msg(
+                    0,
+                    Message::Relation {
+                        oid: 20,
+                        namespace: "public".into(),
+                        name: "cdc_signal".into(),
+                        replica_identity: b'd',
+                        columns: vec![col("id"), col("type"), col("data")],
+                    },
+                ),
+                begin(5_000),
+                msg(
+                    4_100,
+                    Message::Insert {
+                        oid: 20,
+                        new: vec![text("s1"), text("pause-snapshot"), TupleValue::Null],
+                    },
+                ),
+                commit(5_100),
+                msg(
+                    0,
+                    Message::LogicalMessage {
+                        transactional: false,
+                        lsn: 6_000,
+                        prefix: WATERMARK_PREFIX.into(),
+                        content: Bytes::from_static(b"slot low 1"),
+                    },
+                ),
+                msg(
+                    0,
+                    Message::LogicalMessage {
+                        transactional: false,
+                        lsn: 6_100,
+                        prefix: "instashop_cdc_heartbeat".into(),
+                        content: Bytes::new(),
+                    },
+                ),
+            ],
+            &pk_id(),
+        );
+        assert!(sent(&actions).is_empty(), "the signal table is never sent");
+        let signals: Vec<_> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Signal { id, kind, data } => Some((id.clone(), kind.clone(), data.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            signals,
+            vec![("s1".to_owned(), "pause-snapshot".to_owned(), None)]
+        );
+        let marks: Vec<_> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Watermark { lsn, content } => Some((*lsn, content.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(marks, vec![(6_000, "slot low 1".to_owned())]);
     }
 
     #[test]

@@ -413,6 +413,7 @@ impl Encoder {
             SnapshotMarker::First => b"\"first\"",
             SnapshotMarker::InProgress => b"\"true\"",
             SnapshotMarker::Last => b"\"last\"",
+            SnapshotMarker::Incremental => b"\"incremental\"",
         });
         out.extend_from_slice(b",\"db\":");
         write_str(&mut out, &table.database);

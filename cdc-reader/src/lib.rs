@@ -9,13 +9,16 @@
 pub mod ack;
 pub mod change;
 pub mod checkpoint;
+pub mod chunk;
 pub mod config;
 pub mod decoder;
 pub mod error;
+pub mod incremental;
 pub mod metrics;
 pub mod pgoutput;
 pub mod relation;
 pub mod replication;
+pub mod signal;
 pub mod slot;
 pub mod snapshot;
 pub mod source;

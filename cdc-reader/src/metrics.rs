@@ -101,6 +101,11 @@ pub struct Metrics {
     snapshot_copied: Family<SourceTable, Gauge>,
     snapshot_estimated: Family<SourceTable, Gauge>,
     snapshot_done: Family<SourceTable, Gauge>,
+    signals_ignored: Family<SourceLabel, Counter>,
+    incremental_chunks: Family<SourceTable, Counter>,
+    incremental_rows: Family<SourceTable, Counter>,
+    incremental_dropped: Family<SourceTable, Counter>,
+    incremental_estimated: Family<SourceTable, Gauge>,
 }
 
 fn gauge_value(v: u64) -> i64 {
@@ -226,6 +231,36 @@ impl Metrics {
             .set(i64::from(done));
     }
 
+    /// Counts a malformed signal row that was ignored.
+    pub fn signal_ignored(&self, name: &str) {
+        self.signals_ignored.get_or_create(&source(name)).inc();
+    }
+
+    /// Counts one incremental snapshot chunk of `table`: `sent` rows went
+    /// out, `dropped` were superseded by streamed changes.
+    pub fn incremental_chunk(&self, name: &str, table: &str, sent: u64, dropped: u64) {
+        let label = SourceTable {
+            source: name.to_owned(),
+            table: table.to_owned(),
+        };
+        self.incremental_chunks.get_or_create(&label).inc();
+        self.incremental_rows.get_or_create(&label).inc_by(sent);
+        self.incremental_dropped
+            .get_or_create(&label)
+            .inc_by(dropped);
+    }
+
+    /// The estimated row count (`pg_class.reltuples`) of a table whose
+    /// incremental snapshot runs.
+    pub fn incremental_estimated(&self, name: &str, table: &str, estimated: u64) {
+        self.incremental_estimated
+            .get_or_create(&SourceTable {
+                source: name.to_owned(),
+                table: table.to_owned(),
+            })
+            .set(gauge_value(estimated));
+    }
+
     /// Whether every source is streaming or snapshotting.
     pub fn healthy(&self) -> bool {
         let s = self.sources();
@@ -287,6 +322,31 @@ impl Metrics {
             "cdc_source_up",
             "1 when the source is streaming or snapshotting",
             self.source_up.clone(),
+        );
+        r.register(
+            "cdc_signals_ignored",
+            "Malformed signal rows logged and ignored",
+            self.signals_ignored.clone(),
+        );
+        r.register(
+            "cdc_incremental_chunks",
+            "Incremental snapshot chunks sent, by table",
+            self.incremental_chunks.clone(),
+        );
+        r.register(
+            "cdc_incremental_rows",
+            "Incremental snapshot rows sent (op r), by table",
+            self.incremental_rows.clone(),
+        );
+        r.register(
+            "cdc_incremental_rows_superseded",
+            "Incremental snapshot rows not sent because the stream delivered a newer state",
+            self.incremental_dropped.clone(),
+        );
+        r.register(
+            "cdc_incremental_rows_estimated",
+            "Estimated rows of a table under incremental snapshot (pg_class.reltuples)",
+            self.incremental_estimated.clone(),
         );
         r.register(
             "cdc_source_reconnects",

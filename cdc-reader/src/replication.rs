@@ -514,7 +514,7 @@ impl ReplicationConnection {
         publication: &str,
     ) -> Result<(ReplicationStream, StatusWriter), QueryError> {
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {})",
+            "START_REPLICATION SLOT {} LOGICAL {} (\"proto_version\" '1', \"publication_names\" {}, \"messages\" 'true')",
             quote_ident(slot),
             lsn_to_string(start),
             quote_literal(&quote_ident(publication)),

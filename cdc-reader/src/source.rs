@@ -48,6 +48,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::change::{Lsn, Op, TableName, lsn_to_string};
+use crate::chunk::Incremental;
 use crate::config::{SnapshotMode, SourceConfig};
 use crate::decoder::{Action, Decoder, Event};
 use crate::error::Error;
@@ -188,6 +189,20 @@ async fn run_once(
                 drop(repl);
                 slot::drop_pending_slot(&client, cfg).await?;
                 tracing::info!(source = %cfg.name, slot = %cfg.slot, "interrupted snapshot not repeated (never); slot taken over from the pending snapshot slot");
+            }
+            SnapshotMode::InitialIncremental => {
+                // The queue first, the slot after: a reader killed in
+                // between finds no slot and queues again.
+                crate::chunk::queue_tables(cfg, &client, &pre.tables).await?;
+                if restart {
+                    slot::persist_snapshot_slot(&client, cfg).await?;
+                    drop(repl);
+                    slot::drop_pending_slot(&client, cfg).await?;
+                } else {
+                    let created = slot::create_permanent_slot(&mut repl, cfg).await?;
+                    drop(repl);
+                    tracing::info!(source = %cfg.name, slot = %cfg.slot, consistent_point = %lsn_to_string(created.consistent_point), "created slot; existing rows follow as an incremental snapshot");
+                }
             }
             SnapshotMode::Never => {
                 let created = slot::create_permanent_slot(&mut repl, cfg).await?;
@@ -470,6 +485,14 @@ impl Counts {
     }
 }
 
+/// Resolves at `at` (never when `None`; the branch is disabled then).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Aborts a task when dropped (the read-ahead must not outlive its connection).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -541,8 +564,10 @@ async fn stream(
         tokio::spawn(heartbeat_task(cfg, every, failed_tx, stop))
     });
 
+    let incremental = Incremental::start(cfg.clone(), session.client).await?;
     let mut session_loop = StreamLoop {
         session,
+        incremental,
         confirmed: out.confirmed(),
         out,
         progress,
@@ -567,6 +592,7 @@ async fn stream(
 /// The thin IO loop around the [`Decoder`]: frames in, actions carried out.
 struct StreamLoop<'s, 'k> {
     session: &'s Session<'s>,
+    incremental: Incremental,
     out: SourceSink,
     confirmed: tokio::sync::watch::Receiver<Lsn>,
     progress: Arc<Progress>,
@@ -585,10 +611,25 @@ impl StreamLoop<'_, '_> {
         failed: &mut mpsc::Receiver<Error>,
     ) -> Result<(), Error> {
         let mut actions = Vec::new();
+        let mut chunk_confirmed = self.out.confirmed();
         loop {
+            self.incremental.poll();
+            let retry = self.incremental.retry_due();
             let batch = tokio::select! {
                 b = frames.recv() => b.ok_or_else(|| Error::Replication("replication reader task ended".to_owned()))??,
                 Some(e) = failed.recv() => return Err(e),
+                Some(answer) = self.incremental.answer() => {
+                    self.incremental.on_answer(answer, self.session.client, self.session.metrics).await?;
+                    continue;
+                }
+                r = chunk_confirmed.changed(), if self.incremental.awaiting().is_some() => {
+                    if r.is_ok() {
+                        let c = *chunk_confirmed.borrow_and_update();
+                        self.incremental.on_confirmed(c, self.session.client).await?;
+                    }
+                    continue;
+                }
+                () = sleep_until(retry), if retry.is_some() => continue,
                 () = self.out.commit_due() => {
                     self.out.commit().await?;
                     continue;
@@ -621,6 +662,7 @@ impl StreamLoop<'_, '_> {
                     .fetch_max(lsn, Ordering::Relaxed);
             }
             Action::Send(change) => {
+                self.incremental.observe(&change);
                 self.counts.add(&change.table, change.op);
                 self.out.send(&change).await?;
                 if self.counts.due() {
@@ -649,6 +691,26 @@ impl StreamLoop<'_, '_> {
                 }
             }
             Action::ReplyNow => self.now_requested.notify_one(),
+            Action::Signal { id, kind, data } => {
+                self.incremental
+                    .on_signal(
+                        &id,
+                        &kind,
+                        data.as_deref(),
+                        self.session.client,
+                        self.session.metrics,
+                    )
+                    .await?;
+            }
+            Action::Watermark { lsn, content } => {
+                if let Some(end) = self
+                    .incremental
+                    .on_watermark(lsn, &content, &mut self.out, self.session.metrics)
+                    .await?
+                {
+                    self.last_end = self.last_end.max(end);
+                }
+            }
         }
         Ok(())
     }
