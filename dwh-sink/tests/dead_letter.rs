@@ -10,36 +10,16 @@ use std::time::{Duration, Instant};
 
 use common::{Dwh, Sink};
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_messages_go_to_the_dead_letter_topic_and_the_rest_is_stored() {
     let kafka = common::var("KAFKA_BOOTSTRAP_SERVERS");
     let dwh = Dwh::create("dlq").await;
     let topic = common::unique("dwh_dlq_test_");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &kafka)
-        .create()
-        .unwrap();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
-    for r in admin
-        .create_topics(
-            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(-1))],
-            &options,
-        )
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka)
-        .create()
-        .unwrap();
+    let producer = common::hand_made_topic(&topic, 1).await;
     let product = r#"{"before":null,"after":{"id":1,"customer_id":1,"name":"Lamp","category":"home","price":"9.99"},"source":{"db":"instashop","table":"product","ts_ms":1795360039853,"lsn":100,"commit_lsn":120},"op":"c"}"#;
     let bad_line = r#"{"before":null,"after":{"id":2,"transaction_id":1,"product_id":1,"quantity":"lots","unit_price":"9.99"},"source":{"db":"instashop","table":"transactiondetail","ts_ms":1795360039853,"lsn":110,"commit_lsn":120},"op":"c"}"#;
     for (key, value) in [
@@ -111,5 +91,5 @@ async fn bad_messages_go_to_the_dead_letter_topic_and_the_rest_is_stored() {
         errors[1].contains("not a Debezium JSON envelope"),
         "{errors:?}"
     );
-    let _ = admin.delete_topics(&[&topic, &dlq], &options).await;
+    common::delete_topics(&[&topic, &dlq]).await;
 }

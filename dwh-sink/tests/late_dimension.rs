@@ -15,10 +15,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Dwh, Sink};
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 
 fn event(table: &str, after: &str, op: &str, commit_lsn: i64, lsn: i64) -> String {
     format!(
@@ -47,28 +44,9 @@ async fn sale_buyer(dwh: &Dwh) -> Option<(i64, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sale_older_than_every_version_of_its_buyer_joins_the_first() {
-    let kafka = common::var("KAFKA_BOOTSTRAP_SERVERS");
     let dwh = Dwh::create("latedim").await;
     let topic = common::unique("dwh_late_dim_");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &kafka)
-        .create()
-        .unwrap();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
-    for r in admin
-        .create_topics(
-            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(-1))],
-            &options,
-        )
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka)
-        .create()
-        .unwrap();
+    let producer = common::hand_made_topic(&topic, 1).await;
     let send = |key: String, value: String| {
         let producer = producer.clone();
         let topic = topic.clone();
@@ -134,4 +112,5 @@ async fn a_sale_older_than_every_version_of_its_buyer_joins_the_first() {
         "the sale joins the version valid when sold"
     );
     assert!(sink.terminate().success(), "{}", sink.log_tail());
+    common::delete_topics(&[&topic, &format!("{}.dlq", dwh.db)]).await;
 }

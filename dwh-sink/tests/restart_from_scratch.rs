@@ -108,34 +108,12 @@ async fn rows_deleted_while_no_slot_existed_end_at_the_new_snapshot() {
 async fn a_marker_copy_ends_only_the_rows_of_its_own_partition() {
     use std::time::Duration;
 
-    use rdkafka::ClientConfig;
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
     use rdkafka::message::{Header, OwnedHeaders};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::FutureRecord;
 
-    let kafka = common::var("KAFKA_BOOTSTRAP_SERVERS");
     let dwh = Dwh::create("markerparts").await;
     let topic = common::unique("dwh_marker_test_");
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &kafka)
-        .create()
-        .unwrap();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
-    for r in admin
-        .create_topics(
-            &[NewTopic::new(&topic, 2, TopicReplication::Fixed(-1))],
-            &options,
-        )
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka)
-        .create()
-        .unwrap();
+    let producer = common::hand_made_topic(&topic, 2).await;
     let product = |id: i64, op: &str, lsn: i64, commit_lsn: i64| {
         format!(
             r#"{{"before":null,"after":{{"id":{id},"customer_id":1,"name":"p{id}","category":"home","price":"9.99"}},"source":{{"db":"instashop","table":"product","ts_ms":1795360039853,"lsn":{lsn},"commit_lsn":{commit_lsn},"snapshot":"{}"}},"op":"{op}"}}"#,
@@ -225,7 +203,5 @@ async fn a_marker_copy_ends_only_the_rows_of_its_own_partition() {
             (r#"{"id":2}"#.to_owned(), "r".to_owned())
         ]
     );
-    let _ = admin
-        .delete_topics(&[&topic, &format!("{}.dlq", dwh.db)], &options)
-        .await;
+    common::delete_topics(&[&topic, &format!("{}.dlq", dwh.db)]).await;
 }

@@ -29,6 +29,52 @@ pub fn var(k: &str) -> String {
     std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set: run scripts/up"))
 }
 
+/// Creates `topic` with `partitions` partitions (the cluster's replication
+/// factor) for hand-made messages, and a producer to write them.
+pub async fn hand_made_topic(topic: &str, partitions: i32) -> rdkafka::producer::FutureProducer {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+
+    let kafka = var("KAFKA_BOOTSTRAP_SERVERS");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &kafka)
+        .create()
+        .unwrap();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    for r in admin
+        .create_topics(
+            &[NewTopic::new(
+                topic,
+                partitions,
+                TopicReplication::Fixed(-1),
+            )],
+            &options,
+        )
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    ClientConfig::new()
+        .set("bootstrap.servers", &kafka)
+        .create()
+        .unwrap()
+}
+
+/// Deletes hand-made topics (best effort: a test that failed before this
+/// leaves them for a look).
+pub async fn delete_topics(topics: &[&str]) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", var("KAFKA_BOOTSTRAP_SERVERS"))
+        .create()
+        .unwrap();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+    let _ = admin.delete_topics(topics, &options).await;
+}
+
 /// A name no other test or run uses.
 pub fn unique(base: &str) -> String {
     let nanos = SystemTime::now()
