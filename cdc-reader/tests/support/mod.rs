@@ -75,6 +75,26 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+static NEXT_PORT: AtomicU32 = AtomicU32::new(0);
+
+/// A free port on 127.0.0.1 for a scratch server, below the kernel's
+/// ephemeral range (32768 and up): a port the kernel handed out for a
+/// moment (`bind` to port 0) can be taken by any outgoing connection before
+/// the server binds it, and a scratch Kafka node binds seconds later, after
+/// formatting its storage (seen: a node that never came up). Each test
+/// process starts in a block of its own (by pid), so concurrent tests do
+/// not pick the same port.
+pub fn listen_port() -> u16 {
+    let block = std::process::id() % 1000 * 12;
+    loop {
+        let i = NEXT_PORT.fetch_add(1, Ordering::SeqCst);
+        let port = 20_000 + ((block + i) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A xorshift generator of numbers below its argument, seeded from the
 /// clock, so each run kills at other moments.
 pub fn random_below() -> impl FnMut(u64) -> u64 {

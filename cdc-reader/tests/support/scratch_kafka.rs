@@ -9,7 +9,6 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::fmt::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,14 +29,6 @@ pub struct ScratchKafka {
     nodes: [Option<Child>; 3],
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl ScratchKafka {
     /// Formats and starts three nodes, and waits until all three brokers
     /// are registered.
@@ -50,8 +41,9 @@ impl ScratchKafka {
         );
         let dir = std::env::temp_dir().join(unique(&format!("kafka_{tag}")));
         std::fs::create_dir_all(&dir).unwrap();
-        let ports = [free_port(), free_port(), free_port()];
-        let controllers = [free_port(), free_port(), free_port()];
+        let port = crate::support::listen_port;
+        let ports = [port(), port(), port()];
+        let controllers = [port(), port(), port()];
         let voters: Vec<String> = controllers
             .iter()
             .enumerate()
@@ -219,8 +211,11 @@ impl ScratchKafka {
             }
             assert!(
                 Instant::now() < deadline,
-                "{seen} of {count} scratch brokers registered after {timeout:?}; node 1 log:\n{}",
-                self.log_tail(1)
+                "{seen} of {count} scratch brokers registered after {timeout:?}; the nodes' logs:\n{}",
+                (1..=3)
+                    .map(|n| format!("node {n}:\n{}", self.log_tail(n)))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
             std::thread::sleep(Duration::from_millis(200));
         }

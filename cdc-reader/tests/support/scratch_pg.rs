@@ -10,7 +10,6 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -109,7 +108,7 @@ impl ScratchPg {
         // The port is free when chosen but another process may take it
         // before the server binds: choose again then.
         for attempt in 1..=3 {
-            pg.port = free_port();
+            pg.port = crate::support::listen_port();
             pg.append_conf(&format!("port = {}\n", pg.port));
             let out = pg.pg_ctl(&["start", "-w", "-t", "60"]);
             if out.status.success() {
@@ -200,14 +199,6 @@ impl Drop for ScratchPg {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn stderr(out: &Output) -> String {
