@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::scratch_pg::ScratchPg;
 use support::{Reader, TestDb, connect, tail, unique, with_db};
@@ -36,27 +36,7 @@ fn assert_one_error_line(log: &str, needles: &[&str]) {
 async fn second_reader_on_the_same_slot_exits_clearly() {
     let db = TestDb::create("twoslot", support::CRM_SQL).await;
     let first = Reader::start(&db, &[]);
-    let admin = connect(&db.admin_url).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let active: Option<bool> = admin
-            .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                &[&db.slot],
-            )
-            .await
-            .unwrap()
-            .map(|r| r.get(0));
-        if active == Some(true) && first.log_text().contains("streaming") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "first reader never streamed:\n{}",
-            tail(&first.log_text(), 30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    db.wait_streaming(&first).await;
     let mut second = Reader::start(&db, &[]);
     let (ok, log) = second.wait_exit(EXIT);
     assert!(!ok);

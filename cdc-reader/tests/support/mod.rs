@@ -229,8 +229,25 @@ impl TestDb {
     }
 
     /// Waits until a reader streams from the slot (it exists and is active).
+    /// Waits until `reader` itself streams: the slot is active *and* its log
+    /// says so. The slot alone is not enough: on a first start the slot is
+    /// active while the snapshot is read, then free for a moment before
+    /// START_REPLICATION, and a reader started in that moment takes it.
     pub async fn wait_streaming(&self, reader: &Reader) {
-        self.wait_slot_active(|| tail(&reader.log_text(), 30)).await;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            self.wait_slot_active(|| tail(&reader.log_text(), 30)).await;
+            if reader.log_text().contains(" streaming source=") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the reader never logged that it streams from {}:\n{}",
+                self.slot,
+                tail(&reader.log_text(), 30)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits until the slot exists and a walsender uses it; `context` says
