@@ -59,6 +59,11 @@ CREATE TABLE IF NOT EXISTS change_event (
     loaded_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (source_db, source_table, row_key, lsn, op, commit_time)
 ) PARTITION BY RANGE (commit_time);
+-- The deletes alone, for the facts' resurrection guard (is there a later
+-- delete of this row?): through the primary key that question scans every
+-- event of the table, as the key's row_key comes before op.
+CREATE INDEX IF NOT EXISTS change_event_delete_idx
+    ON change_event (source_db, source_table, row_key) WHERE op = 'd';
 -- Daily partitions change_event_YYYYMMDD are created by dwh-sink, in the
 -- transaction of the first batch that needs them. No default partition: a
 -- row for a day without its partition would keep that day's partition from

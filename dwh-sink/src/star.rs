@@ -211,20 +211,28 @@ struct Fact {
 }
 
 /// The surrogate key of the version of `dim` (id column `id`) valid at
-/// the position of `first`, for the natural key `fk`. A fact older than
-/// every version of its dimension row (a late-arriving dimension: the
-/// source's history before it never reached the topics, e.g. a snapshot
-/// attempt killed after some partitions were written) joins the row's
-/// first version, as an inferred member, until an older version arrives.
-macro_rules! version_at_first {
-    ($dim:literal, $key:literal, $id:literal, $fk:literal) => {
+/// the position (`c`, `l`) (commit LSN and LSN columns), for the natural
+/// key `fk`. A fact older than every version of its dimension row (a
+/// late-arriving dimension: the source's history before it never reached
+/// the topics, e.g. a snapshot attempt killed after some partitions were
+/// written) joins the row's first version, as an inferred member, until an
+/// older version arrives.
+macro_rules! version_at {
+    ($dim:literal, $key:literal, $id:literal, $fk:literal, $c:literal, $l:literal) => {
         concat!(
             "(SELECT d.", $key, " FROM ", $dim, " d WHERE d.", $id, " = ", $fk,
-            " AND NOT d.is_deleted AND ((d.valid_from_commit_lsn, d.valid_from_lsn) <= (first.commit_lsn, first.lsn)",
+            " AND NOT d.is_deleted AND ((d.valid_from_commit_lsn, d.valid_from_lsn) <= (", $c, ", ", $l, ")",
             " OR NOT EXISTS (SELECT 1 FROM ", $dim, " e WHERE e.", $id, " = d.", $id,
             " AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))",
-            " AND (d.valid_to_commit_lsn IS NULL OR (d.valid_to_commit_lsn, d.valid_to_lsn) > (first.commit_lsn, first.lsn)) LIMIT 1)"
+            " AND (d.valid_to_commit_lsn IS NULL OR (d.valid_to_commit_lsn, d.valid_to_lsn) > (", $c, ", ", $l, ")) LIMIT 1)"
         )
+    };
+}
+
+/// [`version_at`] the position of `first`, a fact's first staged event.
+macro_rules! version_at_first {
+    ($dim:literal, $key:literal, $id:literal, $fk:literal) => {
+        version_at!($dim, $key, $id, $fk, "first.commit_lsn", "first.lsn")
     };
 }
 
@@ -460,20 +468,42 @@ pub fn batch_statements(staged: &[bool; 7]) -> Vec<String> {
     }
     let sold = ("sold_commit_lsn", "sold_lsn");
     if has(Entity::Purchase) {
-        // The purchase's columns on the lines of purchases that changed
-        // (lines inserted in this batch took them on insert).
-        out.push(
+        // The purchase's columns, and the customer and buyer versions valid
+        // when sold, on the lines of purchases that changed (lines inserted
+        // in this batch took them on insert; a line that came before its
+        // purchase has none yet). One statement, so a line gets one new row
+        // version per batch, not one per column group. A version not found
+        // keeps the key the line had; versions the batch added are applied
+        // by `after_staged_versions` below.
+        out.push(format!(
             "UPDATE fact_sale_line f SET customer_id = p.customer_id, buyer_id = p.buyer_id, status = p.status,
-                purchase_time = p.purchase_time, date_key = p.date_key
+                purchase_time = p.purchase_time, date_key = p.date_key,
+                customer_key = coalesce({customer}, f.customer_key),
+                buyer_key = coalesce({buyer}, f.buyer_key)
             FROM fact_purchase p
             WHERE p.purchase_id = f.purchase_id
               AND f.purchase_id IN (SELECT id FROM stage_purchase)
-              AND (f.customer_id, f.buyer_id, f.status, f.purchase_time, f.date_key)
-                  IS DISTINCT FROM (p.customer_id, p.buyer_id, p.status, p.purchase_time, p.date_key)"
-                .to_owned(),
-        );
+              AND ((f.customer_id, f.buyer_id, f.status, f.purchase_time, f.date_key)
+                  IS DISTINCT FROM (p.customer_id, p.buyer_id, p.status, p.purchase_time, p.date_key)
+                OR f.customer_key IS NULL OR f.buyer_key IS NULL)",
+            customer = version_at!(
+                "dim_customer",
+                "customer_key",
+                "customer_id",
+                "p.customer_id",
+                "f.sold_commit_lsn",
+                "f.sold_lsn"
+            ),
+            buyer = version_at!(
+                "dim_buyer",
+                "buyer_key",
+                "buyer_id",
+                "p.buyer_id",
+                "f.sold_commit_lsn",
+                "f.sold_lsn"
+            ),
+        ));
     }
-    // Dimension keys of new or changed sale lines.
     let line = |fk, key, dim, dim_id| Target {
         fact: "fact_sale_line",
         fk,
@@ -482,17 +512,9 @@ pub fn batch_statements(staged: &[bool; 7]) -> Vec<String> {
         dim_id,
         created: sold,
     };
-    // Customer and buyer versions of the lines of changed purchases (a
-    // line that came before its purchase has none yet).
-    let lines_of_purchases = "f.purchase_id IN (SELECT id FROM stage_purchase)";
     let product = line("product_id", "product_key", "dim_product", "product_id");
     let customer = line("customer_id", "customer_key", "dim_customer", "customer_id");
     let buyer = line("buyer_id", "buyer_key", "dim_buyer", "buyer_id");
-    if has(Entity::Purchase) {
-        for target in [customer, buyer] {
-            out.push(resolve(target, "", lines_of_purchases));
-        }
-    }
     // Sale lines at or after a version the batch added.
     for (entity, target) in [
         (Entity::Product, product),
