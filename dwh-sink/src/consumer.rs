@@ -196,10 +196,53 @@ pub async fn run(
     };
     telemetry.set_consuming(true);
     let mut result = Ok(());
-    while let Some(batch) = rx.recv().await {
-        if let Err(e) =
-            write_batch(config, &mut dwh, &dead_letters, &batch, telemetry, &abandon).await
-        {
+    // Two warehouse sessions in a pipeline: while `dwh` folds batch N into
+    // the star schema (and stores its offsets), `loader` inserts batch
+    // N+1's events into change_event in a transaction of their own, so the
+    // server works on both at once. Events always go in in batch order and
+    // before their batch is folded; a batch whose events were committed but
+    // whose offsets were not is read again after a restart, and its events
+    // then add nothing (change_event's unique key). Without a loader (it
+    // failed, or could not connect) the batch's own transaction inserts
+    // its events, as a single session would.
+    let mut loader: Option<Warehouse> = None;
+    let mut ahead: Option<(Batch, Option<u64>)> = None;
+    loop {
+        let (batch, loaded) = match ahead.take() {
+            Some(next) => next,
+            None => match rx.recv().await {
+                Some(batch) => {
+                    let loaded = load_events(&mut loader, &config.dwh_url, &batch).await;
+                    (batch, loaded)
+                }
+                None => break,
+            },
+        };
+        // A marker or truncate reads change_event as of its batch: the next
+        // batch's events must not be there yet.
+        let next = if loaded.is_some() && batch.markers.is_empty() && batch.truncates.is_empty() {
+            rx.try_recv().ok()
+        } else {
+            None
+        };
+        let (written, next_loaded) = tokio::join!(
+            write_batch(
+                config,
+                &mut dwh,
+                &dead_letters,
+                &batch,
+                loaded,
+                telemetry,
+                &abandon
+            ),
+            async {
+                match &next {
+                    Some(next) => load_events(&mut loader, &config.dwh_url, next).await,
+                    None => None,
+                }
+            }
+        );
+        if let Err(e) = written {
             shutdown.cancel();
             result = Err(e);
             break;
@@ -207,6 +250,7 @@ pub async fn run(
         if let Ok(mut p) = positions.lock() {
             p.extend(batch.next_offsets.iter().map(|(k, v)| (k.clone(), *v)));
         }
+        ahead = next.map(|next| (next, next_loaded));
     }
     drop(rx);
     telemetry.set_consuming(false);
@@ -226,13 +270,40 @@ fn join(handle: std::thread::JoinHandle<Result<(), Error>>, name: &str) -> Resul
         .unwrap_or_else(|_| Err(Error::Internal(format!("the {name} thread panicked"))))
 }
 
-/// Writes one batch, retrying transient warehouse failures with backoff
-/// on a new connection until it succeeds or the shutdown timeout passes.
+/// Inserts `batch`'s events on the loader session (connected first if
+/// needed); `None` when that failed, and the batch's own transaction
+/// inserts them then. A failed loader is dropped and connected afresh for
+/// the next batch.
+async fn load_events(loader: &mut Option<Warehouse>, url: &str, batch: &Batch) -> Option<u64> {
+    if loader.is_none() {
+        match Warehouse::connect(url).await {
+            Ok(session) => *loader = Some(session),
+            Err(e) => {
+                tracing::debug!(error = %local_stack::one_line(&e), "event loader session unavailable");
+                return None;
+            }
+        }
+    }
+    let session = loader.as_mut()?;
+    match session.load_events(batch).await {
+        Ok(inserted) => Some(inserted),
+        Err(e) => {
+            tracing::debug!(error = %local_stack::one_line(&e), "loading the batch's events failed; its own transaction inserts them");
+            *loader = None;
+            None
+        }
+    }
+}
+
+/// Writes one batch (its events too unless `loaded`), retrying transient
+/// warehouse failures with backoff on a new connection until it succeeds
+/// or the shutdown timeout passes.
 async fn write_batch(
     config: &Config,
     dwh: &mut Warehouse,
     dead_letters: &DeadLetters,
     batch: &Batch,
+    loaded: Option<u64>,
     telemetry: &Telemetry,
     abandon: &CancellationToken,
 ) -> Result<(), Error> {
@@ -243,7 +314,7 @@ async fn write_batch(
     let started = Instant::now();
     let mut delay = Duration::from_millis(100);
     let written = loop {
-        let error = match dwh.write(batch).await {
+        let error = match dwh.write(batch, loaded).await {
             Ok(written) => break written,
             Err(Error::DwhUnavailable(e)) => e,
             Err(e) => return Err(e),

@@ -311,18 +311,18 @@ impl Warehouse {
             .map_err(|e| classify("insert into change_event", e))
     }
 
-    /// Writes one batch and its offsets in one transaction.
-    pub async fn write(&mut self, batch: &Batch) -> Result<Written, Error> {
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(|e| classify("begin", e))?;
+    /// Creates the day partitions `batch` needs that are not `known` yet,
+    /// in `tx`; returns them (known once `tx` commits).
+    async fn create_partitions(
+        known: &BTreeSet<i64>,
+        tx: &tokio_postgres::Transaction<'_>,
+        batch: &Batch,
+    ) -> Result<Vec<i64>, Error> {
         let new_days: Vec<i64> = batch
             .days
             .iter()
             .copied()
-            .filter(|d| !self.partitions.contains(d))
+            .filter(|d| !known.contains(d))
             .collect();
         if !new_days.is_empty() {
             let ddl: Vec<String> = new_days.iter().filter_map(|d| partition_ddl(*d)).collect();
@@ -330,12 +330,53 @@ impl Warehouse {
                 .await
                 .map_err(|e| classify("creating day partitions", e))?;
         }
+        Ok(new_days)
+    }
+
+    /// Inserts a batch's events into `change_event` in a transaction of
+    /// their own (see `consumer`: the next batch's events go in while this
+    /// one is folded into the star schema); returns how many were new.
+    /// Idempotent: a batch loaded again (its offsets were not stored yet)
+    /// adds nothing.
+    pub async fn load_events(&mut self, batch: &Batch) -> Result<u64, Error> {
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| classify("begin", e))?;
+        let new_days = Self::create_partitions(&self.partitions, &tx, batch).await?;
+        let inserted = if batch.events.is_empty() {
+            0
+        } else {
+            Self::insert_events(&tx, batch).await?
+        };
+        tx.commit().await.map_err(|e| classify("commit", e))?;
+        self.partitions.extend(new_days);
+        Ok(inserted)
+    }
+
+    /// Writes one batch and its offsets in one transaction; its events too,
+    /// unless `loaded` says how many of them [`Warehouse::load_events`]
+    /// inserted already.
+    pub async fn write(&mut self, batch: &Batch, loaded: Option<u64>) -> Result<Written, Error> {
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| classify("begin", e))?;
+        let new_days = if loaded.is_some() {
+            Vec::new()
+        } else {
+            Self::create_partitions(&self.partitions, &tx, batch).await?
+        };
         let mut written = Written::default();
         let started = std::time::Instant::now();
-        if !batch.events.is_empty() {
+        if let Some(inserted) = loaded {
+            written.inserted = inserted;
+        } else if !batch.events.is_empty() {
             written.inserted = Self::insert_events(&tx, batch).await?;
-            written.duplicates = (batch.events.rows() as u64).saturating_sub(written.inserted);
         }
+        written.duplicates = (batch.events.rows() as u64).saturating_sub(written.inserted);
         let events_done = started.elapsed();
         let mut staged = [false; 7];
         for entity in Entity::ALL {
