@@ -168,7 +168,11 @@ pub fn producer_config(cfg: &SinkConfig) -> Result<ClientConfig, Error> {
         .set("max.in.flight.requests.per.connection", "5")
         // Java client's key hashing, so keys land where Kafka Streams etc. expect.
         .set("partitioner", "murmur2_random")
-        .set("compression.type", "none")
+        // lz4: the brokers, not the reader, bound throughput on a small
+        // machine, and compressed batches cost them less to write, replicate
+        // and serve (an incremental snapshot into the local cluster went
+        // from 114,000 to 153,000 rows/s); every Kafka client reads it.
+        .set("compression.type", "lz4")
         // Large rows (a 1.4 MB TOASTed value updated under REPLICA IDENTITY
         // FULL is a 2.9 MB event) must go through, not stall the source.
         .set("message.max.bytes", MESSAGE_MAX_BYTES.to_string())
@@ -883,7 +887,7 @@ mod tests {
         assert_eq!(c.get("enable.idempotence"), Some("true"));
         assert_eq!(c.get("acks"), Some("all"));
         assert_eq!(c.get("partitioner"), Some("murmur2_random"));
-        assert_eq!(c.get("compression.type"), Some("none"));
+        assert_eq!(c.get("compression.type"), Some("lz4"));
         assert_eq!(c.get("message.timeout.ms"), Some("300000"));
         assert_eq!(c.get("linger.ms"), Some("0"), "extra settings win");
     }
