@@ -588,11 +588,11 @@ impl TransactionalSink {
         let producer = open.producer.clone();
         let started = Instant::now();
         let records = open.records;
-        let committed = tokio::task::spawn_blocking(move || {
-            producer.commit_transaction(Duration::from_secs(300))
-        })
-        .await
-        .map_err(|e| Error::Kafka(format!("commit task: {e}")))?;
+        delivered(&producer, COMMIT_TIMEOUT).await;
+        let committed =
+            tokio::task::spawn_blocking(move || producer.commit_transaction(COMMIT_TIMEOUT))
+                .await
+                .map_err(|e| Error::Kafka(format!("commit task: {e}")))?;
         if let Err(e) = committed {
             return Err(self.failure("commit", &e));
         }
@@ -639,6 +639,22 @@ impl TransactionalSink {
     /// A delivery failed: the session must end (the transaction cannot commit).
     pub(crate) fn take_fatal(&mut self) -> Option<Error> {
         self.delivery_failure()
+    }
+}
+
+/// How long a commit may wait for its records and the brokers' answer.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Waits until every record handed to `producer` is acknowledged (or
+/// failed), at most `timeout`. `commit_transaction` would wait for that
+/// itself, but rust-rdkafka's flush for a threaded producer waits for
+/// delivery events in slices of up to 100 ms that its polling thread
+/// competes for, and so added ~100 ms to every commit (measured: 102 ms per
+/// commit, against 1 ms for the commit of a transaction already delivered).
+async fn delivered(producer: &TxProducer, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while producer.in_flight_count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
