@@ -30,6 +30,23 @@ pub struct SourceReading {
     /// The reader's state of this source (`streaming`, `snapshotting`,
     /// `connecting`, `failed`), from the `state` label of `cdc_source_up`.
     pub state: Option<String>,
+    /// Incremental snapshots per table (`schema.table`), from the
+    /// `cdc_incremental_*` series.
+    pub snapshots: BTreeMap<String, SnapshotReading>,
+}
+
+/// Progress of one table's incremental snapshot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SnapshotReading {
+    /// Chunks read.
+    pub chunks: Option<f64>,
+    /// Rows sent.
+    pub rows: Option<f64>,
+    /// The table's estimated rows when its turn came (`pg_class.reltuples`).
+    pub estimated: Option<f64>,
+    /// Rows sent per second since the previous tick (filled by
+    /// [`Activity::observe`]).
+    pub rows_per_second: Option<f64>,
 }
 
 /// The reader's endpoint, reduced.
@@ -92,7 +109,19 @@ pub fn reader(samples: &[Sample], now_seconds: f64) -> ReaderReading {
             continue;
         };
         let entry = sources.entry(db).or_default();
-        if name.ends_with("source_up") {
+        if name.starts_with("cdc_incremental_") {
+            let Some(table) = sample.label("table") else {
+                continue;
+            };
+            let snapshot = entry.snapshots.entry(table.to_owned()).or_default();
+            if name.starts_with("cdc_incremental_chunks") {
+                add(&mut snapshot.chunks, sample.value);
+            } else if name.starts_with("cdc_incremental_rows_estimated") {
+                max(&mut snapshot.estimated, sample.value);
+            } else if name == "cdc_incremental_rows_total" {
+                add(&mut snapshot.rows, sample.value);
+            }
+        } else if name.ends_with("source_up") {
             if let Some(state) = sample.label("state") {
                 entry.state = Some(state.to_owned());
             }
@@ -129,6 +158,8 @@ pub fn reader(samples: &[Sample], now_seconds: f64) -> ReaderReading {
 #[derive(Debug, Default)]
 pub struct Activity {
     seen: BTreeMap<String, (f64, Option<i64>)>,
+    /// Rows sent per (database, table) incremental snapshot, and when.
+    snapshot_rows: BTreeMap<(String, String), (f64, i64)>,
 }
 
 impl Activity {
@@ -136,6 +167,17 @@ impl Activity {
     /// the reader did not provide it.
     pub fn observe(&mut self, reading: &mut ReaderReading, now_ms: i64) {
         for (db, source) in &mut reading.sources {
+            for (table, snapshot) in &mut source.snapshots {
+                let Some(rows) = snapshot.rows else {
+                    continue;
+                };
+                let key = (db.clone(), table.clone());
+                if let Some((old, at)) = self.snapshot_rows.get(&key) {
+                    snapshot.rows_per_second =
+                        rate(Some(*old), Some(rows), (now_ms - at) as f64 / 1000.0);
+                }
+                self.snapshot_rows.insert(key, (rows, now_ms));
+            }
             let Some(total) = source.events_total else {
                 continue;
             };
@@ -217,6 +259,13 @@ pub fn sources_json(reader: Option<&ReaderReading>) -> Value {
                 "confirmed_lsn": number(s.confirmed_lsn),
                 "events_total": number(s.events_total),
                 "state": s.state,
+                "snapshots": s.snapshots.iter().map(|(table, p)| json!({
+                    "table": table,
+                    "chunks": number(p.chunks),
+                    "rows": number(p.rows),
+                    "estimated": number(p.estimated),
+                    "rows_per_second": p.rows_per_second.map_or(Value::Null, |v| json!(v.round())),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -261,6 +310,45 @@ mod tests {
         assert_eq!(r.sources["instashop"].events_total, Some(15.0));
         assert_eq!(r.sources["erp"].lag_bytes, Some(12.0));
         assert_eq!(r.sources.len(), 3);
+    }
+
+    #[test]
+    fn incremental_snapshot_progress_per_table_with_its_rate() {
+        let text = |rows: u64| {
+            format!(
+                "cdc_incremental_chunks_total{{source=\"instashop\",table=\"public.product\"}} 3\n\
+                 cdc_incremental_rows_total{{source=\"instashop\",table=\"public.product\"}} {rows}\n\
+                 cdc_incremental_rows_superseded_total{{source=\"instashop\",table=\"public.product\"}} 7\n\
+                 cdc_incremental_rows_estimated{{source=\"instashop\",table=\"public.product\"}} 10000\n\
+                 cdc_source_up{{source=\"instashop\",state=\"streaming\"}} 1\n"
+            )
+        };
+        let mut activity = Activity::default();
+        let mut first = reader(&parse(&text(4096)), 0.0);
+        activity.observe(&mut first, 1_000);
+        let p = &first.sources["instashop"].snapshots["public.product"];
+        assert_eq!(
+            (p.chunks, p.rows, p.estimated, p.rows_per_second),
+            (Some(3.0), Some(4096.0), Some(10000.0), None)
+        );
+        let mut second = reader(&parse(&text(8192)), 0.0);
+        activity.observe(&mut second, 3_000);
+        let p = &second.sources["instashop"].snapshots["public.product"];
+        assert_eq!(p.rows_per_second, Some(2048.0));
+        assert_eq!(
+            second.sources["instashop"].state.as_deref(),
+            Some("streaming")
+        );
+        let json = sources_json(Some(&second));
+        let row = json
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["database"] == "instashop"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(row["snapshots"][0]["table"], "public.product");
+        assert_eq!(row["snapshots"][0]["rows"], 8192);
+        assert_eq!(row["snapshots"][0]["estimated"], 10000);
+        assert_eq!(row["snapshots"][0]["rows_per_second"], 2048.0);
     }
 
     #[test]
