@@ -485,6 +485,8 @@ pub struct Incremental {
     in_flight: Option<(u64, String)>,
     /// Its rows, once read.
     ready: Option<ReadyChunk>,
+    /// Where its low watermark came through the stream.
+    low_at: Option<Lsn>,
     /// Chunks sent and not yet acknowledged by Kafka: their high
     /// watermark and the plan as it stood after each. Reads go on while
     /// Kafka catches up; the progress written is only ever an
@@ -522,6 +524,7 @@ impl Incremental {
             answers,
             in_flight: None,
             ready: None,
+            low_at: None,
             unacked: VecDeque::new(),
             retry_at: None,
             next_id,
@@ -563,7 +566,8 @@ impl Incremental {
             Op::Truncate => self.window.truncated(&table),
             _ => {
                 let xid = change.source.tx_id.unwrap_or(0);
-                self.window.streamed(&table, xid, &keys_of(change));
+                self.window
+                    .streamed(&table, xid, &keys_of(change), change.source.commit_lsn);
             }
         }
     }
@@ -651,6 +655,7 @@ impl Incremental {
     fn abandon(&mut self) {
         self.in_flight = None;
         self.ready = None;
+        self.low_at = None;
         self.window.abandon();
     }
 
@@ -728,7 +733,9 @@ impl Incremental {
         }
         match mark {
             Mark::Low => {
-                let _ = self.window.low(id);
+                if self.window.low(id).is_ok() {
+                    self.low_at = Some(lsn);
+                }
                 Ok(None)
             }
             Mark::High => {
@@ -767,6 +774,21 @@ impl Incremental {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_millis() as i64);
                 let sent = emit.rows.len();
+                let name = self.in_flight.take().map(|(_, t)| t).unwrap_or_default();
+                // Below the low watermark, and below the commit of any change
+                // the chunk's snapshot did not see (one less: such a change's
+                // own events sort after the marker's position then).
+                let low = self.low_at.take().unwrap_or(lsn);
+                let since = emit
+                    .earliest_unseen
+                    .map_or(low, |at| low.min(at.saturating_sub(1)));
+                let finished = self.plan.chunk_done(
+                    &name,
+                    emit.read,
+                    self.cfg.chunk_size,
+                    emit.last_key.clone(),
+                    since,
+                );
                 for row in emit.rows {
                     out.send(&Change {
                         table: table.clone(),
@@ -785,8 +807,10 @@ impl Incremental {
                     })
                     .await?;
                 }
+                if let Some(job) = &finished {
+                    self.send_marker(job, &table, taken_ms, out).await?;
+                }
                 out.end_transaction(lsn);
-                let name = self.in_flight.take().map(|(_, t)| t).unwrap_or_default();
                 metrics.incremental_chunk(
                     &self.cfg.name,
                     &table.topic(),
@@ -794,11 +818,8 @@ impl Incremental {
                     emit.dropped as u64,
                 );
                 events_metric(metrics, &table, sent);
-                let finished =
-                    self.plan
-                        .chunk_done(&name, emit.read, self.cfg.chunk_size, emit.last_key);
                 tracing::debug!(source = %self.cfg.name, table = %name, read = emit.read, sent, superseded = emit.dropped, "incremental snapshot chunk");
-                if finished {
+                if finished.is_some() {
                     tracing::info!(source = %self.cfg.name, table = %name, "incremental snapshot of table finished");
                     if self.plan.queue.is_empty() {
                         self.window.idle();
@@ -808,6 +829,33 @@ impl Incremental {
                 Ok(Some(lsn))
             }
         }
+    }
+
+    /// The snapshot-complete marker of a finished table, at the job's
+    /// [`Job::since`]: consumers retract the rows whose last event is older
+    /// and that no chunk re-read (deleted while no slot recorded it). Not
+    /// for a filtered snapshot (the rows it left out are not gone), nor for
+    /// a job whose first chunks predate `since` being recorded.
+    async fn send_marker(
+        &self,
+        job: &Job,
+        table: &Arc<TableName>,
+        taken_ms: i64,
+        out: &mut SourceSink,
+    ) -> Result<(), Error> {
+        let Some(since) = job.since.filter(|_| job.filter.is_none()) else {
+            return Ok(());
+        };
+        let at = Source {
+            commit_ts_ms: taken_ms,
+            snapshot: SnapshotMarker::Incremental,
+            tx_id: None,
+            lsn: since,
+            last_commit_lsn: None,
+            commit_lsn: since,
+        };
+        out.send(&crate::snapshot::complete_marker(table, &at))
+            .await
     }
 
     /// Kafka confirmed up to `confirmed`: once the last chunk's rows are
@@ -869,6 +917,7 @@ pub async fn queue_tables(
                 after: None,
                 chunks: 0,
                 rows: 0,
+                since: None,
             })
             .collect(),
         ..Plan::default()

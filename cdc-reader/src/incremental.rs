@@ -116,6 +116,10 @@ pub struct Emit<R> {
     pub dropped: usize,
     /// Key of the last row read: the next chunk starts after it.
     pub last_key: Option<Key>,
+    /// The earliest commit position of a recent change that the chunk's
+    /// snapshot did not see: such a change may precede the chunk's low
+    /// watermark in the stream (see [`Job::since`]).
+    pub earliest_unseen: Option<u64>,
 }
 
 /// Why a watermark was not acted on.
@@ -136,7 +140,7 @@ pub struct Window {
     low_seen: bool,
     changed: HashSet<Key>,
     truncated: bool,
-    recent: VecDeque<(u32, Key)>,
+    recent: VecDeque<(u32, Key, u64)>,
     recent_cap: usize,
 }
 
@@ -192,9 +196,10 @@ impl Window {
         self.recent.clear();
     }
 
-    /// A streamed change of `table` by transaction `xid` touched `keys`
-    /// (an update that moves a row touches its old and new key).
-    pub fn streamed(&mut self, table: &Collection, xid: u32, keys: &[Key]) {
+    /// A streamed change of `table` by transaction `xid`, committed at
+    /// `commit_lsn`, touched `keys` (an update that moves a row touches its
+    /// old and new key).
+    pub fn streamed(&mut self, table: &Collection, xid: u32, keys: &[Key], commit_lsn: u64) {
         if self.table.as_ref() != Some(table) {
             return;
         }
@@ -206,7 +211,7 @@ impl Window {
                 if self.recent.len() == self.recent_cap {
                     self.recent.pop_front();
                 }
-                self.recent.push_back((xid, key.clone()));
+                self.recent.push_back((xid, key.clone(), commit_lsn));
             }
         }
     }
@@ -239,9 +244,11 @@ impl Window {
         let read = chunk.rows.len();
         let last_key = chunk.rows.last().map(|(k, _)| k.clone());
         let mut late: HashSet<&Key> = HashSet::new();
-        for (xid, key) in &self.recent {
+        let mut earliest_unseen: Option<u64> = None;
+        for (xid, key, at) in &self.recent {
             if !chunk.visibility.sees(*xid) {
                 late.insert(key);
+                earliest_unseen = Some(earliest_unseen.map_or(*at, |e| e.min(*at)));
             }
         }
         let mut rows = Vec::with_capacity(read);
@@ -260,6 +267,7 @@ impl Window {
             read,
             dropped,
             last_key,
+            earliest_unseen,
         })
     }
 }
@@ -281,6 +289,13 @@ pub struct Job {
     /// Rows read.
     #[serde(default)]
     pub rows: u64,
+    /// A position before every change this snapshot's chunks could have
+    /// missed: the first chunk's low watermark, lowered below the commit of
+    /// any change a chunk's snapshot did not see. A row whose last event is
+    /// older and that no chunk re-read was deleted before the snapshot;
+    /// the snapshot-complete marker carries this position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
 }
 
 impl Job {
@@ -350,6 +365,7 @@ impl Plan {
                         after: None,
                         chunks: 0,
                         rows: 0,
+                        since: None,
                     });
                     added.push(name);
                 }
@@ -412,16 +428,23 @@ impl Plan {
     }
 
     /// A chunk of `table` went out: `read` rows (of at most `limit`), the
-    /// last with `last_key`. Returns whether the table is finished.
+    /// last with `last_key`; `since` is the chunk's own bound for
+    /// [`Job::since`]. Returns the job when the table is finished.
     pub fn chunk_done(
         &mut self,
         table: &str,
         read: usize,
         limit: usize,
         last_key: Option<Key>,
-    ) -> bool {
-        let Some(job) = self.queue.front_mut().filter(|j| j.table == table) else {
-            return false;
+        since: u64,
+    ) -> Option<Job> {
+        let job = self.queue.front_mut().filter(|j| j.table == table)?;
+        // A job resumed from progress saved without `since` (chunks done
+        // before it was recorded) keeps none: its first chunks' bound is lost.
+        job.since = match job.since {
+            Some(s) => Some(s.min(since)),
+            None if job.chunks == 0 => Some(since),
+            None => None,
         };
         job.chunks += 1;
         job.rows += read as u64;
@@ -429,10 +452,9 @@ impl Plan {
             job.after = Some(k);
         }
         if read < limit {
-            self.queue.pop_front();
-            true
+            self.queue.pop_front()
         } else {
-            false
+            None
         }
     }
 }
@@ -490,7 +512,7 @@ mod tests {
         let mut w = Window::new(100);
         w.requested(1, &t());
         w.low(1).unwrap();
-        w.streamed(&t(), 500, &[k(2)]);
+        w.streamed(&t(), 500, &[k(2)], 0);
         let e = w.high(chunk(1, &[1, 2, 3], all_visible())).unwrap();
         assert_eq!(e.rows, vec![1, 3]);
         assert_eq!((e.read, e.dropped), (3, 1));
@@ -501,7 +523,7 @@ mod tests {
     fn a_change_streamed_after_the_request_but_before_the_low_watermark_also_wins() {
         let mut w = Window::new(0);
         w.requested(1, &t());
-        w.streamed(&t(), 500, &[k(1)]);
+        w.streamed(&t(), 500, &[k(1)], 0);
         w.low(1).unwrap();
         let e = w.high(chunk(1, &[1, 2], all_visible())).unwrap();
         assert_eq!(e.rows, vec![2]);
@@ -516,8 +538,8 @@ mod tests {
         w.high(chunk(1, &[], all_visible())).unwrap();
         // Streamed between chunks: xid 120 committed in the WAL but still
         // running for the next chunk's snapshot.
-        w.streamed(&t(), 120, &[k(7)]);
-        w.streamed(&t(), 90, &[k(8)]);
+        w.streamed(&t(), 120, &[k(7)], 0);
+        w.streamed(&t(), 90, &[k(8)], 0);
         w.requested(2, &t());
         w.low(2).unwrap();
         let vis = Visibility::parse("100:130:120").unwrap();
@@ -526,12 +548,31 @@ mod tests {
     }
 
     #[test]
+    fn the_earliest_commit_a_chunk_did_not_see_bounds_its_snapshot() {
+        let mut w = Window::new(100);
+        w.follow(&t());
+        w.streamed(&t(), 120, &[k(7)], 5_000);
+        w.streamed(&t(), 121, &[k(9)], 4_000);
+        w.streamed(&t(), 90, &[k(8)], 3_000);
+        w.requested(1, &t());
+        w.low(1).unwrap();
+        // 120 and 121 committed in the WAL, still running for the chunk.
+        let vis = Visibility::parse("100:130:120,121").unwrap();
+        let e = w.high(chunk(1, &[7, 8], vis)).unwrap();
+        assert_eq!(e.earliest_unseen, Some(4_000));
+        w.requested(2, &t());
+        w.low(2).unwrap();
+        let e = w.high(chunk(2, &[10], all_visible())).unwrap();
+        assert_eq!(e.earliest_unseen, None, "every recent change visible");
+    }
+
+    #[test]
     fn other_tables_and_stale_watermarks_change_nothing() {
         let mut w = Window::new(10);
         w.requested(3, &t());
         assert_eq!(w.low(2), Err(Stale::OtherChunk));
         w.low(3).unwrap();
-        w.streamed(&Collection::parse("public.buyer").unwrap(), 1, &[k(1)]);
+        w.streamed(&Collection::parse("public.buyer").unwrap(), 1, &[k(1)], 0);
         assert_eq!(
             w.high(chunk(2, &[1], all_visible())).unwrap_err(),
             Stale::OtherChunk
@@ -569,14 +610,22 @@ mod tests {
         assert!(p.first_time("sig-1"));
         assert!(!p.first_time("sig-1"), "a re-sent signal is seen");
         assert_eq!(p.next().unwrap().table, "public.a");
-        assert!(!p.chunk_done("public.a", 10, 10, Some(k(10))));
+        assert!(p.chunk_done("public.a", 10, 10, Some(k(10)), 500).is_none());
         assert_eq!(p.next().unwrap().after, Some(k(10)));
         let back = Plan::from_json(&p.to_json()).unwrap();
         assert_eq!(back, p);
         assert_eq!(p.apply(&Signal::PauseSnapshot), Applied::Paused);
         assert!(p.next().is_none());
         assert_eq!(p.apply(&Signal::ResumeSnapshot), Applied::Resumed);
-        assert!(p.chunk_done("public.a", 3, 10, Some(k(13))));
+        let done = p.chunk_done("public.a", 3, 10, Some(k(13)), 400).unwrap();
+        assert_eq!((done.chunks, done.rows, done.since), (2, 13, Some(400)));
+        // Progress saved before `since` existed: the bound stays unknown.
+        let mut old = Plan::from_json(
+            r#"{"queue":[{"table":"public.c","after":["5"],"chunks":3,"rows":30}]}"#,
+        )
+        .unwrap();
+        let done = old.chunk_done("public.c", 1, 10, Some(k(6)), 100).unwrap();
+        assert_eq!(done.since, None);
         assert_eq!(p.next().unwrap().table, "public.b");
         assert_eq!(
             p.apply(&Signal::StopSnapshot(None)),
@@ -639,7 +688,12 @@ mod tests {
                     *k
                 }
             };
-            w.streamed(&t(), self.xid, &[vec![key.to_string()]]);
+            w.streamed(
+                &t(),
+                self.xid,
+                &[vec![key.to_string()]],
+                u64::from(self.xid),
+            );
             self.invisible.push((self.xid, step.clone(), self.version));
             while self.invisible.len() > self.lag {
                 let (_, s, v) = self.invisible.remove(0);

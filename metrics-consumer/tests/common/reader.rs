@@ -180,9 +180,15 @@ impl Scratch {
     /// Starts the reader on this database (source `instashop`, topics
     /// `<topic_prefix>.public.<table>`, three partitions).
     pub fn start_reader(&mut self, kafka: &str, topic_prefix: &str) {
+        self.start_reader_with(kafka, topic_prefix, &[]);
+    }
+
+    /// [`Scratch::start_reader`] with more arguments for the reader.
+    pub fn start_reader_with(&mut self, kafka: &str, topic_prefix: &str, extra: &[&str]) {
         let file = std::fs::File::create(&self.log).unwrap();
         self.reader = Some(
             Command::new(reader_binary())
+                .args(extra)
                 .arg("--source")
                 .arg(format!(
                     "instashop={}",
@@ -229,6 +235,32 @@ impl Scratch {
             .await
             .unwrap()
             .and_then(|r| r.get(0))
+    }
+
+    /// Waits until the reader's incremental snapshot queue, as saved in the
+    /// signal table, is empty (every queued table finished).
+    pub async fn wait_incremental_done(&self, owner: &Client) {
+        let id = format!("progress:{}", self.slot);
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let empty: Option<bool> = owner
+                .query_opt(
+                    "SELECT json_array_length(data::json -> 'queue') = 0 FROM cdc_signal WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap()
+                .and_then(|r| r.get(0));
+            if empty == Some(true) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the incremental snapshot did not finish within 180 s:\n{}",
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Waits until the reader's slot confirmed everything committed so far
