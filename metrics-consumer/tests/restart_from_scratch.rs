@@ -28,12 +28,39 @@ INSERT INTO transaction (external_id, customer_id, buyer_id, total_amount, payme
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_deleted_while_no_slot_existed_are_retracted_by_the_new_snapshot() {
+    from_scratch("fromscratch", &[], "then a new snapshot").await;
+}
+
+/// The same through incremental snapshots (`--snapshot-mode
+/// initial-incremental` on both starts): each table's last chunk ends with
+/// the marker, at a position before every change its chunks could miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_deleted_while_no_slot_existed_are_retracted_by_a_new_incremental_snapshot() {
+    from_scratch(
+        "fromscratchincr",
+        &[
+            "--snapshot-mode",
+            "initial-incremental",
+            "--incremental-chunk-size",
+            "7",
+        ],
+        "then a new incremental snapshot",
+    )
+    .await;
+}
+
+/// The scenario, with the reader started with `reader_args` both times.
+async fn from_scratch(tag: &str, reader_args: &[&str], what: &str) {
+    let incremental = reader_args.contains(&"initial-incremental");
     let s = stack();
-    let (mut scratch, owner_url) = Scratch::create("fromscratch").await;
+    let (mut scratch, owner_url) = Scratch::create(tag).await;
     let admin = connect(&scratch.admin_url).await;
     let owner = connect(&owner_url).await;
-    let topic_prefix = unique("mctest.fromscratch.");
-    scratch.start_reader(&s.kafka, &topic_prefix);
+    let topic_prefix = unique(&format!("mctest.{tag}."));
+    scratch.start_reader_with(&s.kafka, &topic_prefix, reader_args);
+    if incremental {
+        scratch.wait_incremental_done(&owner).await;
+    }
     scratch.wait_confirmed_now(&admin).await;
     let consumer = start_consumer(&s, &scratch, &topic_prefix).await;
     owner
@@ -44,7 +71,10 @@ async fn rows_deleted_while_no_slot_existed_are_retracted_by_the_new_snapshot() 
 
     scratch.kill_reader_and_drop_slots(&admin).await;
     owner.batch_execute(WHILE_DOWN).await.unwrap();
-    scratch.start_reader(&s.kafka, &topic_prefix);
+    scratch.start_reader_with(&s.kafka, &topic_prefix, reader_args);
+    if incremental {
+        scratch.wait_incremental_done(&owner).await;
+    }
     scratch.wait_confirmed_now(&admin).await;
     // Streamed after the new snapshot: later traffic goes on as usual.
     owner
@@ -60,56 +90,7 @@ async fn rows_deleted_while_no_slot_existed_are_retracted_by_the_new_snapshot() 
         &s,
         consumer,
         &owner,
-        "rows deleted while the reader had no slot, then a new snapshot",
-    )
-    .await;
-}
-
-/// The same through incremental snapshots (`--snapshot-mode
-/// initial-incremental` on both starts): each table's last chunk ends with
-/// the marker, at a position before every change its chunks could miss.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rows_deleted_while_no_slot_existed_are_retracted_by_a_new_incremental_snapshot() {
-    const INCREMENTAL: &[&str] = &[
-        "--snapshot-mode",
-        "initial-incremental",
-        "--incremental-chunk-size",
-        "7",
-    ];
-    let s = stack();
-    let (mut scratch, owner_url) = Scratch::create("fromscratchincr").await;
-    let admin = connect(&scratch.admin_url).await;
-    let owner = connect(&owner_url).await;
-    let topic_prefix = unique("mctest.fromscratchincr.");
-    scratch.start_reader_with(&s.kafka, &topic_prefix, INCREMENTAL);
-    scratch.wait_incremental_done(&owner).await;
-    scratch.wait_confirmed_now(&admin).await;
-    let consumer = start_consumer(&s, &scratch, &topic_prefix).await;
-    owner
-        .batch_execute("UPDATE transaction SET total_amount = total_amount + 1 WHERE id <= 10")
-        .await
-        .unwrap();
-    scratch.wait_confirmed_now(&admin).await;
-
-    scratch.kill_reader_and_drop_slots(&admin).await;
-    owner.batch_execute(WHILE_DOWN).await.unwrap();
-    scratch.start_reader_with(&s.kafka, &topic_prefix, INCREMENTAL);
-    scratch.wait_incremental_done(&owner).await;
-    scratch.wait_confirmed_now(&admin).await;
-    owner
-        .batch_execute(
-            "UPDATE transaction SET total_amount = total_amount + 2 WHERE id IN (1, 8);
-             DELETE FROM transactiondetail WHERE id = 10; DELETE FROM transaction WHERE id = 10;",
-        )
-        .await
-        .unwrap();
-    scratch.wait_confirmed_now(&admin).await;
-
-    stop_and_compare(
-        &s,
-        consumer,
-        &owner,
-        "rows deleted while the reader had no slot, then a new incremental snapshot",
+        &format!("rows deleted while the reader had no slot, {what}"),
     )
     .await;
 }
