@@ -643,6 +643,7 @@ impl Incremental {
                 {
                     tracing::warn!(source = %self.cfg.name, table = %table, "incremental snapshot of {table} skipped: {reason}");
                     metrics.signal_ignored(&self.cfg.name);
+                    metrics.table_skipped(&self.cfg.name, &table, &reason);
                     self.abandon();
                     self.each_plan(|p| p.queue.retain(|j| j.table != table));
                     self.persist(client).await?;
@@ -821,6 +822,7 @@ impl Incremental {
                 tracing::debug!(source = %self.cfg.name, table = %name, read = emit.read, sent, superseded = emit.dropped, "incremental snapshot chunk");
                 if finished.is_some() {
                     tracing::info!(source = %self.cfg.name, table = %name, "incremental snapshot of table finished");
+                    metrics.table_snapshotted(&self.cfg.name, &name);
                     if self.plan.queue.is_empty() {
                         self.window.idle();
                     }

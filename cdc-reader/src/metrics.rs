@@ -106,6 +106,16 @@ pub struct Metrics {
     incremental_rows: Family<SourceTable, Counter>,
     incremental_dropped: Family<SourceTable, Counter>,
     incremental_estimated: Family<SourceTable, Gauge>,
+    tables_skipped: Family<SkippedTable, Gauge>,
+    /// Tables an incremental snapshot left out, per source, with why.
+    skipped: Mutex<BTreeMap<(String, String), String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SkippedTable {
+    source: String,
+    table: String,
+    reason: String,
 }
 
 fn gauge_value(v: u64) -> i64 {
@@ -261,6 +271,45 @@ impl Metrics {
             .set(gauge_value(estimated));
     }
 
+    /// An incremental snapshot left `table` out (`reason` names the fix,
+    /// such as the GRANT): shown in `/metrics` and `/health` until a later
+    /// snapshot of the table finishes.
+    pub fn table_skipped(&self, name: &str, table: &str, reason: &str) {
+        if let Ok(mut skipped) = self.skipped.lock() {
+            let key = (name.to_owned(), table.to_owned());
+            if let Some(old) = skipped.insert(key, reason.to_owned()) {
+                self.tables_skipped.remove(&SkippedTable {
+                    source: name.to_owned(),
+                    table: table.to_owned(),
+                    reason: old,
+                });
+            }
+        }
+        self.tables_skipped
+            .get_or_create(&SkippedTable {
+                source: name.to_owned(),
+                table: table.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// A snapshot of `table` finished: it is no longer reported as skipped.
+    pub fn table_snapshotted(&self, name: &str, table: &str) {
+        let old = self
+            .skipped
+            .lock()
+            .ok()
+            .and_then(|mut s| s.remove(&(name.to_owned(), table.to_owned())));
+        if let Some(reason) = old {
+            self.tables_skipped.remove(&SkippedTable {
+                source: name.to_owned(),
+                table: table.to_owned(),
+                reason,
+            });
+        }
+    }
+
     /// Whether every source is streaming or snapshotting.
     pub fn healthy(&self) -> bool {
         let s = self.sources();
@@ -275,6 +324,11 @@ impl Metrics {
         let mut out = String::new();
         for (name, v) in s.iter() {
             let _ = writeln!(out, "{name} {} lag_bytes={}", v.state.as_str(), v.lag_bytes);
+        }
+        if let Ok(skipped) = self.skipped.lock() {
+            for ((name, table), reason) in skipped.iter() {
+                let _ = writeln!(out, "{name} skipped {table}: {reason}");
+            }
         }
         out
     }
@@ -342,6 +396,11 @@ impl Metrics {
             "cdc_incremental_rows_superseded",
             "Incremental snapshot rows not sent because the stream delivered a newer state",
             self.incremental_dropped.clone(),
+        );
+        r.register(
+            "cdc_incremental_table_skipped",
+            "1 for a table an incremental snapshot left out (reason: the fix, e.g. the GRANT)",
+            self.tables_skipped.clone(),
         );
         r.register(
             "cdc_incremental_rows_estimated",
@@ -449,5 +508,35 @@ mod tests {
         assert!(m.healthy());
         m.set_state("erp", SourceState::Connecting);
         assert!(!m.healthy());
+    }
+
+    #[test]
+    fn a_skipped_table_shows_until_a_snapshot_of_it_finishes() {
+        let m = Metrics::default();
+        m.set_state("shop", SourceState::Streaming);
+        m.table_skipped("shop", "public.secret", "GRANT SELECT ON a TO b");
+        m.table_skipped(
+            "shop",
+            "public.secret",
+            "GRANT SELECT ON public.secret TO cdc",
+        );
+        let text = local_stack::exposition::render(&m.registry());
+        assert!(
+            text.contains("cdc_incremental_table_skipped{source=\"shop\",table=\"public.secret\",reason=\"GRANT SELECT ON public.secret TO cdc\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("ON a TO b"),
+            "the former reason is gone: {text}"
+        );
+        assert!(
+            m.health()
+                .contains("shop skipped public.secret: GRANT SELECT ON public.secret TO cdc")
+        );
+        assert!(m.healthy(), "the other tables flow: still healthy");
+        m.table_snapshotted("shop", "public.secret");
+        let text = local_stack::exposition::render(&m.registry());
+        assert!(!text.contains("public.secret"), "{text}");
+        assert!(!m.health().contains("skipped"));
     }
 }

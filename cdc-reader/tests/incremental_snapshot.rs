@@ -263,6 +263,21 @@ GRANT SELECT, INSERT, UPDATE ON cdc_signal TO cdc_reader;
         line.contains("GRANT SELECT ON \"public\".\"secret\""),
         "{line}"
     );
+    // Reported where an operator looks, not only in the log.
+    let health = support::http_get(&reader, "/health");
+    assert!(
+        health.contains("skipped public.secret: the CDC role cannot read it: GRANT SELECT"),
+        "{health}"
+    );
+    let metrics = support::http_get(&reader, "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cdc_incremental_table_skipped{")
+                && l.contains("table=\"public.secret\"")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
     wait_progress(&db, &reader, "(queue empty)", |p| {
         p["queue"].as_array().is_some_and(Vec::is_empty)
     })

@@ -149,6 +149,12 @@ pub fn evaluate(obs: &Observed, t: &Thresholds) -> Health {
                     );
                     continue;
                 };
+                for (table, reason) in &s.skipped {
+                    push(
+                        State::Amber,
+                        format!("{db}: {table} left out of its snapshot: {reason}"),
+                    );
+                }
                 match s.state.as_deref() {
                     Some("failed") => push(
                         State::Red,
@@ -298,6 +304,26 @@ mod tests {
         assert_eq!(h.reasons, vec!["crm: replication lag 10 s".to_owned()]);
         set_crm(&mut obs, |s| s.lag_seconds = Some(60.0));
         assert_eq!(evaluate(&obs, &t).state, State::Red);
+    }
+
+    #[test]
+    fn a_table_left_out_of_a_snapshot_is_amber_with_the_fix() {
+        let mut obs = healthy();
+        set_crm(&mut obs, |s| {
+            s.skipped.insert(
+                "public.secret".to_owned(),
+                "the CDC role cannot read it: GRANT SELECT ON public.secret TO cdc".to_owned(),
+            );
+        });
+        let h = evaluate(&obs, &Thresholds::default());
+        assert_eq!(h.state, State::Amber);
+        assert_eq!(
+            h.reasons,
+            vec![
+                "crm: public.secret left out of its snapshot: the CDC role cannot read it: GRANT SELECT ON public.secret TO cdc"
+                    .to_owned()
+            ]
+        );
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct SourceReading {
     /// Incremental snapshots per table (`schema.table`), from the
     /// `cdc_incremental_*` series.
     pub snapshots: BTreeMap<String, SnapshotReading>,
+    /// Tables an incremental snapshot left out, with the reader's reason
+    /// (the fix, e.g. the GRANT).
+    pub skipped: BTreeMap<String, String>,
 }
 
 /// Progress of one table's incremental snapshot.
@@ -109,7 +112,12 @@ pub fn reader(samples: &[Sample], now_seconds: f64) -> ReaderReading {
             continue;
         };
         let entry = sources.entry(db).or_default();
-        if name.starts_with("cdc_incremental_") {
+        if name == "cdc_incremental_table_skipped" {
+            if let (Some(table), true) = (sample.label("table"), sample.value > 0.0) {
+                let reason = sample.label("reason").unwrap_or_default();
+                entry.skipped.insert(table.to_owned(), reason.to_owned());
+            }
+        } else if name.starts_with("cdc_incremental_") {
             let Some(table) = sample.label("table") else {
                 continue;
             };
@@ -259,6 +267,10 @@ pub fn sources_json(reader: Option<&ReaderReading>) -> Value {
                 "confirmed_lsn": number(s.confirmed_lsn),
                 "events_total": number(s.events_total),
                 "state": s.state,
+                "skipped": s.skipped.iter().map(|(table, reason)| json!({
+                    "table": table,
+                    "reason": reason,
+                })).collect::<Vec<_>>(),
                 "snapshots": s.snapshots.iter().map(|(table, p)| json!({
                     "table": table,
                     "chunks": number(p.chunks),
@@ -349,6 +361,16 @@ mod tests {
         assert_eq!(row["snapshots"][0]["rows"], 8192);
         assert_eq!(row["snapshots"][0]["estimated"], 10000);
         assert_eq!(row["snapshots"][0]["rows_per_second"], 2048.0);
+        let skipped = reader(
+            &parse(
+                "cdc_incremental_table_skipped{source=\"crm\",table=\"public.secret\",reason=\"GRANT SELECT ON public.secret TO cdc\"} 1\n",
+            ),
+            0.0,
+        );
+        assert_eq!(
+            skipped.sources["crm"].skipped["public.secret"],
+            "GRANT SELECT ON public.secret TO cdc"
+        );
     }
 
     #[test]
