@@ -776,12 +776,12 @@ impl Incremental {
                     .map_or(0, |d| d.as_millis() as i64);
                 let sent = emit.rows.len();
                 let name = self.in_flight.take().map(|(_, t)| t).unwrap_or_default();
-                // Below the low watermark, and below the commit of any change
-                // the chunk's snapshot did not see (one less: such a change's
-                // own events sort after the marker's position then).
+                // Below the low watermark, and below the commit of any
+                // streamed change that kept rows out of the chunk (one less:
+                // such a change's own events sort after the marker then).
                 let low = self.low_at.take().unwrap_or(lsn);
                 let since = emit
-                    .earliest_unseen
+                    .earliest_kept_out
                     .map_or(low, |at| low.min(at.saturating_sub(1)));
                 let finished = self.plan.chunk_done(
                     &name,

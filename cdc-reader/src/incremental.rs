@@ -116,10 +116,12 @@ pub struct Emit<R> {
     pub dropped: usize,
     /// Key of the last row read: the next chunk starts after it.
     pub last_key: Option<Key>,
-    /// The earliest commit position of a recent change that the chunk's
-    /// snapshot did not see: such a change may precede the chunk's low
-    /// watermark in the stream (see [`Job::since`]).
-    pub earliest_unseen: Option<u64>,
+    /// The earliest commit position of a streamed change that kept rows
+    /// out of this chunk: one streamed since the chunk was requested (it may
+    /// precede the low watermark) or one the chunk's snapshot did not see.
+    /// The rows it kept out have no chunk event, only that change's (see
+    /// [`Job::since`]).
+    pub earliest_kept_out: Option<u64>,
 }
 
 /// Why a watermark was not acted on.
@@ -139,6 +141,8 @@ pub struct Window {
     chunk: Option<u64>,
     low_seen: bool,
     changed: HashSet<Key>,
+    /// The earliest commit position among the changes in `changed`.
+    changed_since: Option<u64>,
     truncated: bool,
     recent: VecDeque<(u32, Key, u64)>,
     recent_cap: usize,
@@ -152,6 +156,7 @@ impl Window {
             chunk: None,
             low_seen: false,
             changed: HashSet::new(),
+            changed_since: None,
             truncated: false,
             recent: VecDeque::new(),
             recent_cap,
@@ -178,6 +183,7 @@ impl Window {
         self.chunk = Some(id);
         self.low_seen = false;
         self.changed.clear();
+        self.changed_since = None;
         self.truncated = false;
     }
 
@@ -186,6 +192,7 @@ impl Window {
         self.chunk = None;
         self.low_seen = false;
         self.changed.clear();
+        self.changed_since = None;
         self.truncated = false;
     }
 
@@ -206,6 +213,8 @@ impl Window {
         for key in keys {
             if self.chunk.is_some() {
                 self.changed.insert(key.clone());
+                self.changed_since =
+                    Some(self.changed_since.map_or(commit_lsn, |s| s.min(commit_lsn)));
             }
             if self.recent_cap > 0 {
                 if self.recent.len() == self.recent_cap {
@@ -244,11 +253,11 @@ impl Window {
         let read = chunk.rows.len();
         let last_key = chunk.rows.last().map(|(k, _)| k.clone());
         let mut late: HashSet<&Key> = HashSet::new();
-        let mut earliest_unseen: Option<u64> = None;
+        let mut earliest_kept_out: Option<u64> = self.changed_since;
         for (xid, key, at) in &self.recent {
             if !chunk.visibility.sees(*xid) {
                 late.insert(key);
-                earliest_unseen = Some(earliest_unseen.map_or(*at, |e| e.min(*at)));
+                earliest_kept_out = Some(earliest_kept_out.map_or(*at, |e| e.min(*at)));
             }
         }
         let mut rows = Vec::with_capacity(read);
@@ -261,13 +270,14 @@ impl Window {
         self.chunk = None;
         self.low_seen = false;
         self.changed.clear();
+        self.changed_since = None;
         self.truncated = false;
         Ok(Emit {
             rows,
             read,
             dropped,
             last_key,
-            earliest_unseen,
+            earliest_kept_out,
         })
     }
 }
@@ -559,11 +569,20 @@ mod tests {
         // 120 and 121 committed in the WAL, still running for the chunk.
         let vis = Visibility::parse("100:130:120,121").unwrap();
         let e = w.high(chunk(1, &[7, 8], vis)).unwrap();
-        assert_eq!(e.earliest_unseen, Some(4_000));
+        assert_eq!(e.earliest_kept_out, Some(4_000));
         w.requested(2, &t());
         w.low(2).unwrap();
         let e = w.high(chunk(2, &[10], all_visible())).unwrap();
-        assert_eq!(e.earliest_unseen, None, "every recent change visible");
+        assert_eq!(e.earliest_kept_out, None, "every recent change visible");
+        // Streamed after the request, before the low watermark: it keeps
+        // its row out of the chunk, and its commit may precede the low one.
+        w.requested(3, &t());
+        w.streamed(&t(), 140, &[k(11)], 6_000);
+        w.low(3).unwrap();
+        w.streamed(&t(), 141, &[k(12)], 7_000);
+        let e = w.high(chunk(3, &[11, 12, 13], all_visible())).unwrap();
+        assert_eq!(e.rows, vec![13]);
+        assert_eq!(e.earliest_kept_out, Some(6_000));
     }
 
     #[test]
