@@ -174,10 +174,12 @@ fn integrity() -> Vec<(&'static str, &'static str)> {
              FROM change_event GROUP BY source_db, source_table, row_key, lsn, op HAVING count(*) > 1",
         ),
         (
-            "sale lines whose product version is not the one valid when sold",
+            "sale lines whose product version is not the one valid when sold (the first for a sale older than every version)",
             "SELECT 'line ' || f.line_id FROM fact_sale_line f LEFT JOIN dim_product d ON d.product_key = f.product_key
              WHERE d.product_key IS NULL OR d.product_id <> f.product_id
-                OR (d.valid_from_commit_lsn, d.valid_from_lsn) > (f.sold_commit_lsn, f.sold_lsn)
+                OR ((d.valid_from_commit_lsn, d.valid_from_lsn) > (f.sold_commit_lsn, f.sold_lsn)
+                    AND EXISTS (SELECT 1 FROM dim_product e WHERE e.product_id = d.product_id
+                                AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))
                 OR (d.valid_to_commit_lsn IS NOT NULL AND (d.valid_to_commit_lsn, d.valid_to_lsn) <= (f.sold_commit_lsn, f.sold_lsn))",
         ),
         (
