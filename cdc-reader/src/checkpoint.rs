@@ -210,8 +210,13 @@ pub struct Batching {
     pub max_records: u64,
     /// ... or this many bytes.
     pub max_bytes: u64,
-    /// ... or once the first completed source transaction waited this long.
+    /// ... or once the first completed source transaction waited this long,
     pub linger: std::time::Duration,
+    /// ... or this long while a backlog is read (more WAL already waits in
+    /// the reader): then latency is the backlog's anyway, and each commit
+    /// (~50 ms on three brokers, during which the source stops) would cut
+    /// the catch-up rate, so the transaction fills up first.
+    pub backlog_linger: std::time::Duration,
 }
 
 impl Default for Batching {
@@ -220,6 +225,7 @@ impl Default for Batching {
             max_records: 20_000,
             max_bytes: 16 * 1024 * 1024,
             linger: std::time::Duration::from_millis(10),
+            backlog_linger: std::time::Duration::from_millis(1000),
         }
     }
 }
@@ -228,6 +234,28 @@ impl Batching {
     /// Whether a batch of `records` / `bytes` is full.
     pub fn full(&self, records: u64, bytes: u64) -> bool {
         records >= self.max_records || bytes >= self.max_bytes
+    }
+
+    /// How long the first completed source transaction of a batch may wait
+    /// for its commit: `linger`, or `backlog_linger` while a backlog is read.
+    pub fn wait(&self, backlog: bool) -> std::time::Duration {
+        if backlog {
+            self.backlog_linger.max(self.linger)
+        } else {
+            self.linger
+        }
+    }
+
+    /// Whether the batch is to be committed at a source transaction's end:
+    /// full, or its first source transaction ended `waited` ago.
+    pub fn due(
+        &self,
+        records: u64,
+        bytes: u64,
+        waited: std::time::Duration,
+        backlog: bool,
+    ) -> bool {
+        self.full(records, bytes) || waited >= self.wait(backlog)
     }
 }
 
@@ -364,5 +392,34 @@ mod tests {
             }
             assert_eq!(written + rewritten, total, "cut after {cut} changes");
         }
+    }
+
+    #[test]
+    fn a_backlog_keeps_the_transaction_open_until_full_or_its_own_linger() {
+        use std::time::Duration;
+        let b = Batching {
+            max_records: 100,
+            max_bytes: 1_000,
+            linger: Duration::from_millis(10),
+            backlog_linger: Duration::from_millis(500),
+        };
+        let ms = Duration::from_millis;
+        // Caught up: the linger commits.
+        assert!(!b.due(1, 10, ms(9), false));
+        assert!(b.due(1, 10, ms(10), false));
+        // A backlog waits: the linger alone does not commit ...
+        assert!(!b.due(1, 10, ms(10), true));
+        assert!(!b.due(99, 999, ms(499), true));
+        // ... a full batch or the backlog linger does.
+        assert!(b.due(100, 10, ms(0), true));
+        assert!(b.due(1, 1_000, ms(0), true));
+        assert!(b.due(1, 10, ms(500), true));
+        // A backlog linger below the linger never shortens it.
+        let short = Batching {
+            backlog_linger: ms(1),
+            ..b
+        };
+        assert_eq!(short.wait(true), ms(10));
+        assert!(!short.due(1, 10, ms(5), true));
     }
 }

@@ -171,6 +171,16 @@ pub struct Config {
     #[arg(long, env = "CDC_TRANSACTION_LINGER_MS", default_value_t = 10)]
     pub transaction_linger_ms: u64,
 
+    /// With --exactly-once: while a backlog is read (more WAL already
+    /// waiting), milliseconds a Kafka transaction stays open (unless full)
+    /// instead of --transaction-linger-ms, so commits do not slow catch-up.
+    #[arg(
+        long,
+        env = "CDC_TRANSACTION_BACKLOG_LINGER_MS",
+        default_value_t = 1000
+    )]
+    pub transaction_backlog_linger_ms: u64,
+
     /// With --exactly-once: commit once a Kafka transaction holds this many
     /// records (at a source transaction's end; a source transaction four
     /// times larger is split, its position kept in the checkpoint).
@@ -484,6 +494,7 @@ impl Config {
             batching: crate::checkpoint::Batching {
                 max_records: self.transaction_max_records,
                 linger: Duration::from_millis(self.transaction_linger_ms),
+                backlog_linger: Duration::from_millis(self.transaction_backlog_linger_ms),
                 ..crate::checkpoint::Batching::default()
             },
             sources,

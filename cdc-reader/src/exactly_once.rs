@@ -192,6 +192,8 @@ pub(crate) struct TransactionalSink {
     metrics: Arc<dyn SinkMetrics>,
     /// One Kafka transaction per snapshot: never split, never committed early.
     whole: bool,
+    /// More WAL waits in the reader: batch by [`Batching::backlog_linger`].
+    backlog: bool,
     open: Option<Open>,
     ledger: Ledger,
     confirmed: watch::Sender<Lsn>,
@@ -234,6 +236,7 @@ impl TransactionalSink {
             sink,
             metrics,
             whole,
+            backlog: false,
             open: None,
             ledger: Ledger::default(),
             confirmed,
@@ -488,11 +491,10 @@ impl TransactionalSink {
         match self.ledger.end(end_lsn) {
             Confirm::Now(lsn) => self.publish(lsn),
             Confirm::AfterCommit => {
-                let batching = self.settings.batching;
+                let (batching, backlog) = (self.settings.batching, self.backlog);
                 if let Some(open) = self.open.as_mut() {
                     let first = *open.first_end.get_or_insert_with(Instant::now);
-                    open.due = batching.full(open.records, open.bytes)
-                        || first.elapsed() >= batching.linger;
+                    open.due = batching.due(open.records, open.bytes, first.elapsed(), backlog);
                 }
             }
         }
@@ -560,7 +562,13 @@ impl TransactionalSink {
         if open.due {
             return Some(first);
         }
-        Some(first + self.settings.batching.linger)
+        Some(first + self.settings.batching.wait(self.backlog))
+    }
+
+    /// Whether more WAL already waits in the reader (see
+    /// [`Batching::backlog_linger`]).
+    pub(crate) fn set_backlog(&mut self, backlog: bool) {
+        self.backlog = backlog;
     }
 
     /// Writes the checkpoint and commits the open Kafka transaction; then

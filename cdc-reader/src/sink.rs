@@ -858,6 +858,14 @@ impl SourceSink {
         }
     }
 
+    /// Tells the exactly-once writer whether more WAL already waits in the
+    /// reader (a backlog: Kafka transactions fill up before they commit).
+    pub fn set_backlog(&mut self, backlog: bool) {
+        if let Some(eos) = self.exactly_once.as_mut() {
+            eos.set_backlog(backlog);
+        }
+    }
+
     /// Resolves when the source loop should call [`SourceSink::commit`]
     /// (never without `--exactly-once`, nor while nothing waits). Owns its
     /// deadline, so it can sit in a `select!` beside other borrows.

@@ -636,6 +636,7 @@ impl StreamLoop<'_, '_> {
                 }
                 () = self.session.shutdown.cancelled() => return Ok(()),
             };
+            self.out.set_backlog(!frames.is_empty());
             for frame in batch {
                 if let Some(e) = self.out.take_fatal() {
                     return Err(e);
