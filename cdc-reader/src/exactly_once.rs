@@ -755,16 +755,35 @@ async fn read_checkpoint(
         .set("allow.auto.create.topics", "false")
         .create()
         .map_err(|e| Error::Config(format!("kafka checkpoint consumer: {e}")))?;
+    // The end to read to is the high watermark: asked `read_committed`,
+    // the brokers answer the last stable offset, which stops before this
+    // source's newest checkpoint whenever another source sharing the
+    // partition has a transaction open below it (the reader then resent
+    // what that checkpoint covered).
+    let watermarks: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .map_err(|e| Error::Config(format!("kafka checkpoint watermark client: {e}")))?;
     let (topic, key) = (topic.to_owned(), transactional_id.to_owned());
-    tokio::task::spawn_blocking(move || read_partition(&consumer, &topic, &key))
+    tokio::task::spawn_blocking(move || read_partition(&consumer, &watermarks, &topic, &key))
         .await
         .map_err(|e| Error::Kafka(format!("checkpoint reader task: {e}")))?
 }
 
-fn read_partition(consumer: &BaseConsumer, topic: &str, key: &str) -> Result<Checkpoint, Error> {
+/// Reads `topic`'s partition `read_committed` up to its high watermark
+/// (from `watermarks`, a `read_uncommitted` client); returns the last
+/// checkpoint of `key`. Waits while transactions of other sources are open
+/// below that end (a consumer cannot pass them), at most 120 s.
+fn read_partition(
+    consumer: &BaseConsumer,
+    watermarks: &BaseConsumer,
+    topic: &str,
+    key: &str,
+) -> Result<Checkpoint, Error> {
     let timeout = Duration::from_secs(30);
     let deadline = Instant::now() + Duration::from_secs(120);
-    let (_, end) = consumer
+    let (_, end) = watermarks
         .fetch_watermarks(topic, 0, timeout)
         .map_err(|e| Error::Kafka(format!("checkpoint topic {topic} watermarks: {e}")))?;
     let mut found = Checkpoint::default();

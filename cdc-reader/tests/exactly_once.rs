@@ -1,7 +1,8 @@
 //! `--exactly-once true`: a `read_committed` consumer sees every change
 //! once, through kill -9 of the reader under load; a second reader on the
 //! same slot is refused, and a reader whose Kafka transactions were taken
-//! over is fenced with one line. (The full acceptance run with Postgres and
+//! over is fenced with one line; a checkpoint is found behind another
+//! source's open transaction. (The full acceptance run with Postgres and
 //! broker restarts is `scripts/chaos-eos`.)
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
@@ -18,6 +19,7 @@ use cdc_reader::sink::{NoMetrics, Sink, SinkConfig};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use support::{Event, Reader, SHOP_TABLES, TestDb, shop_batch_sql, shop_load};
@@ -313,6 +315,84 @@ async fn a_reader_whose_transactions_were_taken_over_is_fenced() {
         .await
         .unwrap();
     // Keys 1 and 2 may sit in different partitions: compare as a set.
+    let mut ids: Vec<String> = events
+        .iter()
+        .filter_map(|e| e.value.as_ref().map(|v| v["after"]["id"].to_string()))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["1", "2"], "each change once");
+}
+
+/// The checkpoint topic is shared by every source: while another source's
+/// Kafka transaction is open on it below this source's newest checkpoint,
+/// a restarted writer waits for that transaction instead of stopping at
+/// the last stable offset with an older checkpoint (and writing again what
+/// the newest one covers: CI's chaos-eos found such duplicates).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_behind_another_sources_open_transaction_is_read() {
+    let prefix = support::unique("eosshared");
+    let slot = format!("{prefix}_slot");
+    let checkpoints = format!("{prefix}.checkpoints");
+    let mut cfg = SinkConfig::new(support::kafka_bootstrap());
+    let mut eos = ExactlyOnce {
+        checkpoint_topic: checkpoints.clone(),
+        ..ExactlyOnce::default()
+    };
+    eos.sources.insert(
+        prefix.clone(),
+        (slot.clone(), transactional_id(&prefix, &slot)),
+    );
+    cfg.exactly_once = Some(eos);
+    let sink = Sink::new(&cfg, Arc::new(NoMetrics)).unwrap();
+    let mut first = sink.source(&prefix);
+    first.open().await.unwrap();
+
+    // Another source writes its checkpoint and has not committed yet.
+    let other: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", support::kafka_bootstrap())
+        .set("transactional.id", format!("{prefix}.other"))
+        .create()
+        .unwrap();
+    let other = tokio::task::spawn_blocking(move || {
+        other.init_transactions(Duration::from_secs(30)).unwrap();
+        other.begin_transaction().unwrap();
+        other
+            .send(
+                BaseRecord::to(&checkpoints)
+                    .partition(0)
+                    .key("other")
+                    .payload("{}"),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+        other.flush(Duration::from_secs(30)).unwrap();
+        other
+    })
+    .await
+    .unwrap();
+
+    first.send(&change(&prefix, 1, 100)).await.unwrap();
+    first.end_transaction(110);
+    first.commit().await.unwrap();
+
+    // The reader restarts while the other transaction is open; it ends
+    // (aborted) a moment later.
+    let abort = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        other.abort_transaction(Duration::from_secs(30))
+    });
+    let mut second = sink.source(&prefix);
+    second.open().await.unwrap();
+    abort.await.unwrap().unwrap();
+    second.send(&change(&prefix, 1, 100)).await.unwrap(); // covered: dropped
+    second.end_transaction(110);
+    second.send(&change(&prefix, 2, 200)).await.unwrap();
+    second.end_transaction(210);
+    second.commit().await.unwrap();
+    let topic = format!("{prefix}.public.item");
+    let events = tokio::task::spawn_blocking(move || consume_committed(&[topic]))
+        .await
+        .unwrap();
     let mut ids: Vec<String> = events
         .iter()
         .filter_map(|e| e.value.as_ref().map(|v| v["after"]["id"].to_string()))
