@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cdc_reader::change::{Change, Column, Datum, Op, SnapshotMarker, Source, TableName};
 use cdc_reader::exactly_once::{ExactlyOnce, transactional_id};
-use cdc_reader::sink::{NoMetrics, Sink, SinkConfig};
+use cdc_reader::sink::{NoMetrics, Sink, SinkConfig, SourceSink};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -275,14 +275,7 @@ fn change(prefix: &str, id: u32, lsn: u64) -> Change {
 async fn a_reader_whose_transactions_were_taken_over_is_fenced() {
     let prefix = support::unique("eosfence");
     let slot = format!("{prefix}_slot");
-    let mut cfg = SinkConfig::new(support::kafka_bootstrap());
-    let mut eos = ExactlyOnce::default();
-    eos.sources.insert(
-        prefix.clone(),
-        (slot.clone(), transactional_id(&prefix, &slot)),
-    );
-    cfg.exactly_once = Some(eos);
-    let sink = Sink::new(&cfg, Arc::new(NoMetrics)).unwrap();
+    let sink = eos_sink(&prefix, None);
     let mut old = sink.source(&prefix);
     old.open().await.unwrap();
     old.send(&change(&prefix, 1, 100)).await.unwrap();
@@ -304,12 +297,19 @@ async fn a_reader_whose_transactions_were_taken_over_is_fenced() {
     assert!(line.contains("fenced") && line.contains(&slot), "{line}");
     assert!(!line.contains('\n'), "{line}");
     // The new writer resumes after the old one's committed checkpoint.
-    new.send(&change(&prefix, 1, 100)).await.unwrap(); // dropped: covered
-    new.end_transaction(110);
-    new.send(&change(&prefix, 2, 200)).await.unwrap();
-    new.end_transaction(210);
-    new.commit().await.unwrap();
-    assert_eq!(*new.confirmed().borrow(), 210);
+    resume_and_check(&mut new, &prefix).await;
+}
+
+/// A writer resuming after a checkpoint that covers change 1 (at LSN 100):
+/// writes changes 1 (dropped) and 2, and checks that `read_committed`
+/// consumers see each once.
+async fn resume_and_check(writer: &mut SourceSink, prefix: &str) {
+    writer.send(&change(prefix, 1, 100)).await.unwrap();
+    writer.end_transaction(110);
+    writer.send(&change(prefix, 2, 200)).await.unwrap();
+    writer.end_transaction(210);
+    writer.commit().await.unwrap();
+    assert_eq!(*writer.confirmed().borrow(), 210);
     let topic = format!("{prefix}.public.item");
     let events = tokio::task::spawn_blocking(move || consume_committed(&[topic]))
         .await
@@ -323,6 +323,23 @@ async fn a_reader_whose_transactions_were_taken_over_is_fenced() {
     assert_eq!(ids, ["1", "2"], "each change once");
 }
 
+/// A sink writing source `prefix` exactly once, its checkpoints in
+/// `checkpoints` (the default topic when `None`).
+fn eos_sink(prefix: &str, checkpoints: Option<String>) -> Sink {
+    let slot = format!("{prefix}_slot");
+    let mut cfg = SinkConfig::new(support::kafka_bootstrap());
+    let mut eos = ExactlyOnce::default();
+    if let Some(topic) = checkpoints {
+        eos.checkpoint_topic = topic;
+    }
+    eos.sources.insert(
+        prefix.to_owned(),
+        (slot.clone(), transactional_id(prefix, &slot)),
+    );
+    cfg.exactly_once = Some(eos);
+    Sink::new(&cfg, Arc::new(NoMetrics)).unwrap()
+}
+
 /// The checkpoint topic is shared by every source: while another source's
 /// Kafka transaction is open on it below this source's newest checkpoint,
 /// a restarted writer waits for that transaction instead of stopping at
@@ -331,19 +348,8 @@ async fn a_reader_whose_transactions_were_taken_over_is_fenced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_behind_another_sources_open_transaction_is_read() {
     let prefix = support::unique("eosshared");
-    let slot = format!("{prefix}_slot");
     let checkpoints = format!("{prefix}.checkpoints");
-    let mut cfg = SinkConfig::new(support::kafka_bootstrap());
-    let mut eos = ExactlyOnce {
-        checkpoint_topic: checkpoints.clone(),
-        ..ExactlyOnce::default()
-    };
-    eos.sources.insert(
-        prefix.clone(),
-        (slot.clone(), transactional_id(&prefix, &slot)),
-    );
-    cfg.exactly_once = Some(eos);
-    let sink = Sink::new(&cfg, Arc::new(NoMetrics)).unwrap();
+    let sink = eos_sink(&prefix, Some(checkpoints.clone()));
     let mut first = sink.source(&prefix);
     first.open().await.unwrap();
 
@@ -384,19 +390,5 @@ async fn a_checkpoint_behind_another_sources_open_transaction_is_read() {
     let mut second = sink.source(&prefix);
     second.open().await.unwrap();
     abort.await.unwrap().unwrap();
-    second.send(&change(&prefix, 1, 100)).await.unwrap(); // covered: dropped
-    second.end_transaction(110);
-    second.send(&change(&prefix, 2, 200)).await.unwrap();
-    second.end_transaction(210);
-    second.commit().await.unwrap();
-    let topic = format!("{prefix}.public.item");
-    let events = tokio::task::spawn_blocking(move || consume_committed(&[topic]))
-        .await
-        .unwrap();
-    let mut ids: Vec<String> = events
-        .iter()
-        .filter_map(|e| e.value.as_ref().map(|v| v["after"]["id"].to_string()))
-        .collect();
-    ids.sort();
-    assert_eq!(ids, ["1", "2"], "each change once");
+    resume_and_check(&mut second, &prefix).await;
 }
