@@ -636,11 +636,20 @@ async fn page_shows_redis_values_and_follows_them_live() {
 /// the page must load, say red with the reasons and "no data", and log no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_with_everything_down_says_so_without_errors() {
-    let closed = || async {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        l.local_addr().expect("addr").port()
+    // Ports held by sockets bound but not listening: connecting is refused,
+    // and no other test's server can take the port meanwhile (a listener
+    // dropped at once freed it, and the consumer's port once answered for
+    // another test's server in CI).
+    let closed = || {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind");
+        let port = socket.local_addr().expect("addr").port();
+        (socket, port)
     };
-    let (redis, reader, consumer) = (closed().await, closed().await, closed().await);
+    let ((_redis, redis), (_reader, reader), (_consumer, consumer)) =
+        (closed(), closed(), closed());
     let shutdown = CancellationToken::new();
     let base = start_dashboard(
         config(
@@ -656,27 +665,35 @@ async fn page_with_everything_down_says_so_without_errors() {
     browser
         .call(json!({"cmd": "open", "url": format!("{base}/"), "width": 1280, "height": 800}))
         .await;
+    // The pill turns red with the first reason known; the others follow as
+    // each probe fails (the endpoints are probed on their own): wait for all.
+    let parts = [
+        "redis unreachable",
+        "is cdc-reader running?",
+        "is metrics-consumer running?",
+    ];
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let pill = browser
             .eval("document.getElementById('state-pill').className")
             .await;
-        if pill == json!("pill red") {
+        let reasons = browser
+            .eval("document.getElementById('reasons').innerText")
+            .await;
+        let reasons = reasons.as_str().unwrap_or_default().to_owned();
+        let missing: Vec<&str> = parts
+            .iter()
+            .copied()
+            .filter(|part| !reasons.contains(part))
+            .collect();
+        if pill == json!("pill red") && missing.is_empty() {
             break;
         }
-        assert!(Instant::now() < deadline, "state pill stayed {pill}");
+        assert!(
+            Instant::now() < deadline,
+            "state pill {pill}, no reason about {missing:?}: {reasons}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let reasons = browser
-        .eval("document.getElementById('reasons').innerText")
-        .await;
-    let reasons = reasons.as_str().unwrap_or_default();
-    for part in [
-        "redis unreachable",
-        "is cdc-reader running?",
-        "is metrics-consumer running?",
-    ] {
-        assert!(reasons.contains(part), "no reason about {part}: {reasons}");
     }
     let page = browser.kpis().await;
     for kpi in KPIS {
