@@ -381,8 +381,11 @@ async fn a_checkpoint_behind_another_sources_open_transaction_is_read() {
     first.end_transaction(110);
     first.commit().await.unwrap();
 
-    // The reader restarts while the other transaction is open; it ends
-    // (aborted) a moment later.
+    // The reader restarts while the other transaction is open. The fixed
+    // reader cannot finish its checkpoint read before that transaction
+    // ends, so it is held open for 3 s (the condition under test, not a
+    // wait for readiness) and then aborted; the old reader stopped at the
+    // open transaction at once, with the older checkpoint.
     let abort = tokio::task::spawn_blocking(move || {
         std::thread::sleep(Duration::from_secs(3));
         other.abort_transaction(Duration::from_secs(30))

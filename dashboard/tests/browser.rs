@@ -665,8 +665,9 @@ async fn page_with_everything_down_says_so_without_errors() {
     browser
         .call(json!({"cmd": "open", "url": format!("{base}/"), "width": 1280, "height": 800}))
         .await;
-    // The pill turns red with the first reason known; the others follow as
-    // each probe fails (the endpoints are probed on their own): wait for all.
+    // Until the page has rendered its first health answer: the red pill and
+    // every reason (read together, so a render between two reads cannot
+    // fail the test).
     let parts = [
         "redis unreachable",
         "is cdc-reader running?",

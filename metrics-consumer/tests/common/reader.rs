@@ -241,26 +241,13 @@ impl Scratch {
     /// signal table, is empty (every queued table finished).
     pub async fn wait_incremental_done(&self, owner: &Client) {
         let id = format!("progress:{}", self.slot);
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let empty: Option<bool> = owner
-                .query_opt(
-                    "SELECT json_array_length(data::json -> 'queue') = 0 FROM cdc_signal WHERE id = $1",
-                    &[&id],
-                )
-                .await
-                .unwrap()
-                .and_then(|r| r.get(0));
-            if empty == Some(true) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the incremental snapshot did not finish within 180 s:\n{}",
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        self.wait_until(
+            owner,
+            "SELECT json_array_length(data::json -> 'queue') = 0 FROM cdc_signal WHERE id = $1",
+            &[&id],
+            "the incremental snapshot did not finish",
+        )
+        .await;
     }
 
     /// Waits until the reader's slot confirmed everything committed so far
@@ -271,22 +258,37 @@ impl Scratch {
             .await
             .unwrap()
             .get(0);
+        self.wait_until(
+            admin,
+            "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+            &[&self.slot, &end],
+            &format!("the reader did not confirm {end}"),
+        )
+        .await;
+    }
+
+    /// Polls `sql` (one boolean, or no row) until it is true, at most 180 s;
+    /// then fails with `what` and the reader's log tail.
+    async fn wait_until(
+        &self,
+        client: &Client,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        what: &str,
+    ) {
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
-            let confirmed_past: Option<bool> = admin
-                .query_opt(
-                    "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&self.slot, &end],
-                )
+            let done: Option<bool> = client
+                .query_opt(sql, params)
                 .await
                 .unwrap()
                 .and_then(|r| r.get(0));
-            if confirmed_past == Some(true) {
+            if done == Some(true) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "the reader did not confirm {end} within 180 s:\n{}",
+                "{what} within 180 s:\n{}",
                 self.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
