@@ -13,7 +13,8 @@
 -- * the star schema of the shop: SCD2 dimensions (dim_customer, dim_buyer,
 --   dim_product, dim_carrier: one version per change of a tracked
 --   attribute, valid from its source commit to the next version's), dim_date,
---   and the facts fact_sale_line, fact_purchase and fact_shipment (their
+--   and the facts fact_purchase, fact_sale_line (a view: the lines of
+--   sale_line with their purchase's columns) and fact_shipment (their
 --   current state: updates and deletes of the source rows apply to them).
 --
 -- Positions: `commit_lsn` is the LSN of the source transaction's commit
@@ -169,46 +170,104 @@ CREATE TABLE IF NOT EXISTS dim_date (
 
 -- ------------------------------------------------------------------ facts
 
+-- A warehouse written before purchase-level columns moved to fact_purchase
+-- had fact_sale_line as a table holding them per line: it becomes
+-- sale_line, and the purchases get their creation position (from their
+-- first change event) and their customer and buyer versions (as the sink
+-- resolves them: valid at that position, or the first for an older
+-- purchase). Runs once; a no-op on a new warehouse.
+DO $migrate$
+BEGIN
+    IF to_regclass('fact_sale_line') IS NULL
+       OR (SELECT relkind FROM pg_class WHERE oid = to_regclass('fact_sale_line')) <> 'r' THEN
+        RETURN;
+    END IF;
+    ALTER TABLE fact_purchase
+        ADD COLUMN customer_key bigint,
+        ADD COLUMN buyer_key bigint,
+        ADD COLUMN created_commit_lsn bigint,
+        ADD COLUMN created_lsn bigint;
+    UPDATE fact_purchase f SET created_commit_lsn = coalesce(first.c, f.last_commit_lsn),
+                               created_lsn = coalesce(first.l, f.last_lsn)
+    FROM fact_purchase p
+    LEFT JOIN LATERAL (
+        SELECT coalesce(e.commit_lsn, e.lsn) AS c, e.lsn AS l FROM change_event e
+        WHERE e.source_db = 'instashop' AND e.source_table = 'transaction'
+          AND e.row_key = '{"id":' || p.purchase_id || '}' AND e.op IN ('c', 'r', 'u')
+        ORDER BY 1, 2 LIMIT 1) first ON true
+    WHERE p.purchase_id = f.purchase_id;
+    UPDATE fact_purchase f SET
+        customer_key = (SELECT d.customer_key FROM dim_customer d WHERE d.customer_id = f.customer_id AND NOT d.is_deleted
+            AND ((d.valid_from_commit_lsn, d.valid_from_lsn) <= (f.created_commit_lsn, f.created_lsn)
+              OR NOT EXISTS (SELECT 1 FROM dim_customer e WHERE e.customer_id = d.customer_id
+                AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))
+            AND (d.valid_to_commit_lsn IS NULL OR (d.valid_to_commit_lsn, d.valid_to_lsn) > (f.created_commit_lsn, f.created_lsn))
+            LIMIT 1),
+        buyer_key = (SELECT d.buyer_key FROM dim_buyer d WHERE d.buyer_id = f.buyer_id AND NOT d.is_deleted
+            AND ((d.valid_from_commit_lsn, d.valid_from_lsn) <= (f.created_commit_lsn, f.created_lsn)
+              OR NOT EXISTS (SELECT 1 FROM dim_buyer e WHERE e.buyer_id = d.buyer_id
+                AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))
+            AND (d.valid_to_commit_lsn IS NULL OR (d.valid_to_commit_lsn, d.valid_to_lsn) > (f.created_commit_lsn, f.created_lsn))
+            LIMIT 1);
+    ALTER TABLE fact_purchase
+        ALTER COLUMN created_commit_lsn SET NOT NULL,
+        ALTER COLUMN created_lsn SET NOT NULL;
+    DROP VIEW IF EXISTS sale_line_as_sold;
+    ALTER TABLE fact_sale_line RENAME TO sale_line;
+    ALTER TABLE sale_line
+        DROP COLUMN customer_id, DROP COLUMN buyer_id, DROP COLUMN status,
+        DROP COLUMN purchase_time, DROP COLUMN date_key,
+        DROP COLUMN customer_key, DROP COLUMN buyer_key;
+    ALTER INDEX IF EXISTS fact_sale_line_pkey RENAME TO sale_line_pkey;
+    ALTER INDEX IF EXISTS fact_sale_line_purchase_idx RENAME TO sale_line_purchase_idx;
+    ALTER INDEX IF EXISTS fact_sale_line_product_idx RENAME TO sale_line_product_idx;
+END
+$migrate$;
+
 -- One row per purchase (instashop.transaction), its current state.
+-- customer_key and buyer_key are the dimension versions valid at the
+-- purchase's creation commit (created_commit_lsn, created_lsn), NULL until
+-- that version has arrived; they are the sale lines' too (fact_sale_line).
 CREATE TABLE IF NOT EXISTS fact_purchase (
-    purchase_id      bigint PRIMARY KEY,
-    customer_id      bigint      NOT NULL,
-    buyer_id         bigint      NOT NULL,
-    total_cents      bigint      NOT NULL,
-    currency         text        NOT NULL,
-    payment_method   text        NOT NULL,
-    status           text        NOT NULL,
-    purchase_time    timestamptz NOT NULL,
-    date_key         integer     NOT NULL,
-    commit_time      timestamptz NOT NULL,
-    last_commit_lsn  bigint      NOT NULL,
-    last_lsn         bigint      NOT NULL
+    purchase_id        bigint PRIMARY KEY,
+    customer_id        bigint      NOT NULL,
+    buyer_id           bigint      NOT NULL,
+    total_cents        bigint      NOT NULL,
+    currency           text        NOT NULL,
+    payment_method     text        NOT NULL,
+    status             text        NOT NULL,
+    purchase_time      timestamptz NOT NULL,
+    date_key           integer     NOT NULL,
+    commit_time        timestamptz NOT NULL,
+    last_commit_lsn    bigint      NOT NULL,
+    last_lsn           bigint      NOT NULL,
+    customer_key       bigint,
+    buyer_key          bigint,
+    created_commit_lsn bigint      NOT NULL,
+    created_lsn        bigint      NOT NULL
 );
 CREATE INDEX IF NOT EXISTS fact_purchase_date_idx ON fact_purchase (date_key);
+CREATE INDEX IF NOT EXISTS fact_purchase_customer_idx ON fact_purchase (customer_id, created_commit_lsn);
+CREATE INDEX IF NOT EXISTS fact_purchase_buyer_idx ON fact_purchase (buyer_id, created_commit_lsn);
 -- Room for HOT updates: a purchase changes status once or twice soon after
--- its insert, and its lines follow.
+-- its insert.
 ALTER TABLE fact_purchase SET (fillfactor = 80);
 
--- One row per purchase line (instashop.transactiondetail), its current
--- state. The purchase's columns (status, customer, buyer, time) follow the
--- purchase's changes. product_key, customer_key and buyer_key are the
--- dimension versions valid at the line's creation commit (sold_commit_lsn,
--- sold_lsn), NULL until that version has arrived.
-CREATE TABLE IF NOT EXISTS fact_sale_line (
+-- One row per purchase line (instashop.transactiondetail), its own current
+-- state; product_key is the product version valid at the line's creation
+-- commit (sold_commit_lsn, sold_lsn), NULL until that version has arrived.
+-- The purchase-level columns are in fact_purchase, once per purchase:
+-- fact_sale_line joins them. So a purchase's change (its status, mostly)
+-- is one row written, not one per line, and a line that arrives before its
+-- purchase (they come through different topics) is never written twice.
+CREATE TABLE IF NOT EXISTS sale_line (
     line_id          bigint PRIMARY KEY,
     purchase_id      bigint      NOT NULL,
     product_id       bigint      NOT NULL,
     quantity         integer     NOT NULL,
     unit_price_cents bigint      NOT NULL,
     amount_cents     bigint      NOT NULL,
-    customer_id      bigint,
-    buyer_id         bigint,
-    status           text,
-    purchase_time    timestamptz,
-    date_key         integer,
     product_key      bigint,
-    customer_key     bigint,
-    buyer_key        bigint,
     sold_time        timestamptz NOT NULL,
     sold_commit_lsn  bigint      NOT NULL,
     sold_lsn         bigint      NOT NULL,
@@ -216,12 +275,19 @@ CREATE TABLE IF NOT EXISTS fact_sale_line (
     last_commit_lsn  bigint      NOT NULL,
     last_lsn         bigint      NOT NULL
 );
-ALTER TABLE fact_sale_line SET (fillfactor = 80);
-CREATE INDEX IF NOT EXISTS fact_sale_line_purchase_idx ON fact_sale_line (purchase_id);
-CREATE INDEX IF NOT EXISTS fact_sale_line_product_idx ON fact_sale_line (product_id, sold_commit_lsn);
-CREATE INDEX IF NOT EXISTS fact_sale_line_date_idx ON fact_sale_line (date_key);
-CREATE INDEX IF NOT EXISTS fact_sale_line_customer_idx ON fact_sale_line (customer_id, sold_commit_lsn);
-CREATE INDEX IF NOT EXISTS fact_sale_line_buyer_idx ON fact_sale_line (buyer_id, sold_commit_lsn);
+CREATE INDEX IF NOT EXISTS sale_line_purchase_idx ON sale_line (purchase_id);
+CREATE INDEX IF NOT EXISTS sale_line_product_idx ON sale_line (product_id, sold_commit_lsn);
+
+-- The sales fact, one row per purchase line: the line with its purchase's
+-- status, time, customer, buyer and their versions (NULL while the purchase
+-- has not arrived).
+CREATE OR REPLACE VIEW fact_sale_line AS
+SELECT l.line_id, l.purchase_id, l.product_id, l.quantity, l.unit_price_cents, l.amount_cents,
+       p.customer_id, p.buyer_id, p.status, p.purchase_time, p.date_key,
+       l.product_key, p.customer_key, p.buyer_key,
+       l.sold_time, l.sold_commit_lsn, l.sold_lsn, l.commit_time, l.last_commit_lsn, l.last_lsn
+FROM sale_line l
+LEFT JOIN fact_purchase p ON p.purchase_id = l.purchase_id;
 
 -- One row per shipment (ecommerce.shipment), its current state; carrier_key
 -- is the carrier version valid at the shipment's creation commit.

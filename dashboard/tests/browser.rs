@@ -870,18 +870,18 @@ async fn history_view_shows_the_warehouse_and_follows_it() {
     dwh.batch_execute(
         "INSERT INTO dim_date VALUES (20261130, '2026-11-30', 2026, 4, 11, 30, 49, 1), (20261201, '2026-12-01', 2026, 4, 12, 1, 49, 2);
          INSERT INTO fact_purchase VALUES
-           (1, 1, 1, 2000, 'USD', 'credit_card', 'completed', '2026-11-30 10:00Z', 20261130, '2026-11-30 10:00Z', 100, 100),
-           (2, 1, 1, 2400, 'USD', 'paypal', 'completed', '2026-12-01 10:00Z', 20261201, '2026-12-01 10:00Z', 300, 300),
-           (3, 1, 1, 9999, 'USD', 'paypal', 'pending', '2026-12-01 11:00Z', 20261201, '2026-12-01 11:00Z', 400, 400);
+           (1, 1, 1, 2000, 'USD', 'credit_card', 'completed', '2026-11-30 10:00Z', 20261130, '2026-11-30 10:00Z', 100, 100, NULL, NULL, 100, 100),
+           (2, 1, 1, 2400, 'USD', 'paypal', 'completed', '2026-12-01 10:00Z', 20261201, '2026-12-01 10:00Z', 300, 300, NULL, NULL, 300, 300),
+           (3, 1, 1, 9999, 'USD', 'paypal', 'pending', '2026-12-01 11:00Z', 20261201, '2026-12-01 11:00Z', 400, 400, NULL, NULL, 400, 400);
          INSERT INTO dim_product (product_id, name, category, price_cents, valid_from, valid_to, valid_from_commit_lsn, valid_from_lsn, valid_to_commit_lsn, valid_to_lsn, is_current)
          OVERRIDING SYSTEM VALUE VALUES
            (7, 'Lamp', 'home', 1000, '2026-11-29 00:00Z', '2026-12-01 00:00Z', 50, 50, 200, 200, false),
            (7, 'Lamp', 'garden', 1200, '2026-12-01 00:00Z', '2026-12-02 00:00Z', 200, 200, 500, 500, false),
            (7, 'Lamp', 'garden', 1500, '2026-12-02 00:00Z', NULL, 500, 500, NULL, NULL, true);
-         INSERT INTO fact_sale_line (line_id, purchase_id, product_id, quantity, unit_price_cents, amount_cents, status, purchase_time, date_key, product_key, sold_time, sold_commit_lsn, sold_lsn, commit_time, last_commit_lsn, last_lsn)
-         SELECT 1, 1, 7, 2, 1000, 2000, 'completed', '2026-11-30 10:00Z'::timestamptz, 20261130, product_key, '2026-11-30 10:00Z'::timestamptz, 100, 100, '2026-11-30 10:00Z'::timestamptz, 100, 100 FROM dim_product WHERE price_cents = 1000
+         INSERT INTO sale_line (line_id, purchase_id, product_id, quantity, unit_price_cents, amount_cents, product_key, sold_time, sold_commit_lsn, sold_lsn, commit_time, last_commit_lsn, last_lsn)
+         SELECT 1, 1, 7, 2, 1000, 2000, product_key, '2026-11-30 10:00Z'::timestamptz, 100, 100, '2026-11-30 10:00Z'::timestamptz, 100, 100 FROM dim_product WHERE price_cents = 1000
          UNION ALL
-         SELECT 2, 2, 7, 2, 1200, 2400, 'completed', '2026-12-01 10:00Z'::timestamptz, 20261201, product_key, '2026-12-01 10:00Z'::timestamptz, 300, 300, '2026-12-01 10:00Z'::timestamptz, 300, 300 FROM dim_product WHERE price_cents = 1200;",
+         SELECT 2, 2, 7, 2, 1200, 2400, product_key, '2026-12-01 10:00Z'::timestamptz, 300, 300, '2026-12-01 10:00Z'::timestamptz, 300, 300 FROM dim_product WHERE price_cents = 1200;",
     )
     .await
     .expect("seed the warehouse");
@@ -932,7 +932,7 @@ async fn history_view_shows_the_warehouse_and_follows_it() {
     // A new day in the warehouse appears without a reload.
     dwh.batch_execute(
         "INSERT INTO dim_date VALUES (20261202, '2026-12-02', 2026, 4, 12, 2, 49, 3);
-         INSERT INTO fact_purchase VALUES (4, 1, 1, 3000, 'USD', 'paypal', 'completed', '2026-12-02 09:00Z', 20261202, '2026-12-02 09:00Z', 600, 600);",
+         INSERT INTO fact_purchase VALUES (4, 1, 1, 3000, 'USD', 'paypal', 'completed', '2026-12-02 09:00Z', 20261202, '2026-12-02 09:00Z', 600, 600, NULL, NULL, 600, 600);",
     )
     .await
     .expect("add a day");

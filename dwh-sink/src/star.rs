@@ -203,11 +203,12 @@ struct Fact {
     created: Option<(&'static str, &'static str, Option<&'static str>)>,
     /// Extra computed columns: (name, expression over the staged row `l`).
     computed: &'static [(&'static str, &'static str)],
-    /// Tables joined to the staged row for `on_insert`.
-    joins: &'static str,
     /// Columns set only when the row is inserted: (name, expression over
-    /// `l`, the joins and `first`, the row's first staged event).
+    /// `l` and `first`, the row's first staged event).
     on_insert: &'static [(&'static str, &'static str)],
+    /// Columns set again when a newer event updates the row: (name,
+    /// expression over the stored row `f` and the new one `excluded`).
+    on_update: &'static [(&'static str, &'static str)],
 }
 
 /// The surrogate key of the version of `dim` (id column `id`) valid at
@@ -236,53 +237,96 @@ macro_rules! version_at_first {
     };
 }
 
+/// On an update of a stored purchase `f` to `excluded`: its key into `dim`
+/// kept while the natural key (`old`, `new`) is the same, else the version
+/// of the new one valid at the purchase's creation.
+macro_rules! version_at_created {
+    ($dim:literal, $key:literal, $id:literal, $old:literal, $new:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $new,
+            " IS NOT DISTINCT FROM ",
+            $old,
+            " THEN f.",
+            $key,
+            " ELSE ",
+            version_at!(
+                $dim,
+                $key,
+                $id,
+                $new,
+                "f.created_commit_lsn",
+                "f.created_lsn"
+            ),
+            " END"
+        )
+    };
+}
+
 const FACTS: [Fact; 3] = [
     Fact {
         entity: Entity::Purchase,
         table: "fact_purchase",
         id: "purchase_id",
-        created: None,
+        created: Some(("created_commit_lsn", "created_lsn", None)),
         computed: &[(
             "date_key",
             "to_char(l.purchase_time AT TIME ZONE 'UTC', 'YYYYMMDD')::integer",
         )],
-        joins: "",
-        on_insert: &[],
-    },
-    Fact {
-        entity: Entity::Line,
-        table: "fact_sale_line",
-        id: "line_id",
-        created: Some(("sold_commit_lsn", "sold_lsn", Some("sold_time"))),
-        computed: &[("amount_cents", "l.quantity * l.unit_price_cents")],
-        // The purchase's columns and the versions valid when sold, on
-        // insert; later changes of either are applied by the updates in
-        // `batch_statements`.
-        joins: " LEFT JOIN fact_purchase p ON p.purchase_id = l.purchase_id",
+        // The customer and buyer versions valid at the purchase's
+        // creation: its lines' too (the fact_sale_line view). Later
+        // versions of either are applied by `after_staged_versions`.
         on_insert: &[
-            ("customer_id", "p.customer_id"),
-            ("buyer_id", "p.buyer_id"),
-            ("status", "p.status"),
-            ("purchase_time", "p.purchase_time"),
-            ("date_key", "p.date_key"),
-            (
-                "product_key",
-                version_at_first!("dim_product", "product_key", "product_id", "l.product_id"),
-            ),
             (
                 "customer_key",
                 version_at_first!(
                     "dim_customer",
                     "customer_key",
                     "customer_id",
-                    "p.customer_id"
+                    "l.customer_id"
                 ),
             ),
             (
                 "buyer_key",
-                version_at_first!("dim_buyer", "buyer_key", "buyer_id", "p.buyer_id"),
+                version_at_first!("dim_buyer", "buyer_key", "buyer_id", "l.buyer_id"),
             ),
         ],
+        on_update: &[
+            (
+                "customer_key",
+                version_at_created!(
+                    "dim_customer",
+                    "customer_key",
+                    "customer_id",
+                    "f.customer_id",
+                    "excluded.customer_id"
+                ),
+            ),
+            (
+                "buyer_key",
+                version_at_created!(
+                    "dim_buyer",
+                    "buyer_key",
+                    "buyer_id",
+                    "f.buyer_id",
+                    "excluded.buyer_id"
+                ),
+            ),
+        ],
+    },
+    Fact {
+        entity: Entity::Line,
+        table: "sale_line",
+        id: "line_id",
+        created: Some(("sold_commit_lsn", "sold_lsn", Some("sold_time"))),
+        computed: &[("amount_cents", "l.quantity * l.unit_price_cents")],
+        // The product version valid when sold, on insert; later versions
+        // are applied by `after_staged_versions`.
+        on_insert: &[(
+            "product_key",
+            version_at_first!("dim_product", "product_key", "product_id", "l.product_id"),
+        )],
+        on_update: &[],
     },
     Fact {
         entity: Entity::Shipment,
@@ -290,11 +334,11 @@ const FACTS: [Fact; 3] = [
         id: "shipment_id",
         created: Some(("created_commit_lsn", "created_lsn", None)),
         computed: &[],
-        joins: "",
         on_insert: &[(
             "carrier_key",
             version_at_first!("dim_carrier", "carrier_key", "carrier_id", "l.carrier_id"),
         )],
+        on_update: &[],
     },
 ];
 
@@ -321,6 +365,7 @@ fn fact(f: &Fact) -> Vec<String> {
                 .iter(),
         )
         .map(|c| format!("{c} = excluded.{c}"))
+        .chain(f.on_update.iter().map(|(c, e)| format!("{c} = {e}")))
         .collect::<Vec<_>>()
         .join(", ");
     cols.extend(["commit_time", "last_commit_lsn", "last_lsn"].map(str::to_owned));
@@ -344,7 +389,6 @@ fn fact(f: &Fact) -> Vec<String> {
         cols.push((*name).to_owned());
         exprs.push((*expr).to_owned());
     }
-    let joins = f.joins;
     let latest = format!(
         "(SELECT DISTINCT ON (id) * FROM {stage} ORDER BY id, commit_lsn DESC, lsn DESC)",
         stage = f.entity.stage()
@@ -362,7 +406,7 @@ fn fact(f: &Fact) -> Vec<String> {
         ),
         format!(
             "INSERT INTO {t} AS f ({id}, {cols})
-            SELECT l.id, {exprs} FROM {latest} l{first_join}{joins}
+            SELECT l.id, {exprs} FROM {latest} l{first_join}
             WHERE l.op <> 'd' AND NOT EXISTS (
                 SELECT 1 FROM change_event e
                 WHERE e.source_db = '{db}' AND e.source_table = '{table}' AND e.row_key = l.row_key AND e.op = 'd'
@@ -466,56 +510,25 @@ pub fn batch_statements(staged: &[bool; 7]) -> Vec<String> {
             out.extend(fact(f));
         }
     }
-    let sold = ("sold_commit_lsn", "sold_lsn");
-    if has(Entity::Purchase) {
-        // The purchase's columns, and the customer and buyer versions valid
-        // when sold, on the lines of purchases that changed (lines inserted
-        // in this batch took them on insert; a line that came before its
-        // purchase has none yet). One statement, so a line gets one new row
-        // version per batch, not one per column group. A version not found
-        // keeps the key the line had; versions the batch added are applied
-        // by `after_staged_versions` below.
-        out.push(format!(
-            "UPDATE fact_sale_line f SET customer_id = p.customer_id, buyer_id = p.buyer_id, status = p.status,
-                purchase_time = p.purchase_time, date_key = p.date_key,
-                customer_key = coalesce({customer}, f.customer_key),
-                buyer_key = coalesce({buyer}, f.buyer_key)
-            FROM fact_purchase p
-            WHERE p.purchase_id = f.purchase_id
-              AND f.purchase_id IN (SELECT id FROM stage_purchase)
-              AND ((f.customer_id, f.buyer_id, f.status, f.purchase_time, f.date_key)
-                  IS DISTINCT FROM (p.customer_id, p.buyer_id, p.status, p.purchase_time, p.date_key)
-                OR f.customer_key IS NULL OR f.buyer_key IS NULL)",
-            customer = version_at!(
-                "dim_customer",
-                "customer_key",
-                "customer_id",
-                "p.customer_id",
-                "f.sold_commit_lsn",
-                "f.sold_lsn"
-            ),
-            buyer = version_at!(
-                "dim_buyer",
-                "buyer_key",
-                "buyer_id",
-                "p.buyer_id",
-                "f.sold_commit_lsn",
-                "f.sold_lsn"
-            ),
-        ));
-    }
-    let line = |fk, key, dim, dim_id| Target {
-        fact: "fact_sale_line",
+    // Sale lines and purchases at or after a version the batch added.
+    let product = Target {
+        fact: "sale_line",
+        fk: "product_id",
+        key: "product_key",
+        dim: "dim_product",
+        dim_id: "product_id",
+        created: ("sold_commit_lsn", "sold_lsn"),
+    };
+    let purchase = |fk, key, dim, dim_id| Target {
+        fact: "fact_purchase",
         fk,
         key,
         dim,
         dim_id,
-        created: sold,
+        created: ("created_commit_lsn", "created_lsn"),
     };
-    let product = line("product_id", "product_key", "dim_product", "product_id");
-    let customer = line("customer_id", "customer_key", "dim_customer", "customer_id");
-    let buyer = line("buyer_id", "buyer_key", "dim_buyer", "buyer_id");
-    // Sale lines at or after a version the batch added.
+    let customer = purchase("customer_id", "customer_key", "dim_customer", "customer_id");
+    let buyer = purchase("buyer_id", "buyer_key", "dim_buyer", "buyer_id");
     for (entity, target) in [
         (Entity::Product, product),
         (Entity::Customer, customer),
@@ -707,7 +720,7 @@ mod tests {
         );
         let all = marker_statements(Some(Entity::Line), &product, ("t", 0, 1), 0).join(";\n");
         assert!(
-            all.contains("DELETE FROM fact_sale_line WHERE line_id IN (SELECT id FROM marker_gone) AND (last_commit_lsn, last_lsn) < (700, 700)"),
+            all.contains("DELETE FROM sale_line WHERE line_id IN (SELECT id FROM marker_gone) AND (last_commit_lsn, last_lsn) < (700, 700)"),
             "{all}"
         );
     }
@@ -719,15 +732,13 @@ mod tests {
         let mut only_lines = [false; 7];
         only_lines[Entity::Line.index()] = true;
         let sql = batch_statements(&only_lines).join(";\n");
-        assert!(sql.contains("INSERT INTO fact_sale_line"));
+        assert!(sql.contains("INSERT INTO sale_line"));
         assert!(sql.contains("product_key"));
         assert!(!sql.contains("INSERT INTO dim_product"));
         assert!(!truncate_statements(Entity::Product, (5, 6), 0).is_empty());
         assert_eq!(
             truncate_statements(Entity::Line, (5, 6), 0),
-            vec![
-                "DELETE FROM fact_sale_line WHERE (last_commit_lsn, last_lsn) < (5, 6)".to_owned()
-            ]
+            vec!["DELETE FROM sale_line WHERE (last_commit_lsn, last_lsn) < (5, 6)".to_owned()]
         );
     }
 }

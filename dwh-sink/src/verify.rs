@@ -183,12 +183,20 @@ fn integrity() -> Vec<(&'static str, &'static str)> {
                 OR (d.valid_to_commit_lsn IS NOT NULL AND (d.valid_to_commit_lsn, d.valid_to_lsn) <= (f.sold_commit_lsn, f.sold_lsn))",
         ),
         (
-            "sale lines without the customer or buyer version valid when sold",
-            "SELECT 'line ' || f.line_id FROM fact_sale_line f
-             LEFT JOIN dim_customer c ON c.customer_key = f.customer_key
-             LEFT JOIN dim_buyer b ON b.buyer_key = f.buyer_key
-             WHERE c.customer_key IS NULL OR b.buyer_key IS NULL
-                OR c.customer_id <> f.customer_id OR b.buyer_id <> f.buyer_id",
+            "purchases (and so their sale lines) whose customer or buyer version is not the one valid when made",
+            "SELECT 'customer of purchase ' || f.purchase_id FROM fact_purchase f LEFT JOIN dim_customer d ON d.customer_key = f.customer_key
+             WHERE d.customer_key IS NULL OR d.customer_id <> f.customer_id
+                OR ((d.valid_from_commit_lsn, d.valid_from_lsn) > (f.created_commit_lsn, f.created_lsn)
+                    AND EXISTS (SELECT 1 FROM dim_customer e WHERE e.customer_id = d.customer_id
+                                AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))
+                OR (d.valid_to_commit_lsn IS NOT NULL AND (d.valid_to_commit_lsn, d.valid_to_lsn) <= (f.created_commit_lsn, f.created_lsn))
+             UNION ALL
+             SELECT 'buyer of purchase ' || f.purchase_id FROM fact_purchase f LEFT JOIN dim_buyer d ON d.buyer_key = f.buyer_key
+             WHERE d.buyer_key IS NULL OR d.buyer_id <> f.buyer_id
+                OR ((d.valid_from_commit_lsn, d.valid_from_lsn) > (f.created_commit_lsn, f.created_lsn)
+                    AND EXISTS (SELECT 1 FROM dim_buyer e WHERE e.buyer_id = d.buyer_id
+                                AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))
+                OR (d.valid_to_commit_lsn IS NOT NULL AND (d.valid_to_commit_lsn, d.valid_to_lsn) <= (f.created_commit_lsn, f.created_lsn))",
         ),
         (
             "shipments without the carrier version valid when created",

@@ -31,7 +31,7 @@ const WRITER_LOCK: i64 = 0x6477_685f_7369_6e6b; // "dwh_sink"
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Tables the sink writes; a missing one means the schema was not applied.
-const TABLES: [&str; 10] = [
+const TABLES: [&str; 11] = [
     "change_event",
     "sink_offset",
     "dim_customer",
@@ -40,6 +40,7 @@ const TABLES: [&str; 10] = [
     "dim_carrier",
     "dim_date",
     "fact_purchase",
+    "sale_line",
     "fact_sale_line",
     "fact_shipment",
 ];
