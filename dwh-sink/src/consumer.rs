@@ -19,7 +19,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::Batch;
@@ -168,7 +168,7 @@ pub async fn run(
     let start = tokio::task::block_in_place(|| assign(&consumer, &topics, &stored))?;
     let positions = Arc::new(Mutex::new(start));
 
-    let (tx, mut rx) = mpsc::channel::<Batch>(1);
+    let (tx, rx) = mpsc::channel::<Batch>(1);
     let poll = {
         let shutdown = shutdown.clone();
         let (batch_size, linger) = (config.batch_size, Duration::from_millis(config.linger_ms));
@@ -197,52 +197,34 @@ pub async fn run(
     telemetry.set_consuming(true);
     let mut result = Ok(());
     // Two warehouse sessions in a pipeline: while `dwh` folds batch N into
-    // the star schema (and stores its offsets), `loader` inserts batch
-    // N+1's events into change_event in a transaction of their own, so the
-    // server works on both at once. Events always go in in batch order and
-    // before their batch is folded; a batch whose events were committed but
+    // the star schema (and stores its offsets), the loader task inserts the
+    // events of the batches after it into change_event, in transactions of
+    // their own, so the server works on both at once and neither waits for
+    // the other's slower batches. A batch whose events were committed but
     // whose offsets were not is read again after a restart, and its events
-    // then add nothing (change_event's unique key). Without a loader (it
-    // failed, or could not connect) the batch's own transaction inserts
-    // its events, as a single session would.
-    let mut loader: Option<Warehouse> = None;
-    let mut ahead: Option<(Batch, Option<u64>)> = None;
-    loop {
-        let (batch, loaded) = match ahead.take() {
-            Some(next) => next,
-            None => match rx.recv().await {
-                Some(batch) => {
-                    let loaded = load_events(&mut loader, &config.dwh_url, &batch).await;
-                    (batch, loaded)
-                }
-                None => break,
-            },
-        };
-        // A marker or truncate reads change_event as of its batch: the next
-        // batch's events must not be there yet.
-        let next = if loaded.is_some() && batch.markers.is_empty() && batch.truncates.is_empty() {
-            rx.try_recv().ok()
-        } else {
-            None
-        };
-        let (written, next_loaded) = tokio::join!(
-            write_batch(
-                config,
-                &mut dwh,
-                &dead_letters,
-                &batch,
-                loaded,
-                telemetry,
-                &abandon
-            ),
-            async {
-                match &next {
-                    Some(next) => load_events(&mut loader, &config.dwh_url, next).await,
-                    None => None,
-                }
-            }
-        );
-        if let Err(e) = written {
+    // then add nothing (change_event's unique key). A batch the loader
+    // could not load (it failed, or could not connect) has its events
+    // inserted by its own transaction, as a single session would.
+    let (loaded_tx, mut loaded_rx) = mpsc::channel::<(Batch, Option<u64>)>(1);
+    let (folded_tx, folded_rx) = watch::channel(0u64);
+    let loader = tokio::spawn(load_ahead(
+        rx,
+        loaded_tx,
+        folded_rx,
+        config.dwh_url.clone(),
+    ));
+    while let Some((batch, loaded)) = loaded_rx.recv().await {
+        if let Err(e) = write_batch(
+            config,
+            &mut dwh,
+            &dead_letters,
+            &batch,
+            loaded,
+            telemetry,
+            &abandon,
+        )
+        .await
+        {
             shutdown.cancel();
             result = Err(e);
             break;
@@ -250,9 +232,14 @@ pub async fn run(
         if let Ok(mut p) = positions.lock() {
             p.extend(batch.next_offsets.iter().map(|(k, v)| (k.clone(), *v)));
         }
-        ahead = next.map(|next| (next, next_loaded));
+        folded_tx.send_modify(|n| *n += 1);
     }
-    drop(rx);
+    drop(loaded_rx);
+    drop(folded_tx);
+    if result.is_err() {
+        loader.abort();
+    }
+    let _ = loader.await;
     telemetry.set_consuming(false);
     shutdown.cancel();
     timer.abort();
@@ -268,6 +255,32 @@ fn join(handle: std::thread::JoinHandle<Result<(), Error>>, name: &str) -> Resul
     handle
         .join()
         .unwrap_or_else(|_| Err(Error::Internal(format!("the {name} thread panicked"))))
+}
+
+/// The loader task: inserts each batch's events on its own session and
+/// hands the batch on to the writer. A batch with a snapshot-complete
+/// marker or a truncate reads change_event as of its own events, so the
+/// batches after it are loaded only once the writer has folded it (`folded`
+/// counts the batches folded).
+async fn load_ahead(
+    mut batches: mpsc::Receiver<Batch>,
+    loaded: mpsc::Sender<(Batch, Option<u64>)>,
+    mut folded: watch::Receiver<u64>,
+    url: String,
+) {
+    let mut session: Option<Warehouse> = None;
+    let mut sent = 0u64;
+    while let Some(batch) = batches.recv().await {
+        let inserted = load_events(&mut session, &url, &batch).await;
+        let barrier = !batch.markers.is_empty() || !batch.truncates.is_empty();
+        if loaded.send((batch, inserted)).await.is_err() {
+            return;
+        }
+        sent += 1;
+        if barrier && folded.wait_for(|n| *n >= sent).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Inserts `batch`'s events on the loader session (connected first if

@@ -64,6 +64,9 @@ pub struct Warehouse {
     url: String,
     partitions: BTreeSet<i64>,
     locked: bool,
+    /// Rows each staging table held when it was last analyzed on this
+    /// session (see [`needs_analyze`]).
+    analyzed: [Option<usize>; 7],
 }
 
 /// Whether a Postgres error may pass on a new connection: the connection
@@ -148,10 +151,15 @@ impl Warehouse {
         }
         // JIT off: the batch statements are costed high enough to be
         // compiled, and compiling them took longer (250 ms each, measured)
-        // than running them.
+        // than running them. synchronous_commit off: a commit does not wait
+        // for its WAL flush. A server crash can then lose the last batches
+        // (at most 3 x wal_writer_delay), but always with the offsets
+        // stored in them, so the sink reads those messages again: nothing
+        // is lost or written twice, and the batches do not wait on the
+        // disk.
         client
             .batch_execute(&format!(
-                "SET TIME ZONE 'UTC'; SET jit = off; {}",
+                "SET TIME ZONE 'UTC'; SET jit = off; SET synchronous_commit = off; {}",
                 star::staging_ddl().join(";\n")
             ))
             .await
@@ -181,6 +189,7 @@ impl Warehouse {
             url: redacted,
             partitions,
             locked: false,
+            analyzed: [None; 7],
         })
     }
 
@@ -390,16 +399,28 @@ impl Warehouse {
         // Temporary tables get no statistics of their own: without them the
         // planner guesses a few hundred staged rows and hashes whole fact
         // tables (a sequential scan of every sale line per batch) instead of
-        // probing their indexes with the staged keys.
+        // probing their indexes with the staged keys. Statistics outlive
+        // the rows (ON COMMIT DELETE ROWS), and the planner scales them to
+        // the table's current size, so a table is analyzed again only when
+        // its batch is of another size.
         let analyze: Vec<&str> = Entity::ALL
             .iter()
-            .filter(|e| staged[e.index()])
+            .filter(|e| {
+                let rows = batch.shop[e.index()].rows();
+                staged[e.index()] && needs_analyze(self.analyzed[e.index()], rows)
+            })
             .map(|e| e.stage())
             .collect();
         if !analyze.is_empty() {
             tx.batch_execute(&format!("ANALYZE {}", analyze.join(", ")))
                 .await
                 .map_err(|e| classify("analyzing the staged rows", e))?;
+        }
+        let mut analyzed = self.analyzed;
+        for e in Entity::ALL {
+            if analyze.contains(&e.stage()) {
+                analyzed[e.index()] = Some(batch.shop[e.index()].rows());
+            }
         }
         let mut statements = star::batch_statements(&staged);
         for t in &batch.truncates {
@@ -454,6 +475,7 @@ impl Warehouse {
             "batch timings"
         );
         self.partitions.extend(new_days);
+        self.analyzed = analyzed;
         Ok(written)
     }
 
@@ -461,6 +483,13 @@ impl Warehouse {
     pub fn client(&self) -> &Client {
         &self.client
     }
+}
+
+/// Whether a staging table about to hold `rows` needs ANALYZE, given the
+/// rows it held when last analyzed: never analyzed, or a batch more than
+/// twice as large or less than half as large as then.
+pub fn needs_analyze(last: Option<usize>, rows: usize) -> bool {
+    last.is_none_or(|last| rows > last.saturating_mul(2) || rows.saturating_mul(2) < last)
 }
 
 /// Day number (days since the epoch) of microseconds since the epoch.
@@ -480,6 +509,16 @@ mod tests {
             "CREATE TABLE IF NOT EXISTS change_event_20251206 PARTITION OF change_event FOR VALUES FROM ('2025-12-06T00:00:00Z') TO ('2025-12-07T00:00:00Z')"
         );
         assert_eq!(day_of(-1), -1);
+    }
+
+    #[test]
+    fn staged_rows_are_analyzed_again_only_at_another_size() {
+        assert!(needs_analyze(None, 1));
+        assert!(!needs_analyze(Some(20_000), 20_000));
+        assert!(!needs_analyze(Some(20_000), 39_000));
+        assert!(!needs_analyze(Some(20_000), 10_000));
+        assert!(needs_analyze(Some(20_000), 40_001));
+        assert!(needs_analyze(Some(20_000), 9_999));
     }
 
     #[test]
