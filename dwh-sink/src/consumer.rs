@@ -207,13 +207,16 @@ pub async fn run(
     // inserted by its own transaction, as a single session would.
     let (loaded_tx, mut loaded_rx) = mpsc::channel::<(Batch, Option<u64>)>(1);
     let (folded_tx, folded_rx) = watch::channel(0u64);
-    let loader = tokio::spawn(load_ahead(
-        rx,
-        loaded_tx,
-        folded_rx,
-        config.dwh_url.clone(),
-    ));
+    let loader = tokio::spawn(load_ahead(rx, loaded_tx, folded_rx, config.dwh_url.clone()));
+    let mut idle = Instant::now();
     while let Some((batch, loaded)) = loaded_rx.recv().await {
+        // How long the writer waited for this batch: with a backlog, near
+        // zero when the fold is the slower stage.
+        tracing::debug!(
+            waited_ms = idle.elapsed().as_millis() as u64,
+            loaded = loaded.is_some(),
+            "batch taken by the writer"
+        );
         if let Err(e) = write_batch(
             config,
             &mut dwh,
@@ -233,6 +236,7 @@ pub async fn run(
             p.extend(batch.next_offsets.iter().map(|(k, v)| (k.clone(), *v)));
         }
         folded_tx.send_modify(|n| *n += 1);
+        idle = Instant::now();
     }
     drop(loaded_rx);
     drop(folded_tx);
@@ -271,11 +275,19 @@ async fn load_ahead(
     let mut session: Option<Warehouse> = None;
     let mut sent = 0u64;
     while let Some(batch) = batches.recv().await {
+        let started = Instant::now();
         let inserted = load_events(&mut session, &url, &batch).await;
+        let load_ms = started.elapsed().as_millis() as u64;
         let barrier = !batch.markers.is_empty() || !batch.truncates.is_empty();
         if loaded.send((batch, inserted)).await.is_err() {
             return;
         }
+        // With a backlog, the send waits when the fold is the slower stage.
+        tracing::debug!(
+            load_ms,
+            send_ms = started.elapsed().as_millis() as u64 - load_ms,
+            "batch events loaded"
+        );
         sent += 1;
         if barrier && folded.wait_for(|n| *n >= sent).await.is_err() {
             return;
