@@ -20,7 +20,14 @@
 # 4. compare.py: per table, per key, the two ordered event sequences.
 # 5. The metrics-consumer with --topic-prefix on Debezium's topics: its
 #    Redis metrics must equal their SQL definitions (pipeline_check.py).
-# 6. scripts/debezium down; no debezium_% slot may be left.
+# 6. dwh-sink on each topic set (--topic-prefix RUN.ours. / RUN.debezium.)
+#    into its own scratch warehouse (difftest_dwh_ours, difftest_dwh_debezium
+#    in the scratch cluster, sql/dwh.sql), until each has stored the end
+#    offsets of its nine topics; `dwh-sink verify` must pass on both, and
+#    dwh_compare.py must find the same warehouse: change_event's
+#    (db, table, key, lsn, op) and contents, every dimension version, the
+#    facts with their dimension versions, up to its named exceptions.
+# 7. scripts/debezium down; no debezium_% slot may be left.
 set -euo pipefail
 STATE="$1"
 REST_PORT="$2"
@@ -52,13 +59,13 @@ failed=()
 # build of another checkout).
 bin_dir="${DIFFTEST_BIN_DIR:-}"
 if [[ -z "$bin_dir" ]]; then
-    log "building release binaries (generator, cdc-reader, metrics-consumer)"
-    cargo build --release --quiet -p generator -p cdc-reader -p metrics-consumer
+    log "building release binaries (generator, cdc-reader, metrics-consumer, dwh-sink)"
+    cargo build --release --quiet -p generator -p cdc-reader -p metrics-consumer -p dwh-sink
     bin_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release"
 fi
 # Copies: a rebuild during the run must not swap a binary under it.
 mkdir -p "$WORK/bin"
-for bin in generator cdc-reader metrics-consumer; do
+for bin in generator cdc-reader metrics-consumer dwh-sink; do
     cp "$bin_dir/$bin" "$WORK/bin/$bin"
 done
 
@@ -218,6 +225,111 @@ fi
 kill -TERM "${PIDS[metrics-consumer]}" 2>/dev/null || true
 wait "${PIDS[metrics-consumer]}" 2>/dev/null || true
 unset 'PIDS[metrics-consumer]'
+
+# ------------------------------------------------------------ the same warehouse
+
+# The acceptance point "dwh-sink started on Debezium's topics gives the same
+# warehouse": one sink per topic set, each into its own scratch warehouse in
+# the scratch cluster (whose databases have their logical names, so source.db
+# needs no --source-dbs alias). The topics are complete: compare.py waited
+# for both pipelines, and the cdc-reader has stopped.
+dwh_start=$SECONDS
+dwh_failed=""
+dwh_fail() { failed+=("$1"); dwh_failed=1; }
+dwh_tables=()
+for topic in "${TOPICS[@]}"; do
+    [[ "$topic" == *.dlq ]] || dwh_tables+=("$topic")
+done
+# dwh_topics SIDE: that side's nine topics, comma-separated.
+dwh_topics() {
+    local out=() topic
+    for topic in "${dwh_tables[@]}"; do
+        out+=("$TAG.$1.$topic")
+    done
+    (IFS=,; echo "${out[*]}")
+}
+declare -A DWH_URL=() DWH_WANT=()
+pending=()
+log "dwh-sink on each topic set into its own scratch warehouse (difftest_dwh_ours, difftest_dwh_debezium)"
+for side in ours debezium; do
+    spsql postgres -c "CREATE DATABASE difftest_dwh_$side OWNER dwh_sink" >/dev/null
+    psql -X -q -v ON_ERROR_STOP=1 -h "$PGTMP/sock" -p "$PG_SCRATCH_PORT" -U dwh_sink -d "difftest_dwh_$side" \
+        -f sql/dwh.sql >/dev/null
+    DWH_URL[$side]="$(url dwh_sink "difftest_dwh_$side")"
+    # What the sink must have stored when done: its topics' end offsets.
+    if ! DWH_WANT[$side]="$("$PY" scripts/lib/debezium/dwh_compare.py offsets --bootstrap "$BOOTSTRAP_ENV" \
+        --topics "$(dwh_topics "$side")")"; then
+        dwh_fail "dwh-sink on $side topics: could not read the end offsets of $TAG.$side.*"
+        continue
+    fi
+    INSTASHOP_ENV_FILE="" DWH_URL="${DWH_URL[$side]}" KAFKA_BOOTSTRAP_SERVERS="$BOOTSTRAP_ENV" \
+        "$WORK/bin/dwh-sink" --topic-prefix "$TAG.$side." --topics "$(IFS=,; echo "${dwh_tables[*]}")" \
+        --metrics-addr 127.0.0.1:0 --dlq-topic "$TAG.dlq-dwh-$side" >"$WORK/dwh-sink-$side.log" 2>&1 &
+    PIDS[dwh-sink-$side]=$!
+    pending+=("$side")
+done
+started=(${pending[@]+"${pending[@]}"})
+# Each sink is done when the offsets it stored with its batches add up to
+# its topics' end offsets.
+deadline=$((SECONDS + 120))
+while ((${#pending[@]})); do
+    waiting=()
+    for side in "${pending[@]}"; do
+        stored="$(psql -X -qtA "${DWH_URL[$side]}" -c "SELECT coalesce(sum(next_offset), 0) FROM sink_offset" 2>/dev/null)" ||
+            stored=0
+        if ((stored >= DWH_WANT[$side])); then
+            log "dwh-sink on $side topics: stored every offset (${DWH_WANT[$side]} messages) after $((SECONDS - dwh_start)) s"
+        elif ! kill -0 "${PIDS[dwh-sink-$side]}" 2>/dev/null; then
+            tail -3 "$WORK/dwh-sink-$side.log"
+            dwh_fail "dwh-sink on $side topics: it exited; see $WORK/dwh-sink-$side.log"
+        elif ((SECONDS >= deadline)); then
+            dwh_fail "dwh-sink on $side topics: $stored of ${DWH_WANT[$side]} offsets stored after 120 s; see $WORK/dwh-sink-$side.log"
+        else
+            waiting+=("$side")
+        fi
+    done
+    pending=(${waiting[@]+"${waiting[@]}"})
+    if ((${#pending[@]})); then sleep 0.5; fi
+done
+for side in ${started[@]+"${started[@]}"}; do
+    kill -TERM "${PIDS[dwh-sink-$side]}" 2>/dev/null || true
+    rc=0
+    wait "${PIDS[dwh-sink-$side]}" 2>/dev/null || rc=$?
+    unset "PIDS[dwh-sink-$side]"
+    if ((rc != 0)) && [[ -z "$dwh_failed" ]]; then
+        dwh_fail "dwh-sink on $side topics: exit status $rc after SIGTERM; see $WORK/dwh-sink-$side.log"
+    fi
+done
+# A dead-lettered message is missing from its warehouse.
+dlq="$("$PY" scripts/lib/debezium/dwh_compare.py offsets --bootstrap "$BOOTSTRAP_ENV" --missing-ok \
+    --topics "$TAG.dlq-dwh-ours,$TAG.dlq-dwh-debezium")" || dlq="(unknown)"
+[[ "$dlq" == 0 ]] || dwh_fail "dwh-sink: $dlq messages dead-lettered ($TAG.dlq-dwh-ours, $TAG.dlq-dwh-debezium)"
+if [[ -z "$dwh_failed" ]]; then
+    for side in ours debezium; do
+        if INSTASHOP_ENV_FILE="" DWH_URL="${DWH_URL[$side]}" "$WORK/bin/dwh-sink" verify \
+            --instashop-url "$(url instashop_app instashop)" --crm-url "$(url instashop_app crm)" \
+            --erp-url "$(url instashop_app erp)" --ecommerce-url "$(url instashop_app ecommerce)" \
+            >"$WORK/dwh-verify-$side.log" 2>&1; then
+            log "dwh-sink verify, warehouse from $side topics: equals the sources ($(grep -c '^ok ' "$WORK/dwh-verify-$side.log") checks)"
+        else
+            grep -E '^DIFF|^error' "$WORK/dwh-verify-$side.log" | head -10
+            dwh_fail "dwh-sink verify, warehouse from $side topics: differences; see $WORK/dwh-verify-$side.log"
+        fi
+    done
+    # One line per check; every difference into the report.
+    if "$PY" scripts/lib/debezium/dwh_compare.py compare --ours "${DWH_URL[ours]}" --debezium "${DWH_URL[debezium]}" \
+        --report "$WORK/dwh-differences.txt" | tee "$WORK/dwh-compare.log"; then
+        log "dwh-sink on Debezium's topics: the same warehouse as on ours ($(sed -n 's/^dwh-compare: PASS: //p' "$WORK/dwh-compare.log"); step $((SECONDS - dwh_start)) s)"
+    else
+        dwh_fail "dwh-sink on Debezium's topics: not the same warehouse as on ours (every difference: $WORK/dwh-differences.txt)"
+    fi
+fi
+# The scratch cluster goes at exit anyway (with a failing run's warehouses:
+# the logs and the report stay in WORK); dropped here all the same.
+for side in ours debezium; do
+    spsql postgres -c "DROP DATABASE IF EXISTS difftest_dwh_$side WITH (FORCE)" >/dev/null ||
+        log "could not drop difftest_dwh_$side (harmless: the scratch cluster is removed at exit)"
+done
 
 # ------------------------------------------------------------ cleanup check
 
