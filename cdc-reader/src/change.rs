@@ -126,9 +126,9 @@ pub enum SnapshotMarker {
 /// The `source` block's facts that come from the replication stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Source {
-    /// Commit time of the transaction, ms since the epoch (snapshot: the time
-    /// the snapshot was taken).
-    pub commit_ts_ms: i64,
+    /// Commit time of the transaction, µs since the epoch, as pgoutput gives
+    /// it (snapshot: the time the snapshot was taken, in whole ms).
+    pub commit_ts_us: i64,
     /// Snapshot marker.
     pub snapshot: SnapshotMarker,
     /// Transaction id (`txId`); `None` for snapshot rows.
@@ -152,7 +152,7 @@ impl Source {
     /// orders after the row (see [`crate::envelope`]).
     pub fn snapshot_row(consistent_point: Lsn, taken_ms: i64) -> Source {
         Source {
-            commit_ts_ms: taken_ms,
+            commit_ts_us: taken_ms.saturating_mul(1000),
             snapshot: SnapshotMarker::InProgress,
             tx_id: None,
             lsn: consistent_point,

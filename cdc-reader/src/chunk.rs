@@ -798,7 +798,7 @@ impl Incremental {
                         before: None,
                         after: Some(row),
                         source: Source {
-                            commit_ts_ms: taken_ms,
+                            commit_ts_us: taken_ms.saturating_mul(1000),
                             snapshot: SnapshotMarker::Incremental,
                             tx_id: None,
                             lsn,
@@ -849,7 +849,7 @@ impl Incremental {
             return Ok(());
         };
         let at = Source {
-            commit_ts_ms: taken_ms,
+            commit_ts_us: taken_ms.saturating_mul(1000),
             snapshot: SnapshotMarker::Incremental,
             tx_id: None,
             lsn: since,

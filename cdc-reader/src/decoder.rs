@@ -110,7 +110,7 @@ pub enum Action {
 struct OpenTx {
     xid: u32,
     final_lsn: Lsn,
-    commit_ts_ms: i64,
+    commit_ts_us: i64,
 }
 
 /// Decoding state of one streaming session.
@@ -206,7 +206,7 @@ impl<'k> Decoder<'k> {
                 self.tx = Some(OpenTx {
                     xid,
                     final_lsn,
-                    commit_ts_ms: (commit_time + PG_EPOCH_OFFSET_US).div_euclid(1000),
+                    commit_ts_us: commit_time + PG_EPOCH_OFFSET_US,
                 });
             }
             Message::Commit {
@@ -341,7 +341,7 @@ impl<'k> Decoder<'k> {
             before,
             after,
             source: Source {
-                commit_ts_ms: tx.commit_ts_ms,
+                commit_ts_us: tx.commit_ts_us,
                 snapshot: SnapshotMarker::No,
                 tx_id: Some(tx.xid),
                 lsn,
@@ -409,7 +409,7 @@ mod tests {
             0,
             Message::Begin {
                 final_lsn,
-                commit_time: 0,
+                commit_time: 1_234_567,
                 xid: 77,
             },
         )
@@ -571,6 +571,11 @@ mod tests {
             assert_eq!(c.source.lsn, lsn);
             assert_eq!(c.source.commit_lsn, 5_000, "Begin's final_lsn");
             assert_eq!(c.source.tx_id, Some(77));
+            assert_eq!(
+                c.source.commit_ts_us,
+                1_234_567 + PG_EPOCH_OFFSET_US,
+                "Begin's commit time, to the microsecond"
+            );
             assert_eq!(c.table.topic(), "shop.public.item");
             let keys: Vec<&str> = c
                 .columns

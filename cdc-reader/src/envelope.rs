@@ -279,7 +279,7 @@ impl Encoder {
         {
             // A change of a new transaction whose predecessor was never
             // closed (should not happen): close it first.
-            if let Some(end) = self.end_transaction(change.source.commit_ts_ms * 1000) {
+            if let Some(end) = self.end_transaction(change.source.commit_ts_us) {
                 out.push(end);
             }
             let id = format!("{tx_id}:{}", change.source.lsn);
@@ -406,7 +406,7 @@ impl Encoder {
         out.extend_from_slice(b",\"connector\":\"postgresql\",\"name\":");
         write_str(&mut out, &table.prefix);
         out.push(b',');
-        write_times(&mut out, src.commit_ts_ms * 1000);
+        write_times(&mut out, src.commit_ts_us);
         out.extend_from_slice(b",\"snapshot\":");
         out.extend_from_slice(match src.snapshot {
             SnapshotMarker::No => b"\"false\"",
@@ -646,7 +646,7 @@ mod tests {
 
     fn source(tx_id: Option<u32>, lsn: Lsn) -> Source {
         Source {
-            commit_ts_ms: 1_559_033_904_863,
+            commit_ts_us: 1_559_033_904_863_000,
             snapshot: SnapshotMarker::No,
             tx_id,
             lsn,
@@ -957,7 +957,7 @@ mod tests {
         assert_eq!(v["source"]["txId"], json!(555));
 
         let mut snap = change(Op::Read, None, Some(row("1", None, "f")));
-        snap.source = Source::snapshot_row(1_000, snap.source.commit_ts_ms);
+        snap.source = Source::snapshot_row(1_000, snap.source.commit_ts_us / 1000);
         let r = json_of(&encode(EnvelopeConfig::default(), &snap)[0].value);
         assert_eq!(r["source"]["lsn"], json!(1_000));
         assert_eq!(r["source"]["snapshot"], "true");

@@ -139,7 +139,7 @@ fn workload(prefix: &str, transactions: u32) -> (Vec<Tx>, u64) {
                 before: None,
                 after: Some(after),
                 source: Source {
-                    commit_ts_ms: 1_700_000_000_000,
+                    commit_ts_us: 1_700_000_000_000_000,
                     snapshot: SnapshotMarker::No,
                     tx_id: Some(i),
                     lsn: base + u64::from(j),

@@ -72,7 +72,7 @@ fn json_of(bytes: Option<&Vec<u8>>) -> Value {
 
 fn source(ts_ms: i64, tx_id: u32, last: u64, lsn: u64) -> Source {
     Source {
-        commit_ts_ms: ts_ms,
+        commit_ts_us: ts_ms * 1000,
         snapshot: SnapshotMarker::No,
         tx_id: Some(tx_id),
         lsn,

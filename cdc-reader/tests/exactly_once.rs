@@ -257,7 +257,7 @@ fn change(prefix: &str, id: u32, lsn: u64) -> Change {
         before: None,
         after: Some(vec![Datum::Text(Bytes::from(id.to_string()))]),
         source: Source {
-            commit_ts_ms: 0,
+            commit_ts_us: 0,
             snapshot: SnapshotMarker::No,
             tx_id: Some(id),
             lsn,

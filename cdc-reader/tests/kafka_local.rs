@@ -72,7 +72,7 @@ async fn creates_topic_and_produces_idempotently_with_acks_all() {
                     text(versions[key as usize].to_string()),
                 ]),
                 source: Source {
-                    commit_ts_ms: 1_700_000_000_000,
+                    commit_ts_us: 1_700_000_000_000_000,
                     snapshot: SnapshotMarker::No,
                     tx_id: Some(i as u32),
                     lsn: i * 100 + j,
@@ -203,7 +203,7 @@ async fn transaction_metadata_begin_end_records_reach_kafka() {
                 before: None,
                 after: Some(vec![Datum::Text(Bytes::from((tx * 10 + row).to_string()))]),
                 source: Source {
-                    commit_ts_ms: 1_700_000_000_000,
+                    commit_ts_us: 1_700_000_000_000_000,
                     snapshot: SnapshotMarker::No,
                     tx_id: Some(tx as u32),
                     lsn: tx * 100 + row,

@@ -3,9 +3,10 @@
 Both pipelines captured the same databases at the same time, starting on
 empty tables. For every table and every message key, the ordered sequence of
 events must be the same in both: the key, `op`, `before`, `after`, the
-`source` fields db/schema/table/lsn/txId/snapshot/sequence, `transaction`,
-tombstones, and TRUNCATE events. Processing timestamps (`ts_ms`, `ts_us`,
-`ts_ns`, also in `source`), `source.version`, `source.name` and the
+`source` fields db/schema/table/lsn/txId/snapshot/sequence and the commit
+time `ts_ms`/`ts_us`/`ts_ns`, `transaction`, tombstones, and TRUNCATE
+events. The top-level processing timestamps (`ts_ms`, `ts_us`, `ts_ns`),
+`source.version`, `source.name` and the
 connector-specific `source` fields (ours: `commit_lsn`; Debezium's: `origin`,
 `origin_lsn`) may differ.
 
@@ -33,7 +34,7 @@ import uuid
 
 I64_MAX, I64_MIN = 2**63 - 1, -(2**63)
 I32_MAX, I32_MIN = 2**31 - 1, -(2**31)
-COMPARED_SOURCE = ("db", "schema", "table", "lsn", "txId", "snapshot", "sequence")
+COMPARED_SOURCE = ("db", "schema", "table", "lsn", "txId", "snapshot", "sequence", "ts_ms", "ts_us", "ts_ns")
 IGNORED_TOP = {"ts_ms", "ts_us", "ts_ns"}
 TRUNCATE_KEY = "<truncate>"
 

@@ -34,14 +34,6 @@ same column still fails):
   in every `*_commit_lsn` position column of the star schema (README, "Data
   warehouse"). Checked: ours is at or after the matching `*_lsn` (a commit
   follows its changes), Debezium's is NULL (change_event) or equal to it.
-* `commit_time_milliseconds`: our reader's `source.ts_us` is the commit
-  time in whole milliseconds (`ts_ms * 1000`; the events compare.py checks
-  carry the same `ts_ms`, it ignores `ts_us`), Debezium's has the commit
-  timestamp's microseconds; dwh-sink takes `ts_us` when there is one. So
-  every time taken from the commit (change_event.commit_time, a version's
-  valid_from/valid_to, a fact's commit_time and sold_time) is, in ours,
-  Debezium's cut to the millisecond. Checked: exactly that, in those
-  columns only.
 * `identity_default_before`: a delete on a REPLICA IDENTITY DEFAULT table
   (customer, buyer, carrier) carries only the key columns; ours writes null
   for every other column of `before`, Debezium a made-up value per NOT NULL
@@ -54,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import sys
 
@@ -131,38 +122,6 @@ def event_commit_lsn(row: dict, side: str, used: collections.Counter) -> str | N
     return f"debezium commit_lsn {value} at lsn {lsn} (expected NULL)"
 
 
-# The columns holding a source commit time (source.ts_us / ts_ms).
-COMMIT_TIME_COLUMNS = {"commit_time", "valid_from", "valid_to", "sold_time"}
-
-
-def commit_time_milliseconds(ours, dbz) -> bool:
-    """A commit time: ours (the reader's `source.ts_us`, whole
-    milliseconds) is Debezium's (microseconds) cut to the millisecond."""
-    return (
-        isinstance(ours, datetime.datetime)
-        and isinstance(dbz, datetime.datetime)
-        and ours.microsecond % 1000 == 0
-        and ours == dbz.replace(microsecond=dbz.microsecond // 1000 * 1000)
-    )
-
-
-def reconcile(ours, dbz, found: collections.Counter) -> bool:
-    """True when two unequal rows differ only by named exceptions (counted
-    into `found`): column by column, nested rows (a fact's dimension
-    versions) recursively."""
-    if not isinstance(ours, dict) or not isinstance(dbz, dict) or set(ours) != set(dbz):
-        return False
-    for col in ours:
-        o, d = ours[col], dbz[col]
-        if o == d:
-            continue
-        if col in COMMIT_TIME_COLUMNS and commit_time_milliseconds(o, d):
-            found["commit_time_milliseconds"] += 1
-        elif not reconcile(o, d, found):
-            return False
-    return True
-
-
 def identity_default_before(key: tuple, ours, dbz) -> bool:
     """A delete's `before` on a REPLICA IDENTITY DEFAULT table: the same
     columns and key values, every non-key column null in ours (Debezium
@@ -206,7 +165,7 @@ def leaves(ours, dbz, path: str = ""):
     if isinstance(ours, dict) and isinstance(dbz, dict):
         for col in sorted(set(ours) | set(dbz)):
             o, d = ours.get(col, "<absent>"), dbz.get(col, "<absent>")
-            if o != d and not (col in COMMIT_TIME_COLUMNS and commit_time_milliseconds(o, d)):
+            if o != d:
                 yield from leaves(o, d, f"{path}.{col}" if path else col)
     else:
         yield path or "value", ours, dbz
@@ -219,20 +178,11 @@ class Checks:
         self.used = used
 
     def keyed(self, name: str, ours: dict, dbz: dict) -> None:
-        """Two {key: value} maps must be equal, up to the named exceptions
-        of reconcile(); one line either way."""
+        """Two {key: value} maps must be equal (the named exceptions are
+        applied while reading); one line either way."""
         only_o = sorted(set(ours) - set(dbz), key=canonical)
         only_d = sorted(set(dbz) - set(ours), key=canonical)
-        differ = []
-        for k in set(ours) & set(dbz):
-            if ours[k] == dbz[k]:
-                continue
-            found: collections.Counter = collections.Counter()
-            if reconcile(ours[k], dbz[k], found):
-                self.used.update(found)
-            else:
-                differ.append(k)
-        differ.sort(key=canonical)
+        differ = sorted((k for k in set(ours) & set(dbz) if ours[k] != dbz[k]), key=canonical)
         if not (only_o or only_d or differ):
             print(f"dwh-compare: {name}: same ({len(ours)} rows)")
             return
