@@ -169,12 +169,18 @@ pub async fn run(
     let positions = Arc::new(Mutex::new(start));
 
     let (tx, rx) = mpsc::channel::<Batch>(1);
+    // Written batches go back to the poll thread to be filled again.
+    let (recycle, recycled) = std::sync::mpsc::channel::<Batch>();
     let poll = {
         let shutdown = shutdown.clone();
         let (batch_size, linger) = (config.batch_size, Duration::from_millis(config.linger_ms));
         std::thread::Builder::new()
             .name("poll".into())
-            .spawn(move || poll_loop(&consumer, &tx, &renames, batch_size, linger, &shutdown))
+            .spawn(move || {
+                poll_loop(
+                    &consumer, &tx, &recycled, &renames, batch_size, linger, &shutdown,
+                )
+            })
             .map_err(|source| Error::Spawn {
                 thread: "poll",
                 source,
@@ -236,6 +242,8 @@ pub async fn run(
             p.extend(batch.next_offsets.iter().map(|(k, v)| (k.clone(), *v)));
         }
         folded_tx.send_modify(|n| *n += 1);
+        // The poll thread may have ended (shutdown): then it is dropped.
+        let _ = recycle.send(batch);
         idle = Instant::now();
     }
     drop(loaded_rx);
@@ -377,9 +385,21 @@ async fn write_batch(
     Ok(())
 }
 
+/// An empty batch: a written one handed back, or a new one.
+fn fresh(recycled: &std::sync::mpsc::Receiver<Batch>) -> Batch {
+    match recycled.try_recv() {
+        Ok(mut batch) => {
+            batch.clear();
+            batch
+        }
+        Err(_) => Batch::default(),
+    }
+}
+
 fn poll_loop(
     consumer: &BaseConsumer<Logging>,
     tx: &mpsc::Sender<Batch>,
+    recycled: &std::sync::mpsc::Receiver<Batch>,
     renames: &[(String, String)],
     batch_size: usize,
     linger: Duration,
@@ -391,12 +411,20 @@ fn poll_loop(
     let mut last_error: Option<Instant> = None;
     let mut held_back = 0u64;
     while !shutdown.is_cancelled() {
-        let timeout = started.map_or(Duration::from_millis(100), |t| {
-            linger
-                .saturating_sub(t.elapsed())
-                .max(Duration::from_millis(5))
-        });
-        match consumer.poll(timeout) {
+        // What is ready is taken without reading the clock: with a backlog
+        // that is every message, and two clock reads per message were
+        // measurable. The clock decides the wait only when nothing is.
+        let mut polled = consumer.poll(Duration::ZERO);
+        if polled.is_none() {
+            let timeout = started.map_or(Duration::from_millis(100), |t| {
+                linger
+                    .saturating_sub(t.elapsed())
+                    .max(Duration::from_millis(5))
+            });
+            polled = consumer.poll(timeout);
+        }
+        let idle = polled.is_none();
+        match polled {
             None => {}
             Some(Err(e)) => {
                 if last_error.is_none_or(|t| t.elapsed() >= CONSUME_ERROR_EVERY) {
@@ -429,13 +457,21 @@ fn poll_loop(
         // over only when the writer can take it, else it keeps growing
         // (fewer, larger transactions under load).
         if batch.messages >= batch_size {
-            if tx.blocking_send(std::mem::take(&mut batch)).is_err() {
+            if tx
+                .blocking_send(std::mem::replace(&mut batch, fresh(recycled)))
+                .is_err()
+            {
                 return Ok(());
             }
             started = None;
-        } else if started.is_some_and(|t| t.elapsed() >= linger) {
+        } else if (idle || batch.messages % 256 == 0)
+            && started.is_some_and(|t| t.elapsed() >= linger)
+        {
             match tx.try_send(std::mem::take(&mut batch)) {
-                Ok(()) => started = None,
+                Ok(()) => {
+                    batch = fresh(recycled);
+                    started = None;
+                }
                 Err(mpsc::error::TrySendError::Full(back)) => batch = back,
                 Err(mpsc::error::TrySendError::Closed(_)) => return Ok(()),
             }

@@ -28,6 +28,13 @@ impl CopyRows {
         self.rows == 0
     }
 
+    /// Empties the buffer, keeping its memory for the next batch.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.rows = 0;
+        self.fields_in_row = 0;
+    }
+
     /// The encoded bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.buf

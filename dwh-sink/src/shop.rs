@@ -252,13 +252,77 @@ pub fn extract(event: &Event<'_>) -> Result<Option<ShopRow>, BadInput> {
         return Ok(Some(ShopRow { entity, id, fields }));
     }
     let after = event.after.ok_or(BadInput::MissingField("after"))?;
-    let row: std::collections::HashMap<Cow<'_, str>, &RawValue> =
+    let row: RowImage<'_> =
         serde_json::from_str(after.get()).map_err(|_| BadInput::BadValue("after"))?;
     let fields = columns
         .iter()
-        .map(|c| read(c, row.get(c.source).copied()))
+        .map(|c| read(c, row.get(c.source)))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Some(ShopRow { entity, id, fields }))
+}
+
+/// A row image's columns, values unparsed, names borrowed from the
+/// message unless escaped. A list, not a map: for the few columns of a
+/// shop table a scan beats hashing every name of every event.
+struct RowImage<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> RowImage<'a> {
+    /// The value of `column` (the last one, should a name repeat).
+    fn get(&self, column: &str) -> Option<&'a RawValue> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(name, _)| name == column)
+            .map(|(_, v)| *v)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RowImage<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Image;
+        impl<'de> serde::de::Visitor<'de> for Image {
+            type Value = RowImage<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a row image (JSON object)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut columns = Vec::with_capacity(map.size_hint().unwrap_or(12));
+                while let Some((Name(name), value)) =
+                    map.next_entry::<Name<'de>, &'de RawValue>()?
+                {
+                    columns.push((name, value));
+                }
+                Ok(RowImage(columns))
+            }
+        }
+        d.deserialize_map(Image)
+    }
+}
+
+/// A column name: borrowed when the JSON has no escapes in it (serde's own
+/// `Cow<str>` always copies).
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Name<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl<'de> serde::de::Visitor<'de> for Text {
+            type Value = Name<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a column name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Name(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(Text)
+    }
 }
 
 fn row_id(key: &str, image: Option<&RawValue>) -> Result<i64, BadInput> {
@@ -416,6 +480,22 @@ mod tests {
 
     use super::*;
     use crate::event::{Decoded, decode};
+
+    #[test]
+    fn a_row_image_reads_escaped_and_repeated_column_names() {
+        let image: RowImage<'_> =
+            serde_json::from_str(r#"{"qu\u0061ntity":2,"id":7,"id":8,"note":"a\"b"}"#).unwrap();
+        assert_eq!(image.get("quantity").map(RawValue::get), Some("2"));
+        assert_eq!(
+            image.get("id").map(RawValue::get),
+            Some("8"),
+            "the last wins"
+        );
+        assert_eq!(image.get("note").map(RawValue::get), Some(r#""a\"b""#));
+        assert!(image.get("missing").is_none());
+        assert!(matches!(image.0[1].0, Cow::Borrowed("id")));
+        assert!(serde_json::from_str::<RowImage<'_>>("[1]").is_err());
+    }
 
     fn event(value: &str, key: &str) -> Event<'static> {
         let value: &'static str = Box::leak(value.to_owned().into_boxed_str());
