@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::copy::CopyRows;
+use crate::copy::{BinaryRows, CopyRows};
 use crate::event::{BadInput, Decoded, Event, Marker, Op};
 use crate::shop::{self, Entity, Field};
 
@@ -63,7 +63,7 @@ pub struct DeadLetter {
 #[derive(Debug, Default)]
 pub struct Batch {
     /// Rows for `change_event` (via its staging table).
-    pub events: CopyRows,
+    pub events: BinaryRows,
     /// Typed rows per entity, indexed by [`Entity::index`].
     pub shop: [CopyRows; 7],
     /// Truncates in the batch.
@@ -246,21 +246,22 @@ impl Batch {
             }
         }
         self.table_name = name;
+        // In the order and types of EVENT_COLUMNS.
         self.events
             .text(Some(&event.db))
             .text(Some(&event.table))
             .text(Some(&event.key))
-            .text(Some(event.op.letter()))
-            .micros(Some(event.commit_time_us))
-            .int(Some(event.lsn))
-            .int(event.commit_lsn)
+            .char(event.op.letter().bytes().next().unwrap_or(b'?'))
+            .timestamptz(Some(event.commit_time_us))
+            .int8(Some(event.lsn))
+            .int8(event.commit_lsn)
             .bool(Some(event.snapshot))
-            .int(event.tx_id)
-            .text(event.before.map(|r| r.get()))
-            .text(event.after.map(|r| r.get()))
+            .int8(event.tx_id)
+            .jsonb(event.before.map(|r| r.get()))
+            .jsonb(event.after.map(|r| r.get()))
             .text(Some(topic))
-            .int(Some(i64::from(partition)))
-            .int(Some(offset));
+            .int4(Some(partition))
+            .int8(Some(offset));
         self.events.end_row();
         if event.op == Op::Read {
             self.snapshot_reads += 1;

@@ -20,6 +20,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::Error;
 use crate::batch::{Batch, EVENT_COLUMNS};
+use crate::copy::BinaryRows;
 use crate::shop::Entity;
 use crate::star;
 
@@ -266,6 +267,22 @@ impl Warehouse {
         Ok(())
     }
 
+    /// COPY of the batch's events in the binary format (`statement` ends
+    /// in `FROM STDIN (FORMAT binary)`): header, rows, trailer.
+    async fn copy_events(
+        tx: &tokio_postgres::Transaction<'_>,
+        statement: &str,
+        events: &BinaryRows,
+    ) -> Result<(), tokio_postgres::Error> {
+        let sink = tx.copy_in::<_, Bytes>(statement).await?;
+        let mut sink = std::pin::pin!(sink);
+        sink.send(Bytes::from_static(BinaryRows::HEADER)).await?;
+        sink.send(Bytes::copy_from_slice(events.bytes())).await?;
+        sink.send(Bytes::from_static(BinaryRows::TRAILER)).await?;
+        sink.as_mut().finish().await?;
+        Ok(())
+    }
+
     async fn copy(
         tx: &tokio_postgres::Transaction<'_>,
         statement: &str,
@@ -289,10 +306,10 @@ impl Warehouse {
             tx.batch_execute("SAVEPOINT direct_copy")
                 .await
                 .map_err(|e| classify("savepoint", e))?;
-            match Self::copy_raw(
+            match Self::copy_events(
                 tx,
-                &format!("COPY change_event ({EVENT_COLUMNS}) FROM STDIN"),
-                batch.events.bytes(),
+                &format!("COPY change_event ({EVENT_COLUMNS}) FROM STDIN (FORMAT binary)"),
+                &batch.events,
             )
             .await
             {
@@ -310,12 +327,13 @@ impl Warehouse {
                 Err(e) => return Err(classify("copy into change_event", e)),
             }
         }
-        Self::copy(
+        Self::copy_events(
             tx,
-            &format!("COPY stage_event ({EVENT_COLUMNS}) FROM STDIN"),
-            batch.events.bytes(),
+            &format!("COPY stage_event ({EVENT_COLUMNS}) FROM STDIN (FORMAT binary)"),
+            &batch.events,
         )
-        .await?;
+        .await
+        .map_err(|e| classify("copy into staging", e))?;
         tx.execute(star::INSERT_EVENTS, &[])
             .await
             .map_err(|e| classify("insert into change_event", e))
