@@ -231,20 +231,23 @@ macro_rules! version_at {
     ($dim:literal, $key:literal, $id:literal, $fk:literal, $c:literal, $l:literal) => {
         concat!(
             "NULLIF(coalesce(",
-            "(SELECT CASE WHEN d.is_deleted THEN 0 ELSE d.",
-            $key,
-            " END FROM ",
-            $dim,
-            " d WHERE d.",
-            $id,
-            " = ",
-            $fk,
+            version_probe!($dim, $key, $id, $fk),
             " AND (d.valid_from_commit_lsn, d.valid_from_lsn) <= (",
             $c,
             ", ",
             $l,
-            ")",
-            " ORDER BY d.valid_from_commit_lsn DESC, d.valid_from_lsn DESC LIMIT 1), ",
+            ") ORDER BY d.valid_from_commit_lsn DESC, d.valid_from_lsn DESC LIMIT 1), ",
+            version_probe!($dim, $key, $id, $fk),
+            " ORDER BY d.valid_from_commit_lsn, d.valid_from_lsn LIMIT 1)), 0)"
+        )
+    };
+}
+
+/// The start of one [`version_at`] probe: a version of the row `fk` of
+/// `dim`, its key or 0 for a delete.
+macro_rules! version_probe {
+    ($dim:literal, $key:literal, $id:literal, $fk:literal) => {
+        concat!(
             "(SELECT CASE WHEN d.is_deleted THEN 0 ELSE d.",
             $key,
             " END FROM ",
@@ -252,9 +255,7 @@ macro_rules! version_at {
             " d WHERE d.",
             $id,
             " = ",
-            $fk,
-            " ORDER BY d.valid_from_commit_lsn, d.valid_from_lsn LIMIT 1)",
-            "), 0)"
+            $fk
         )
     };
 }

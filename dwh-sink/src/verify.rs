@@ -165,50 +165,55 @@ fn checks() -> Vec<Check> {
     out
 }
 
+/// A purchase's creation position columns.
+const CREATED: (&str, &str) = ("created_commit_lsn", "created_lsn");
+
+/// The rows of `facts` (labelled `label` and their `id`) whose key into
+/// `dim_<dim>` is not the version valid at their position `(c, l)`: the
+/// newest from at or before it, or the first for a fact older than every
+/// version.
+fn version_check(label: &str, facts: &str, id: &str, dim: &str, (c, l): (&str, &str)) -> String {
+    format!(
+        "SELECT '{label} ' || f.{id} FROM {facts} LEFT JOIN dim_{dim} d ON d.{dim}_key = f.{dim}_key
+         WHERE d.{dim}_key IS NULL OR d.{dim}_id <> f.{dim}_id
+            OR ((d.valid_from_commit_lsn, d.valid_from_lsn) > (f.{c}, f.{l})
+                AND EXISTS (SELECT 1 FROM dim_{dim} e WHERE e.{dim}_id = d.{dim}_id
+                            AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))
+            OR (d.valid_to_commit_lsn IS NOT NULL AND (d.valid_to_commit_lsn, d.valid_to_lsn) <= (f.{c}, f.{l}))"
+    )
+}
+
 /// Warehouse-only consistency checks: each returns the offending rows.
-fn integrity() -> Vec<(&'static str, &'static str)> {
+fn integrity() -> Vec<(&'static str, String)> {
     vec![
         (
             "change_event rows with the same table, key, lsn and op",
             "SELECT source_db || '.' || source_table || ' ' || row_key || ' lsn ' || lsn || ' ' || op::text || ' x' || count(*)
-             FROM change_event GROUP BY source_db, source_table, row_key, lsn, op HAVING count(*) > 1",
+             FROM change_event GROUP BY source_db, source_table, row_key, lsn, op HAVING count(*) > 1".into(),
         ),
         (
             "sale lines whose product version is not the one valid when sold (the first for a sale older than every version)",
-            "SELECT 'line ' || f.line_id FROM fact_sale_line f LEFT JOIN dim_product d ON d.product_key = f.product_key
-             WHERE d.product_key IS NULL OR d.product_id <> f.product_id
-                OR ((d.valid_from_commit_lsn, d.valid_from_lsn) > (f.sold_commit_lsn, f.sold_lsn)
-                    AND EXISTS (SELECT 1 FROM dim_product e WHERE e.product_id = d.product_id
-                                AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))
-                OR (d.valid_to_commit_lsn IS NOT NULL AND (d.valid_to_commit_lsn, d.valid_to_lsn) <= (f.sold_commit_lsn, f.sold_lsn))",
+            version_check("line", "fact_sale_line f", "line_id", "product", ("sold_commit_lsn", "sold_lsn")),
         ),
         (
             "purchases (and so their sale lines) whose customer or buyer version is not the one valid when made",
-            "SELECT 'customer of purchase ' || f.purchase_id FROM fact_purchase f LEFT JOIN dim_customer d ON d.customer_key = f.customer_key
-             WHERE d.customer_key IS NULL OR d.customer_id <> f.customer_id
-                OR ((d.valid_from_commit_lsn, d.valid_from_lsn) > (f.created_commit_lsn, f.created_lsn)
-                    AND EXISTS (SELECT 1 FROM dim_customer e WHERE e.customer_id = d.customer_id
-                                AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))
-                OR (d.valid_to_commit_lsn IS NOT NULL AND (d.valid_to_commit_lsn, d.valid_to_lsn) <= (f.created_commit_lsn, f.created_lsn))
-             UNION ALL
-             SELECT 'buyer of purchase ' || f.purchase_id FROM fact_purchase f LEFT JOIN dim_buyer d ON d.buyer_key = f.buyer_key
-             WHERE d.buyer_key IS NULL OR d.buyer_id <> f.buyer_id
-                OR ((d.valid_from_commit_lsn, d.valid_from_lsn) > (f.created_commit_lsn, f.created_lsn)
-                    AND EXISTS (SELECT 1 FROM dim_buyer e WHERE e.buyer_id = d.buyer_id
-                                AND (e.valid_from_commit_lsn, e.valid_from_lsn) < (d.valid_from_commit_lsn, d.valid_from_lsn)))
-                OR (d.valid_to_commit_lsn IS NOT NULL AND (d.valid_to_commit_lsn, d.valid_to_lsn) <= (f.created_commit_lsn, f.created_lsn))",
+            format!(
+                "{} UNION ALL {}",
+                version_check("customer of purchase", "fact_purchase f", "purchase_id", "customer", CREATED),
+                version_check("buyer of purchase", "fact_purchase f", "purchase_id", "buyer", CREATED),
+            ),
         ),
         (
             "shipments without the carrier version valid when created",
             "SELECT 'shipment ' || f.shipment_id FROM fact_shipment f LEFT JOIN dim_carrier d ON d.carrier_key = f.carrier_key
-             WHERE d.carrier_key IS NULL OR d.carrier_id <> f.carrier_id",
+             WHERE d.carrier_key IS NULL OR d.carrier_id <> f.carrier_id".into(),
         ),
         (
             "dimension rows with more than one current version",
             "SELECT 'product ' || product_id FROM dim_product WHERE is_current GROUP BY product_id HAVING count(*) > 1
              UNION ALL SELECT 'customer ' || customer_id FROM dim_customer WHERE is_current GROUP BY customer_id HAVING count(*) > 1
              UNION ALL SELECT 'buyer ' || buyer_id FROM dim_buyer WHERE is_current GROUP BY buyer_id HAVING count(*) > 1
-             UNION ALL SELECT 'carrier ' || carrier_id FROM dim_carrier WHERE is_current GROUP BY carrier_id HAVING count(*) > 1",
+             UNION ALL SELECT 'carrier ' || carrier_id FROM dim_carrier WHERE is_current GROUP BY carrier_id HAVING count(*) > 1".into(),
         ),
     ]
 }
@@ -318,7 +323,7 @@ pub async fn run(config: Config, args: VerifyArgs) -> Result<(), Error> {
     }
     for (name, sql) in integrity() {
         let rows: Vec<String> = dwh
-            .query(sql, &[])
+            .query(&sql, &[])
             .await
             .map_err(rejected)?
             .iter()
