@@ -1,5 +1,7 @@
 //! A warehouse of the earlier layout (purchase-level columns stored per
-//! line in a `fact_sale_line` table) is migrated by applying `sql/dwh.sql`:
+//! line in a `fact_sale_line` table; built by turning a new one back, with
+//! tests/fixtures/lines-stored-per-line.sql) is migrated by applying
+//! `sql/dwh.sql`:
 //! the lines move to `sale_line`, each purchase gets its creation position
 //! from its first change event and the customer and buyer versions valid
 //! there, and `fact_sale_line` becomes the view with the same columns.
@@ -13,8 +15,14 @@ use common::Dwh;
 
 #[tokio::test]
 async fn an_earlier_warehouse_is_migrated_in_place() {
-    let dwh = Dwh::create_from("migrate", "dwh-sink/tests/fixtures/dwh-2026-12-07.sql").await;
+    let dwh = Dwh::create("migrate").await;
     let client = dwh.client().await;
+    let earlier = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/lines-stored-per-line.sql"),
+    )
+    .unwrap();
+    client.batch_execute(&earlier).await.unwrap();
     // Customer 1 changed at position 50; purchase 7 was created at
     // (30, 20), before that change, and completed at 90. Its line was sold
     // with it. Purchase 8 has no change event left (created at its last

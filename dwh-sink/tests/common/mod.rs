@@ -332,11 +332,6 @@ impl Drop for Dwh {
 impl Dwh {
     /// Creates it and applies the schema.
     pub async fn create(tag: &str) -> Dwh {
-        Dwh::create_from(tag, "sql/dwh.sql").await
-    }
-
-    /// Creates it and applies the schema file `schema` (repository path).
-    pub async fn create_from(tag: &str, schema: &str) -> Dwh {
         let admin_url = var("PG_ADMIN_URL");
         let db = unique(&format!("dwh_{tag}_"));
         connect(&admin_url)
@@ -345,7 +340,7 @@ impl Dwh {
             .await
             .unwrap();
         let url = with_db(&var("DWH_URL"), &db);
-        let schema = std::fs::read_to_string(repo().join(schema)).unwrap();
+        let schema = std::fs::read_to_string(repo().join("sql/dwh.sql")).unwrap();
         connect(&url).await.batch_execute(&schema).await.unwrap();
         Dwh { db, url, admin_url }
     }
