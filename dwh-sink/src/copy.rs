@@ -162,6 +162,7 @@ impl BinaryRows {
     pub fn clear(&mut self) {
         self.buf.clear();
         self.rows = 0;
+        self.row_start = 0;
         self.fields_in_row = 0;
     }
 
