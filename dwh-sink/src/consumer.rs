@@ -1,13 +1,16 @@
-//! The Kafka loop: a poll thread that decodes messages into batches, and
-//! the async writer that writes each batch with its offsets.
+//! The Kafka loop, three stages in a pipeline: a poll thread that decodes
+//! messages into batches, a loader task that inserts each batch's events
+//! into `change_event`, and the writer that folds each batch into the star
+//! schema with its offsets. Written batches go back to the poll thread to
+//! be filled again.
 //!
 //! Where each partition resumes is decided by the warehouse, never by
 //! Kafka's committed offsets: the partitions are assigned (no consumer
 //! group rebalances) at the offsets stored in `sink_offset`, so a batch is
 //! read again exactly when its transaction did not commit.
 //!
-//! The poll thread fills batch N+1 while the writer writes batch N; a batch
-//! is cut when it holds `--batch-size` messages or `--linger-ms` after its
+//! The poll thread fills a batch while the stages after it work on the
+//! earlier ones; a batch is cut when it holds `--batch-size` messages or `--linger-ms` after its
 //! first message, so batches grow with load and stay small when idle.
 
 use std::collections::{BTreeMap, HashSet};
