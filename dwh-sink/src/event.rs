@@ -71,6 +71,11 @@ pub enum BadInput {
     /// `op` is not one of c, u, d, r, t, m.
     #[error("unknown op `{0}`")]
     UnknownOp(String),
+    /// A row image PostgreSQL's jsonb refuses: a `\u0000` or unpaired
+    /// surrogate escape. Caught here, or it would fail its whole batch on
+    /// every retry.
+    #[error("field `{0}` holds \\u0000 or an unpaired surrogate, which jsonb cannot store")]
+    NotStorable(&'static str),
 }
 
 impl BadInput {
@@ -81,12 +86,49 @@ impl BadInput {
             BadInput::MissingField(_) => "missing_field",
             BadInput::BadValue(_) => "bad_value",
             BadInput::UnknownOp(_) => "unknown_op",
+            BadInput::NotStorable(_) => "not_storable",
         }
     }
 }
 
 fn non_null(raw: Option<&RawValue>) -> Option<&RawValue> {
     raw.filter(|r| r.get() != "null")
+}
+
+/// Whether PostgreSQL's jsonb takes this JSON text: no `\u0000` escape and
+/// no surrogate escape outside a high-low pair (JSON itself allows both).
+/// Backslashes only occur in strings, each starting one escape, so a scan
+/// from one to the next reads every escape and nothing else.
+fn jsonb_storable(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let hex = |at: usize| {
+        bytes
+            .get(at..at + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u16::from_str_radix(h, 16).ok())
+    };
+    let mut at = 0;
+    while let Some(found) = json.get(at..).and_then(|rest| rest.find('\\')) {
+        let slash = at + found;
+        if bytes.get(slash + 1) != Some(&b'u') {
+            at = slash + 2;
+            continue;
+        }
+        match hex(slash + 2) {
+            Some(0) | None => return false,
+            Some(0xd800..=0xdbff) => {
+                let low = bytes.get(slash + 6..slash + 8) == Some(b"\\u".as_slice())
+                    && matches!(hex(slash + 8), Some(0xdc00..=0xdfff));
+                if !low {
+                    return false;
+                }
+                at = slash + 12;
+            }
+            Some(0xdc00..=0xdfff) => return false,
+            Some(_) => at = slash + 6,
+        }
+    }
+    true
 }
 
 /// The reader's snapshot-complete marker: the snapshot of `db.table` ended,
@@ -182,6 +224,19 @@ pub fn decode<'a>(
     let snapshot = source.is_snapshot();
     let before = non_null(envelope.before);
     let after = non_null(envelope.after);
+    if before.is_some_and(|r| !jsonb_storable(r.get())) {
+        return Err(BadInput::NotStorable("before"));
+    }
+    if after.is_some_and(|r| !jsonb_storable(r.get())) {
+        return Err(BadInput::NotStorable("after"));
+    }
+    // A NUL in a name fails a text column as `\u0000` fails jsonb.
+    if db.contains('\0') {
+        return Err(BadInput::BadValue("source.db"));
+    }
+    if table.contains('\0') {
+        return Err(BadInput::BadValue("source.table"));
+    }
     match op {
         Op::Create | Op::Update | Op::Read if after.is_none() => {
             return Err(BadInput::MissingField("after"));
@@ -234,6 +289,31 @@ fn canonical_key(key: Option<&[u8]>) -> Result<String, BadInput> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_images_jsonb_cannot_store_are_refused() {
+        for ok in [
+            r#"{"a":"x"}"#,
+            r#"{"a":"\u00e9\n\\u0000"}"#,
+            r#"{"a":"\ud83d\ude00"}"#,
+            r#"{"a":"\\"}"#,
+        ] {
+            assert!(jsonb_storable(ok), "{ok}");
+        }
+        for bad in [
+            r#"{"a":"x\u0000"}"#,
+            r#"{"a":"\ud800"}"#,
+            r#"{"a":"\ud800\u0041"}"#,
+            r#"{"a":"\udc00"}"#,
+            r#"{"\u0000":1}"#,
+        ] {
+            assert!(!jsonb_storable(bad), "{bad}");
+        }
+        let value = UPDATE.replace(r#""2.50""#, r#""2.50\u0000""#);
+        let e = decode(Some(br#"{"id":7}"#), Some(value.as_bytes()), &[]).unwrap_err();
+        assert_eq!(e, BadInput::NotStorable("after"));
+        assert_eq!(e.kind(), "not_storable");
+    }
 
     const UPDATE: &str = r#"{"before":{"id":7,"price":"1.00"},"after":{"id":7,"price":"2.50"},"source":{"version":"0.1.0","connector":"postgresql","name":"instashop","ts_ms":1795360039853,"snapshot":"false","db":"scratch_db","schema":"public","table":"product","txId":812,"lsn":2000,"xmin":null,"commit_lsn":2100},"op":"u","ts_ms":1795360062077,"transaction":null}"#;
 
