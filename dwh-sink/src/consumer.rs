@@ -10,8 +10,9 @@
 //! read again exactly when its transaction did not commit.
 //!
 //! The poll thread fills a batch while the stages after it work on the
-//! earlier ones; a batch is cut when it holds `--batch-size` messages or `--linger-ms` after its
-//! first message, so batches grow with load and stay small when idle.
+//! earlier ones; a batch is cut when it holds `--batch-size` messages or
+//! `--linger-ms` after its first message, so batches grow with load and
+//! stay small when idle.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -296,7 +297,7 @@ async fn load_ahead(
         // With a backlog, the send waits when the fold is the slower stage.
         tracing::debug!(
             load_ms,
-            send_ms = started.elapsed().as_millis() as u64 - load_ms,
+            send_ms = (started.elapsed().as_millis() as u64).saturating_sub(load_ms),
             "batch events loaded"
         );
         sent += 1;
