@@ -255,14 +255,17 @@ impl Warehouse {
             .collect())
     }
 
+    /// One COPY ... FROM STDIN, its data sent in `chunks`.
     async fn copy_raw(
         tx: &tokio_postgres::Transaction<'_>,
         statement: &str,
-        bytes: &[u8],
+        chunks: impl IntoIterator<Item = Bytes>,
     ) -> Result<(), tokio_postgres::Error> {
         let sink = tx.copy_in::<_, Bytes>(statement).await?;
         let mut sink = std::pin::pin!(sink);
-        sink.send(Bytes::copy_from_slice(bytes)).await?;
+        for chunk in chunks {
+            sink.send(chunk).await?;
+        }
         sink.as_mut().finish().await?;
         Ok(())
     }
@@ -274,13 +277,12 @@ impl Warehouse {
         statement: &str,
         events: &BinaryRows,
     ) -> Result<(), tokio_postgres::Error> {
-        let sink = tx.copy_in::<_, Bytes>(statement).await?;
-        let mut sink = std::pin::pin!(sink);
-        sink.send(Bytes::from_static(BinaryRows::HEADER)).await?;
-        sink.send(Bytes::copy_from_slice(events.bytes())).await?;
-        sink.send(Bytes::from_static(BinaryRows::TRAILER)).await?;
-        sink.as_mut().finish().await?;
-        Ok(())
+        let chunks = [
+            Bytes::from_static(BinaryRows::HEADER),
+            Bytes::copy_from_slice(events.bytes()),
+            Bytes::from_static(BinaryRows::TRAILER),
+        ];
+        Self::copy_raw(tx, statement, chunks).await
     }
 
     async fn copy(
@@ -288,7 +290,7 @@ impl Warehouse {
         statement: &str,
         bytes: &[u8],
     ) -> Result<(), Error> {
-        Self::copy_raw(tx, statement, bytes)
+        Self::copy_raw(tx, statement, [Bytes::copy_from_slice(bytes)])
             .await
             .map_err(|e| classify("copy into staging", e))
     }
