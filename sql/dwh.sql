@@ -187,15 +187,14 @@ BEGIN
         ADD COLUMN buyer_key bigint,
         ADD COLUMN created_commit_lsn bigint,
         ADD COLUMN created_lsn bigint;
-    UPDATE fact_purchase f SET created_commit_lsn = coalesce(first.c, f.last_commit_lsn),
-                               created_lsn = coalesce(first.l, f.last_lsn)
-    FROM fact_purchase p
-    LEFT JOIN LATERAL (
-        SELECT coalesce(e.commit_lsn, e.lsn) AS c, e.lsn AS l FROM change_event e
+    UPDATE fact_purchase f SET (created_commit_lsn, created_lsn) = (
+        SELECT coalesce(e.commit_lsn, e.lsn), e.lsn FROM change_event e
         WHERE e.source_db = 'instashop' AND e.source_table = 'transaction'
-          AND e.row_key = '{"id":' || p.purchase_id || '}' AND e.op IN ('c', 'r', 'u')
-        ORDER BY 1, 2 LIMIT 1) first ON true
-    WHERE p.purchase_id = f.purchase_id;
+          AND e.row_key = '{"id":' || f.purchase_id || '}' AND e.op IN ('c', 'r', 'u')
+        ORDER BY 1, 2 LIMIT 1);
+    -- No event left of it (history cut): its newest position stands in.
+    UPDATE fact_purchase SET created_commit_lsn = last_commit_lsn, created_lsn = last_lsn
+    WHERE created_commit_lsn IS NULL;
     UPDATE fact_purchase f SET
         customer_key = (SELECT d.customer_key FROM dim_customer d WHERE d.customer_id = f.customer_id AND NOT d.is_deleted
             AND ((d.valid_from_commit_lsn, d.valid_from_lsn) <= (f.created_commit_lsn, f.created_lsn)
